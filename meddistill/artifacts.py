@@ -1,0 +1,172 @@
+"""The artifact store: where each stage's output lives, and its manifest.
+
+Layout (the same for every store): `<spec.artifacts.uri>/<job name>/<stage>/` holds the stage's
+files plus `manifest.json` (config, data digest, metrics, sha256 of every file). The manifest's
+own sha256 is the stage's *artifact digest*: the operator records it in status, `meddistill run`
+skips a stage whose manifest verifies, and the next stage reads the files it lists.
+
+Stores: a local path; `pvc://CLAIM/PATH` (a PersistentVolumeClaim mounted at
+`$MEDDISTILL_PVC_ROOT/CLAIM`, default `/mnt/pvc/CLAIM`, in every pod); `s3://BUCKET/PREFIX`
+(boto3; files are staged in a local cache). Torch-free: the operator imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MEDDISTILL_CACHE", Path.home() / ".cache" / "meddistill"))
+
+
+def stage_uri(artifacts_uri: str, job_name: str, stage: str) -> str:
+    """URI of one stage's artifact directory."""
+    return f"{artifacts_uri.rstrip('/')}/{job_name}/{stage}"
+
+
+def local_path(uri: str, base_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local directory behind a URI, or None for object storage."""
+    if uri.startswith("s3://"):
+        return None
+    if uri.startswith("pvc://"):
+        claim, _, rest = uri[len("pvc://"):].partition("/")
+        return Path(os.environ.get("MEDDISTILL_PVC_ROOT", "/mnt/pvc")) / claim / rest
+    path = Path(uri).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return path.resolve()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Manifest:
+    stage: str
+    files: dict[str, str]  # relative path -> sha256
+    config: dict
+    data_digest: str
+    metrics: dict
+    created: float
+    digest: str = ""  # sha256 of the manifest file itself
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "digest"}
+
+
+def write_manifest(directory: Path, *, stage: str, config: dict, data_digest: str = "", metrics: dict | None = None) -> Manifest:
+    """Hash every file in `directory` and write manifest.json last (its presence means 'complete')."""
+    directory = Path(directory)
+    files = {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = Manifest(stage, files, config, data_digest, metrics or {}, time.time())
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True, default=str))
+    os.replace(tmp, directory / MANIFEST)  # atomic: a crash never leaves a half manifest
+    manifest.digest = sha256_file(directory / MANIFEST)
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return Manifest(**data, digest=sha256_file(path))
+
+
+def verify(directory: Path) -> Manifest | None:
+    """The manifest if every listed file exists with its recorded sha256, else None."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return None
+    for rel, digest in manifest.files.items():
+        p = Path(directory) / rel
+        if not p.is_file() or sha256_file(p) != digest:
+            return None
+    return manifest
+
+
+class ArtifactStore:
+    """Move a stage directory between a URI and a local working directory."""
+
+    def __init__(self, uri: str, base_dir: str | os.PathLike | None = None):
+        self.uri = uri
+        self.local = local_path(uri, base_dir)
+
+    def _s3(self):
+        try:
+            import boto3
+        except ImportError:
+            raise RuntimeError(f"{self.uri}: s3:// artifact stores need boto3: pip install 'meddistill[s3]'") from None
+        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    def _bucket_prefix(self) -> tuple[str, str]:
+        bucket, _, prefix = self.uri[len("s3://"):].partition("/")
+        return bucket, prefix.rstrip("/")
+
+    def working_dir(self) -> Path:
+        """A local directory to write into (the store itself when it is a filesystem)."""
+        if self.local is not None:
+            self.local.mkdir(parents=True, exist_ok=True)
+            return self.local
+        path = _cache_root() / "s3" / self.uri[len("s3://"):]
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self, directory: Path) -> None:
+        """Upload a finished working dir (manifest last); a no-op for filesystem stores."""
+        if self.local is not None:
+            return
+        s3, (bucket, prefix) = self._s3(), self._bucket_prefix()
+        files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+        for p in sorted(files, key=lambda p: p.name == MANIFEST):
+            s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(directory)}")
+
+    def fetch(self) -> Path | None:
+        """A local copy of the stage directory if its manifest exists (downloaded for s3)."""
+        if self.local is not None:
+            return self.local if (self.local / MANIFEST).is_file() else None
+        s3, (bucket, prefix) = self._s3(), self._bucket_prefix()
+        target = self.working_dir()
+        try:
+            s3.download_file(bucket, f"{prefix}/{MANIFEST}", str(target / MANIFEST))
+        except Exception:
+            return None
+        for rel in json.loads((target / MANIFEST).read_text())["files"]:
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, f"{prefix}/{rel}", str(target / rel))
+        return target
+
+    def clear(self) -> None:
+        """Remove a partial (unverified) stage directory before a fresh attempt."""
+        if self.local is not None and self.local.exists():
+            shutil.rmtree(self.local)
+
+
+def atomic_dir(final: Path) -> Path:
+    """A temp dir next to `final`; rename it into place with os.replace when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

@@ -1,0 +1,5 @@
+import sys
+
+from meddistill.cli import main
+
+sys.exit(main())

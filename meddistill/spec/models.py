@@ -1,0 +1,470 @@
+"""The MedDistillJob API (meddistill.io/v1alpha1), written once.
+
+These pydantic models are the single source of truth: the CLI validates files with them, the
+jobs read their stage config from them, the operator plans from them, and the CRD schema in the
+chart is generated from them (`meddistill crd`). Field descriptions become `kubectl explain` text.
+
+Cross-field rules are declared once with `rule(...)`: the same rule is checked here in Python and
+emitted as a CEL `x-kubernetes-validations` entry, so the API server refuses what `validate` refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+API_GROUP = "meddistill.io"
+API_VERSION = "v1alpha1"
+KIND = "MedDistillJob"
+PLURAL = "meddistilljobs"
+SHORT_NAMES = ["mdj"]
+NAME_MAX = 30  # <name>-distill-data-a10 must fit KubeRay's 47-character RayJob name limit
+
+STAGES = ("teacher", "distill-data", "distill", "quantize", "evaluate")
+"""All pipeline stages in order; `pipeline_stages(spec)` gives the ones a job runs."""
+
+
+class Rule:
+    """A cross-field rule: a Python check and the equivalent CEL expression for the CRD."""
+
+    def __init__(self, cel: str, message: str, check: Callable[[Any], bool], field: str | None = None):
+        self.cel, self.message, self.check, self.field = cel, message, check, field
+
+    def x_validation(self) -> dict:
+        out = {"rule": self.cel, "message": self.message}
+        if self.field:
+            out["fieldPath"] = "." + self.field
+        return out
+
+
+def _cel(*rules: Rule) -> dict:
+    return {"x-kubernetes-validations": [r.x_validation() for r in rules]}
+
+
+class SpecModel(BaseModel):
+    """Base: camelCase on the wire (Kubernetes style), unknown fields are errors, not silence."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_assignment=False
+    )
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self):
+        for r in type(self).RULES:
+            if not r.check(self):
+                # The field travels in ctx so error reports can point at it (spec.serving.minReplicas).
+                raise PydanticCustomError("cross_field", r.message, {"field": r.field or ""})
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _dataset_refs(value: list[str]) -> list[str]:
+    # One reference form everywhere (`FORMAT:PATH[#SPLIT]`); the data package owns the parser.
+    from meddistill.data.refs import parse_dataset_ref
+
+    for i, ref in enumerate(value):
+        try:
+            parse_dataset_ref(ref)
+        except ValueError as e:
+            raise ValueError(f"[{i}] {e}") from None
+    return value
+
+
+class Resources(SpecModel):
+    """Ray Train workers for a stage: how many, and what each one gets."""
+
+    workers: int = Field(1, ge=1, le=512, description="Ray Train workers (data-parallel ranks).")
+    gpus_per_worker: int = Field(0, ge=0, le=16, description="GPUs per worker; 0 runs on CPU (gloo backend).")
+    cpus_per_worker: int = Field(1, ge=1, le=256, description="CPUs per worker.")
+    memory: str = Field(
+        "8Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        description="Memory per worker pod, a Kubernetes quantity (e.g. 16Gi).",
+    )
+
+
+class Training(SpecModel):
+    """Optimisation hyperparameters of a training stage."""
+
+    epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training data (fractions allowed).")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps; 0 = no limit beyond epochs.")
+    learning_rate: float = Field(2e-5, gt=0, le=1, description="Peak learning rate (AdamW, linear warmup and decay).")
+    batch_size: int = Field(4, ge=1, le=4096, description="Micro-batch size per worker.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(512, ge=16, le=131072, description="Tokens per training example (longer ones are truncated from the left of the prompt).")
+    warmup_ratio: float = Field(0.05, ge=0, le=0.5, description="Fraction of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Training precision; CPU runs use fp32 or bf16.")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Report a checkpoint to Ray Train every N optimizer steps.")
+    max_samples: int = Field(0, ge=0, description="Use at most this many training records (0 = all).")
+    seed: int = Field(42, description="Random seed (data order, LoRA init).")
+
+
+class Lora(SpecModel):
+    """PEFT LoRA adapters."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Module names that get adapters; default the attention projections q, k, v, o.",
+    )
+
+
+class DeepSpeed(SpecModel):
+    """DeepSpeed ZeRO settings for the teacher fine-tune."""
+
+    RULES = (
+        Rule(
+            "self.offloadParams == 'none' || self.zeroStage == 3",
+            "offloadParams needs zeroStage 3 (only ZeRO-3 partitions parameters); set zeroStage: 3 or offloadParams: none",
+            lambda s: s.offload_params == "none" or s.zero_stage == 3,
+            field="offloadParams",
+        ),
+        Rule(
+            "(self.offloadOptimizer != 'nvme' && self.offloadParams != 'nvme') || size(self.nvmePath) > 0",
+            "NVMe offload needs nvmePath (a fast local disk mounted in the worker)",
+            lambda s: "nvme" not in (s.offload_optimizer, s.offload_params) or bool(s.nvme_path),
+            field="nvmePath",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=_cel(*RULES))
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage: 3 partitions parameters, gradients and optimizer state.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Where optimizer state lives.")
+    offload_params: Literal["none", "cpu", "nvme"] = Field("none", description="Where parameters live between uses (ZeRO-3 only).")
+    nvme_path: str = Field("", description="Local NVMe path for nvme offload.")
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+class Teacher(SpecModel):
+    """The large model that is fine-tuned on medical data first."""
+
+    RULES = (
+        Rule(
+            "self.method == 'full' || has(self.lora)",
+            "method lora/qlora needs a lora section (add `lora: {}` for the defaults)",
+            lambda s: s.method == "full" or s.lora is not None,
+            field="lora",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=_cel(*RULES))
+
+    model: str = Field(
+        ...,
+        min_length=1,
+        description="Model source: a Hugging Face id, a local/PVC directory, a .gguf file, s3://bucket/prefix, or builtin:smollm2-135m-instruct.",
+    )
+    datasets: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Training data as dataset references FORMAT:PATH[#SPLIT], e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#train.",
+    )
+    method: Literal["full", "lora", "qlora"] = Field("full", description="Fine-tune method: full weights, LoRA adapters, or LoRA on a 4-bit base (QLoRA).")
+    lora: Lora | None = Field(None, description="LoRA settings for method lora/qlora.")
+    deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="DeepSpeed ZeRO stage and offload.")
+    resources: Resources = Field(default_factory=Resources, description="Workers and their resources.")
+    training: Training = Field(default_factory=Training, description="Hyperparameters.")
+    prompt_style: Literal["plain", "r1"] = Field("plain", description="Prompt style: plain answers, or DeepSeek-R1 <think> reasoning then a final answer line.")
+
+    @field_validator("datasets")
+    @classmethod
+    def _check_datasets(cls, v: list[str]) -> list[str]:
+        return _dataset_refs(v)
+
+
+class DeriveStudent(SpecModel):
+    """Make the student from the teacher by keeping a subset of its layers (Minitron-style pruning)."""
+
+    keep_layers: int = Field(..., ge=1, le=1024, description="Decoder layers the student keeps.")
+    strategy: Literal["uniform", "first"] = Field(
+        "uniform", description="uniform keeps evenly spaced layers (always the first and last); first keeps the first N."
+    )
+
+
+class Student(SpecModel):
+    """The small model that learns from the teacher, trained with LoRA."""
+
+    RULES = (
+        Rule(
+            "has(self.model) != has(self.derive)",
+            "set exactly one of student.model (its own weights) or student.derive (pruned from the teacher)",
+            lambda s: (s.model is not None) != (s.derive is not None),
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=_cel(*RULES))
+
+    model: str | None = Field(None, min_length=1, description="Model source of the student (same forms as teacher.model).")
+    derive: DeriveStudent | None = Field(None, description="Derive the student from the fine-tuned teacher instead.")
+    lora: Lora = Field(default_factory=Lora, description="LoRA on the student's attention projections.")
+    resources: Resources = Field(default_factory=Resources, description="Workers and their resources.")
+    training: Training = Field(default_factory=lambda: Training(learning_rate=2e-4), description="Hyperparameters.")
+
+
+class Distillation(SpecModel):
+    """How knowledge moves from teacher to student."""
+
+    RULES = (
+        Rule(
+            "self.mode == 'logits' || self.teacherCache == 'cached'",
+            "teacherCache online is only available in logits mode",
+            lambda s: s.mode == "logits" or s.teacher_cache == "cached",
+            field="teacherCache",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=_cel(*RULES))
+
+    mode: Literal["logits", "sequence", "cross-tokenizer"] = Field(
+        "logits",
+        description="logits: KL to the teacher's distribution (same tokenizer); sequence: learn from teacher-generated answers (any tokenizers); cross-tokenizer: ULD loss over sorted probabilities (different vocabularies).",
+    )
+    temperature: float = Field(2.0, gt=0, le=20, description="Softmax temperature for the distillation loss.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term: loss = (1-alpha)*CE + alpha*T^2*KD.")
+    top_k: int = Field(20, ge=1, le=1024, description="Teacher log-probabilities kept per token in the cache.")
+    teacher_cache: Literal["cached", "online"] = Field(
+        "cached", description="cached: teacher outputs computed once in their own stage; online: teacher runs beside the student."
+    )
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Generation length for sequence mode.")
+
+
+class Quantization(SpecModel):
+    """Post-training weight quantization of the merged student."""
+
+    method: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="bitsandbytes 4-bit NF4/FP4, 8-bit LLM.int8, or none.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Dtype of matmuls on de-quantized weights.")
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept in high precision.")
+
+
+class Evaluation(SpecModel):
+    """Medical QA evaluation of teacher, student and quantized student (the paper's table)."""
+
+    datasets: list[str] = Field(..., min_length=1, description="Evaluation sets as dataset references, e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#test.")
+    limit: int = Field(0, ge=0, description="Questions per dataset (0 = all).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Generation batch size.")
+    max_new_tokens: int = Field(32, ge=1, le=32768, description="Tokens generated per answer.")
+    prompt_style: Literal["plain", "r1"] = Field("plain", description="Prompt style for evaluation.")
+    models: list[Literal["teacher", "student", "quantized"]] = Field(
+        default_factory=lambda: ["teacher", "student", "quantized"], min_length=1, description="Which models to evaluate."
+    )
+
+    @field_validator("datasets")
+    @classmethod
+    def _check_datasets(cls, v: list[str]) -> list[str]:
+        return _dataset_refs(v)
+
+
+class ServingAuth(SpecModel):
+    """Bearer-token auth for the endpoint, the token read from a Secret."""
+
+    secret_name: str = Field(..., min_length=1, description="Secret in the job's namespace holding the token.")
+    key: str = Field("token", min_length=1, description="Key in the Secret.")
+
+
+class Serving(SpecModel):
+    """A Ray Serve deployment of the quantized student with an OpenAI-compatible API."""
+
+    RULES = (
+        Rule(
+            "self.minReplicas <= self.maxReplicas",
+            "minReplicas must be <= maxReplicas",
+            lambda s: s.min_replicas <= s.max_replicas,
+            field="minReplicas",
+        ),
+        Rule(
+            "!has(self.initialReplicas) || (self.initialReplicas >= self.minReplicas && self.initialReplicas <= self.maxReplicas)",
+            "initialReplicas must lie between minReplicas and maxReplicas",
+            lambda s: s.initial_replicas is None or s.min_replicas <= s.initial_replicas <= s.max_replicas,
+            field="initialReplicas",
+        ),
+        Rule(
+            "self.targetOngoingRequests <= double(self.maxOngoingRequests)",
+            "targetOngoingRequests must be <= maxOngoingRequests, or replicas never look busy enough to scale",
+            lambda s: s.target_ongoing_requests <= s.max_ongoing_requests,
+            field="targetOngoingRequests",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=_cel(*RULES))
+
+    enabled: bool = Field(True, description="Deploy the quantized student after evaluation.")
+    engine: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM (Ray Serve LLM) on GPU, our transformers engine on CPU.")
+    model_name: str = Field("meddistill-student", min_length=1, description="Model id clients send in the OpenAI API.")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Autoscaling floor.")
+    initial_replicas: int | None = Field(None, ge=0, le=1000, description="Replicas at start (default minReplicas).")
+    max_replicas: int = Field(2, ge=1, le=1000, description="Autoscaling ceiling.")
+    target_ongoing_requests: float = Field(4, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica accepts before callers get backpressure (429/503).")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests batched into one generation step.")
+    max_model_len: int = Field(2048, ge=64, description="Longest prompt + completion in tokens; longer prompts get a 400.")
+    gpus_per_replica: int = Field(0, ge=0, le=16, description="GPUs per replica.")
+    cpus_per_replica: int = Field(1, ge=1, le=256, description="CPUs per replica.")
+    auth: ServingAuth | None = Field(None, description="Require a bearer token from this Secret.")
+    log_prompts: bool = Field(False, description="Write prompts and answers to logs (off: they may hold patient data).")
+
+
+class RunPolicy(SpecModel):
+    """Retries and time limits for each stage's Ray job."""
+
+    backoff_limit: int = Field(2, ge=0, le=100, description="Retries of a failed stage before the job fails.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of each stage's RayJob.")
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="How long a finished RayJob is kept.")
+
+
+class Artifacts(SpecModel):
+    """Where models, caches and reports go."""
+
+    uri: str = Field(
+        "./runs",
+        min_length=1,
+        pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|[^:]+)$",
+        description="Artifact store: a local path, pvc://CLAIM/PATH (mounted into every pod), or s3://BUCKET/PREFIX. The job's artifacts go under <uri>/<job name>/.",
+    )
+    secret_name: str = Field("", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) for s3://.")
+
+
+class RayTarget(SpecModel):
+    """Run on an existing Ray cluster instead of KubeRay-created ones."""
+
+    address: str = Field(
+        "",
+        pattern=r"^(|https?://.+|ray://.+)$",
+        description="Ray dashboard/Jobs API address (http://head:8265). Empty: the operator creates KubeRay RayJobs.",
+    )
+
+
+class MedDistillJobSpec(SpecModel):
+    """One medical-LLM pipeline: teacher fine-tune -> distillation -> quantization -> evaluation -> serving."""
+
+    teacher: Teacher = Field(..., description="The teacher and its fine-tune.")
+    student: Student = Field(..., description="The student and how it is made.")
+    distillation: Distillation = Field(default_factory=Distillation, description="Distillation settings.")
+    quantization: Quantization = Field(default_factory=Quantization, description="Quantization of the student.")
+    evaluation: Evaluation = Field(..., description="Evaluation datasets and limits.")
+    serving: Serving = Field(default_factory=Serving, description="Serving the quantized student.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries and deadlines.")
+    artifacts: Artifacts = Field(default_factory=Artifacts, description="Artifact store.")
+    ray: RayTarget = Field(default_factory=RayTarget, description="Existing Ray cluster to use instead of KubeRay.")
+    image: str = Field("ghcr.io/meddistill/meddistill:0.1.0", min_length=1, description="Container image of the stage and serving pods.")
+    suspend: bool = Field(False, description="Stop before the next stage and remove the running child; set false to resume.")
+    queue_name: str = Field("", description="Kueue LocalQueue for the stage RayJobs (sets the kueue.x-k8s.io/queue-name label).")
+
+
+# --------------------------------------------------------------------------------------------
+# Status (written by the operator only)
+# --------------------------------------------------------------------------------------------
+
+
+class Condition(SpecModel):
+    """A Kubernetes metav1.Condition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(..., description="Condition type, e.g. Ready, Failed, Suspended.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="CamelCase machine reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(..., description="RFC 3339 time of the last status change.")
+    observed_generation: int | None = Field(None, description="Spec generation the condition was set for.")
+
+
+class StageStatus(SpecModel):
+    """One pipeline stage as the operator sees it."""
+
+    name: str = Field(..., description="Stage name.")
+    state: Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"] = Field(..., description="Stage state.")
+    attempt: int = Field(0, description="Current attempt (1-based once started).")
+    child: str = Field("", description="Name of the RayJob (or Ray job id) running this stage.")
+    start_time: str = Field("", description="RFC 3339 start time.")
+    end_time: str = Field("", description="RFC 3339 end time.")
+    artifact_uri: str = Field("", description="Where the stage's artifact is.")
+    artifact_digest: str = Field("", description="sha256 of the artifact's manifest.")
+    message: str = Field("", description="Last message from the stage's job.")
+
+
+class ResultRow(SpecModel):
+    """One row of the paper's table."""
+
+    model: str = Field(..., description="teacher, student or quantized.")
+    dataset: str = Field("", description="Evaluation set.")
+    accuracy: float = Field(0.0, description="Accuracy in [0, 1].")
+    ci_low: float = Field(0.0, description="95% Wilson interval, lower bound.")
+    ci_high: float = Field(0.0, description="95% Wilson interval, upper bound.")
+    n: int = Field(0, description="Questions evaluated.")
+    unparsed_rate: float = Field(0.0, description="Share of answers that could not be parsed (counted wrong).")
+    weight_bytes: int = Field(0, description="Bytes of weights.")
+    peak_memory_bytes: int = Field(0, description="Peak memory while evaluating.")
+    latency_ms: float = Field(0.0, description="Mean latency per question (ms).")
+    tokens_per_second: float = Field(0.0, description="Generated tokens per second.")
+
+
+class Results(SpecModel):
+    """The paper's table for this job."""
+
+    rows: list[ResultRow] = Field(default_factory=list, description="Per-model rows.")
+    memory_reduction_pct: float | None = Field(None, description="Weight memory of the quantized student vs the teacher, -x%.")
+    latency_reduction_pct: float | None = Field(None, description="Latency of the quantized student vs the teacher, -y%.")
+    accuracy_retention_pct: float | None = Field(None, description="Quantized student accuracy as % of the teacher's.")
+    report_uri: str = Field("", description="Where the JSON/markdown/PNG report is.")
+
+
+class ServingStatus(SpecModel):
+    """Where the model is served."""
+
+    endpoint: str = Field("", description="Base URL of the OpenAI-compatible API (…/v1).")
+    model_name: str = Field("", description="Model id to send.")
+    ready: bool = Field(False, description="Whether the endpoint is up.")
+    child: str = Field("", description="RayService (or Serve app) name.")
+
+
+class MedDistillJobStatus(SpecModel):
+    """Observed state, written whole by the operator."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Serving", "Failed", "Suspended"] = Field("Pending", description="Overall phase.")
+    current_stage: str = Field("", description="Stage running now (empty when none).")
+    accuracy: str = Field("", description="Accuracy of the quantized student, for `kubectl get`.")
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes conditions.")
+    stages: list[StageStatus] = Field(default_factory=list, description="Per-stage state.")
+    results: Results | None = Field(None, description="The accuracy / memory / latency table.")
+    serving: ServingStatus | None = Field(None, description="The serving endpoint.")
+    observed_generation: int = Field(0, description="Spec generation this status reflects.")
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(..., min_length=1, max_length=NAME_MAX, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+
+
+class MedDistillJob(BaseModel):
+    """A whole MedDistillJob document (what `kubectl apply` and `meddistill run` take)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["meddistill.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["MedDistillJob"]
+    metadata: ObjectMeta
+    spec: MedDistillJobSpec
+    status: MedDistillJobStatus | None = None
+
+
+def pipeline_stages(spec: MedDistillJobSpec) -> list[str]:
+    """The stages this job runs, in order (distill-data only when teacher outputs are cached)."""
+    stages = ["teacher"]
+    if spec.distillation.teacher_cache == "cached":
+        stages.append("distill-data")
+    stages += ["distill", "quantize", "evaluate"]
+    return stages
