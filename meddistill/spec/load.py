@@ -74,8 +74,24 @@ def _describe(loc: tuple) -> str:
 
 
 def _fmt_value(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    if isinstance(value, (dict, list)):
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    else:
+        text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# pydantic's wording -> what is allowed, phrased for a YAML author.
+_CONSTRAINTS = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "too_short": "needs at least {min_length} item(s)",
+    "too_long": "allows at most {max_length} item(s)",
+    "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} characters",
+}
 
 
 def _format(doc: dict, err: dict) -> tuple[str, str]:
@@ -85,7 +101,7 @@ def _format(doc: dict, err: dict) -> tuple[str, str]:
         loc = loc + (err["ctx"]["field"],)
     path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(document)"
     value = _lookup(doc, loc)
-    shown = "" if value is _MISSING else f"got {_fmt_value(value)}; "
+    shown = "" if value is _MISSING or isinstance(value, dict) else f"got {_fmt_value(value)}; "
     if kind == "missing":
         return path, f"required field is missing{_describe(loc)}"
     if kind == "extra_forbidden":
@@ -96,6 +112,10 @@ def _format(doc: dict, err: dict) -> tuple[str, str]:
         return path, f"unknown field.{fix} Allowed here: {', '.join(allowed)}"
     if kind == "literal_error":
         return path, f"{shown}allowed values: {err['ctx']['expected']}"
+    if kind in _CONSTRAINTS:
+        return path, shown + _CONSTRAINTS[kind].format(**err.get("ctx", {}))
+    if kind == "string_pattern_mismatch":
+        return path, f"{shown}does not have the allowed form{_describe(loc)}"
     msg = err["msg"].removeprefix("Value error, ")
     return path, f"{shown}{msg}"
 

@@ -115,7 +115,7 @@ class Lora(SpecModel):
     alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        default=["q_proj", "k_proj", "v_proj", "o_proj"],
         min_length=1,
         description="Module names that get adapters; default the attention projections q, k, v, o.",
     )
@@ -247,7 +247,7 @@ class Quantization(SpecModel):
     method: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="bitsandbytes 4-bit NF4/FP4, 8-bit LLM.int8, or none.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Dtype of matmuls on de-quantized weights.")
-    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept in high precision.")
+    skip_modules: list[str] = Field(["lm_head"], description="Modules kept in high precision.")
 
 
 class Evaluation(SpecModel):
@@ -259,7 +259,7 @@ class Evaluation(SpecModel):
     max_new_tokens: int = Field(32, ge=1, le=32768, description="Tokens generated per answer.")
     prompt_style: Literal["plain", "r1"] = Field("plain", description="Prompt style for evaluation.")
     models: list[Literal["teacher", "student", "quantized"]] = Field(
-        default_factory=lambda: ["teacher", "student", "quantized"], min_length=1, description="Which models to evaluate."
+        default=["teacher", "student", "quantized"], min_length=1, description="Which models to evaluate."
     )
 
     @field_validator("datasets")
