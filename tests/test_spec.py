@@ -137,3 +137,13 @@ def test_chart_crd_is_exactly_the_generated_one():
         "the chart's CRD drifted from the spec models: run "
         "`meddistill crd > charts/meddistill-operator/crds/meddistilljobs.yaml`"
     )
+
+
+def test_spec_reference_doc_is_generated_from_the_models():
+    from meddistill.spec.reference import render_spec_reference
+
+    doc = ROOT / "docs/spec-reference.md"
+    assert doc.read_text() == render_spec_reference() + "\n", (
+        "docs/spec-reference.md drifted: run `meddistill crd --reference > docs/spec-reference.md`"
+    )
+    assert "| `targetModules` |" in doc.read_text()

@@ -14,13 +14,16 @@ def register(subparsers, summary: str) -> None:
         "(regenerate it with: meddistill crd > charts/meddistill-operator/crds/meddistilljobs.yaml).",
     )
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("--reference", action="store_true",
+                   help="print the spec reference as markdown instead (docs/spec-reference.md is exactly this)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from meddistill.spec.crd import render_crd_yaml
+    from meddistill.spec.reference import render_spec_reference
 
-    text = render_crd_yaml()
+    text = render_spec_reference() if args.reference else render_crd_yaml()
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
