@@ -1,0 +1,223 @@
+"""The KubeRay backend: stage runs as `ray.io/v1` RayJobs, the serving app as a RayService.
+
+Two halves, both plain functions of plain data so they are tested without an API server:
+- render: `rayjob(job, owner_uid, start)` and `rayservice(job, owner_uid, serve)` -> manifests;
+- observe: `stage_run(rayjob)` and `serving_app(rayservice)` -> the planner's abstract children.
+The planner never sees a KubeRay field; a second backend (Ray Jobs API) is another module like this.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
+
+from .planner import Serve, ServingApp, StageRun, StartStage
+
+RAY_GROUP, RAY_VERSION = "ray.io", "v1"
+RAYJOBS, RAYSERVICES = "rayjobs", "rayservices"
+LABEL_JOB, LABEL_STAGE, LABEL_ATTEMPT = "meddistill.io/job", "meddistill.io/stage", "meddistill.io/attempt"
+ANNOTATION_MODEL = "meddistill.io/model-uri"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PVC_ROOT = "/mnt/pvc"
+HEAD_RESOURCES = {"cpu": "1", "memory": "2Gi"}  # the head only schedules: workers do the work
+
+
+def _labels(job: MedDistillJob, component: str) -> dict[str, str]:
+    return {
+        LABEL_JOB: job.metadata.name,
+        "app.kubernetes.io/name": "meddistill",
+        "app.kubernetes.io/instance": job.metadata.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "meddistill-operator",
+    }
+
+
+def _owner(job: MedDistillJob, owner_uid: str) -> list[dict]:
+    # controller + blockOwnerDeletion: the garbage collector removes children with the job.
+    return [{"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": job.metadata.name,
+             "uid": owner_uid, "controller": True, "blockOwnerDeletion": True}]
+
+
+def job_document(job: MedDistillJob) -> str:
+    """The MedDistillJob as the stage entrypoint reads it from MEDDISTILL_JOB (no status)."""
+    doc = job.model_dump(by_alias=True, mode="json", exclude={"status"})
+    doc["metadata"] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
+    return json.dumps(doc, sort_keys=True)
+
+
+def stage_resources(job: MedDistillJob, stage: str) -> Resources:
+    """Which section's resources a stage runs with."""
+    spec = job.spec
+    if stage in ("teacher", "distill-data"):
+        return spec.teacher.resources
+    if stage == "distill":
+        return spec.student.resources
+    # quantize and evaluate load one model at a time on one worker (evaluate loads the teacher too).
+    t = spec.teacher.resources
+    return Resources(workers=1, gpus_per_worker=t.gpus_per_worker, cpus_per_worker=t.cpus_per_worker, memory=t.memory)
+
+
+def _storage(job: MedDistillJob) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, volumeMounts, envFrom) giving pods the artifact store."""
+    uri, volumes, mounts, env_from = job.spec.artifacts.uri, [], [], []
+    if uri.startswith("pvc://"):
+        claim = uri[len("pvc://"):].partition("/")[0]
+        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "artifacts", "mountPath": f"{PVC_ROOT}/{claim}"})
+    if job.spec.artifacts.secret_name:
+        env_from.append({"secretRef": {"name": job.spec.artifacts.secret_name}})
+    return volumes, mounts, env_from
+
+
+def _container(job: MedDistillJob, name: str, cpus: int, memory: str, gpus: int) -> dict:
+    _, mounts, env_from = _storage(job)
+    limits = {"cpu": str(cpus), "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    c = {"name": name, "image": job.spec.image, "resources": {"requests": dict(limits), "limits": limits},
+         "env": [{"name": "MEDDISTILL_PVC_ROOT", "value": PVC_ROOT}]}
+    if mounts:
+        c["volumeMounts"] = mounts
+    if env_from:
+        c["envFrom"] = env_from
+    return c
+
+
+def _pod(job: MedDistillJob, container: dict) -> dict:
+    volumes, _, _ = _storage(job)
+    spec = {"containers": [container]}
+    if volumes:
+        spec["volumes"] = volumes
+    return {"spec": spec}
+
+
+def ray_cluster_spec(job: MedDistillJob, res: Resources, group: str, min_replicas: int, max_replicas: int,
+                     replicas: int) -> dict:
+    head = _container(job, "ray-head", int(HEAD_RESOURCES["cpu"]), HEAD_RESOURCES["memory"], 0)
+    head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
+                     {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
+    worker = _container(job, "ray-worker", res.cpus_per_worker, res.memory, res.gpus_per_worker)
+    return {
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": _pod(job, head)},
+        "workerGroupSpecs": [{
+            "groupName": group, "replicas": replicas, "minReplicas": min_replicas, "maxReplicas": max_replicas,
+            "rayStartParams": {}, "template": _pod(job, worker),
+        }],
+    }
+
+
+def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
+    """The RayJob of one stage attempt."""
+    spec = job.spec
+    res = stage_resources(job, start.stage)
+    labels = {**_labels(job, "stage"), LABEL_STAGE: start.stage, LABEL_ATTEMPT: str(start.attempt)}
+    if spec.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    body = {
+        "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
+        "kind": "RayJob",
+        "metadata": {"name": start.name, "namespace": job.metadata.namespace, "labels": labels,
+                     "ownerReferences": _owner(job, owner_uid)},
+        "spec": {
+            "entrypoint": f"python -m meddistill.jobs {start.stage}",
+            # The whole job document travels in the Ray runtime env, so the entrypoint is the same
+            # command `meddistill run` uses in-process.
+            "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"MEDDISTILL_JOB": job_document(job)}}, width=1 << 30),
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": spec.run_policy.ttl_seconds_after_finished,
+            "rayClusterSpec": ray_cluster_spec(job, res, "workers", res.workers, res.workers, res.workers),
+        },
+    }
+    if spec.run_policy.active_deadline_seconds:
+        body["spec"]["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    if spec.queue_name:
+        # Kueue admits a suspended RayJob by un-suspending it; we never touch spec.suspend again.
+        body["spec"]["suspend"] = True
+    return body
+
+
+def serve_config_v2(job: MedDistillJob, model_uri: str) -> str:
+    """The RayService's serveConfigV2, rendered by the serving package (one renderer for all)."""
+    try:
+        from meddistill.serve.config import render_serve_config_v2
+    except ImportError:
+        return _placeholder_serve_config_v2(job, model_uri)
+    return render_serve_config_v2(job, model_uri)
+
+
+def _placeholder_serve_config_v2(job: MedDistillJob, model_uri: str) -> str:
+    # PLACEHOLDER until meddistill.serve.config.render_serve_config_v2(job, model_uri) exists
+    # (owned by the serving engineer). Delete this function then.
+    s = job.spec.serving
+    return yaml.safe_dump({"applications": [{
+        "name": s.model_name, "route_prefix": "/", "import_path": "meddistill.serve.app:build_app",
+        "args": {"model_uri": model_uri, "model_name": s.model_name},
+        "deployments": [{"name": "MedDistillServer", "max_ongoing_requests": s.max_ongoing_requests,
+                         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                                                "target_ongoing_requests": s.target_ongoing_requests}}],
+    }]}, sort_keys=False)
+
+
+def rayservice(job: MedDistillJob, owner_uid: str, serve: Serve) -> dict:
+    s = job.spec.serving
+    res = Resources(workers=1, gpus_per_worker=s.gpus_per_replica, cpus_per_worker=s.cpus_per_replica,
+                    memory=job.spec.student.resources.memory)
+    cluster = ray_cluster_spec(job, res, "serve", min_replicas=s.min_replicas, max_replicas=s.max_replicas,
+                               replicas=s.initial_replicas if s.initial_replicas is not None else s.min_replicas)
+    cluster["enableInTreeAutoscaling"] = True
+    return {
+        "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
+        "kind": "RayService",
+        "metadata": {"name": serve.name, "namespace": job.metadata.namespace, "labels": _labels(job, "serving"),
+                     "annotations": {ANNOTATION_MODEL: serve.model_uri}, "ownerReferences": _owner(job, owner_uid)},
+        "spec": {"serveConfigV2": serve_config_v2(job, serve.model_uri), "rayClusterConfig": cluster},
+    }
+
+
+def rayservice_model_patch(job: MedDistillJob, serve: Serve) -> dict:
+    """A merge patch pointing a RayService at a new model in place (KubeRay rolls it out)."""
+    return {"metadata": {"annotations": {ANNOTATION_MODEL: serve.model_uri}},
+            "spec": {"serveConfigV2": serve_config_v2(job, serve.model_uri)}}
+
+
+# --------------------------------------------------------------------------------------------
+# Observe
+# --------------------------------------------------------------------------------------------
+
+
+def stage_run(obj: dict) -> StageRun | None:
+    """A RayJob as the planner sees it (None when it is not one of our stage runs)."""
+    meta, status = obj.get("metadata", {}), obj.get("status") or {}
+    labels = meta.get("labels") or {}
+    try:
+        stage, attempt = labels[LABEL_STAGE], int(labels[LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None
+    deploy, job_status = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
+    if meta.get("deletionTimestamp"):
+        state = "Deleting"
+    elif deploy == "Complete" and job_status == "SUCCEEDED":
+        state = "Succeeded"
+    elif deploy in ("Failed", "ValidationFailed") or job_status in ("FAILED", "STOPPED"):
+        state = "Failed"
+    elif deploy == "Running" or job_status == "RUNNING":
+        state = "Running"
+    else:  # "", New, Initializing, Suspended (Kueue has not admitted it), Waiting, Retrying
+        state = "Pending"
+    reason = status.get("reason", "") or (f"jobStatus {job_status}" if state == "Failed" and job_status else "")
+    return StageRun(stage=stage, attempt=attempt, name=meta.get("name", ""), state=state, reason=reason,
+                    message=status.get("message", ""), start_time=status.get("startTime", ""),
+                    end_time=status.get("endTime", ""))
+
+
+def serving_app(obj: dict) -> ServingApp:
+    meta, status = obj.get("metadata", {}), obj.get("status") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = conds.get("Ready", {})
+    return ServingApp(name=meta.get("name", ""), model_uri=(meta.get("annotations") or {}).get(ANNOTATION_MODEL, ""),
+                      ready=ready.get("status") == "True", message=ready.get("message", ""),
+                      deleting=bool(meta.get("deletionTimestamp")))

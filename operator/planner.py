@@ -1,0 +1,375 @@
+"""The MedDistillJob lifecycle as one pure function: `plan(job, observed, now) -> Plan`.
+
+Level-triggered: the plan depends only on the job (spec + the status the operator wrote last) and
+what exists now (the observed children), never on which event woke the operator up. Running it
+twice on the same input gives the same plan, so a restarted operator simply carries on.
+
+Backend-agnostic: children are abstract *stage runs* (one per stage attempt) and one *serving
+app*; a backend adapter (`kuberay.py`: RayJob/RayService) renders and observes them.
+
+Rules, in the order they apply:
+- A stage recorded as Succeeded (with its artifact digest) or terminally Failed in status is never
+  started again, even when its child is gone (TTL-deleted RayJobs).
+- A stage advances only when its run succeeded AND its artifact manifest was read.
+- A failed run gets a new attempt (`<job>-<stage>-a<n+1>`) while n <= runPolicy.backoffLimit;
+  then the job is Failed with the run's reason.
+- `suspend: true` removes the running child and starts nothing; `suspend: false` re-creates the
+  same attempt (a suspension does not use up a retry).
+- After the last stage: the serving app (when serving.enabled), updated in place when the model
+  changes; phase Serving once it reports ready.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+from meddistill.spec.models import (
+    Condition,
+    MedDistillJob,
+    MedDistillJobStatus,
+    Results,
+    ServingStatus,
+    StageStatus,
+    pipeline_stages,
+)
+
+RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Deleting"]
+ARTIFACT_GRACE_SECONDS = 300  # a run that succeeded but left no manifest this long counts as failed
+
+
+# --------------------------------------------------------------------------------------------
+# What the backend observed
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A stage's artifact as read from its manifest (and results.json for evaluate)."""
+
+    uri: str
+    digest: str
+    results: dict | None = None
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One attempt of one stage (a RayJob, or a Ray job id on the Jobs API backend)."""
+
+    stage: str
+    attempt: int
+    name: str
+    state: RunState
+    reason: str = ""
+    message: str = ""
+    start_time: str = ""
+    end_time: str = ""
+    artifact: ArtifactRecord | None = None  # set by the observer once the run succeeded
+
+
+@dataclass(frozen=True)
+class ServingApp:
+    """The deployed serving app (a RayService)."""
+
+    name: str
+    model_uri: str
+    ready: bool
+    message: str = ""
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class Observed:
+    runs: tuple[StageRun, ...] = ()
+    serving: ServingApp | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# What the handlers must do
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartStage:
+    stage: str
+    attempt: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Serve:
+    """Create the serving app, or (in `update`) point the existing one at a new model in place."""
+
+    name: str
+    model_uri: str
+
+
+@dataclass(frozen=True)
+class DeleteChild:
+    kind: Literal["stage", "serving"]
+    name: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create: list[StartStage | Serve] = field(default_factory=list)
+    update: list[Serve] = field(default_factory=list)
+    delete: list[DeleteChild] = field(default_factory=list)
+    status: dict = field(default_factory=dict)  # the whole new status, camelCase, validated
+    events: list[Event] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+
+
+def run_name(job_name: str, stage: str, attempt: int) -> str:
+    """Deterministic child name: a second reconcile finds (or conflicts with) the same child."""
+    return f"{job_name}-{stage}-a{attempt}"
+
+
+def serving_name(job_name: str) -> str:
+    # KubeRay names the serve Service <rayservice>-serve-svc.
+    return job_name
+
+
+def rfc3339(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+def _stage_status(name: str, run: StageRun | None, prev: StageStatus | None) -> StageStatus:
+    base = prev.model_copy() if prev else StageStatus(name=name, state="Pending")
+    if run is None:
+        return base
+    return base.model_copy(
+        update={
+            "attempt": run.attempt,
+            "child": run.name,
+            "start_time": run.start_time or base.start_time,
+            "end_time": run.end_time,
+            "message": run.message or run.reason or "",
+        }
+    )
+
+
+def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
+    """Decide the children and the whole status of one job from what exists now."""
+    spec, name = job.spec, job.metadata.name
+    prev = job.status or MedDistillJobStatus()
+    prev_stages = {s.name: s for s in prev.stages}
+    out = Plan()
+    suspended = spec.suspend
+    backoff = spec.run_policy.backoff_limit
+
+    runs: dict[str, list[StageRun]] = {}
+    for r in observed.runs:
+        runs.setdefault(r.stage, []).append(r)
+    for lst in runs.values():
+        lst.sort(key=lambda r: r.attempt)
+
+    stages: list[StageStatus] = []
+    current = ""  # the first stage that is not done
+    failed: StageStatus | None = None
+    results = prev.results
+    blocked = False  # an earlier stage is not done: later stages stay Pending
+
+    for stage in pipeline_stages(spec):
+        prev_st = prev_stages.get(stage)
+        latest = runs.get(stage, [None])[-1]
+        if prev_st and prev_st.state == "Succeeded" and prev_st.artifact_digest:
+            stages.append(prev_st)  # terminal: never started again
+            continue
+        if blocked:
+            stages.append(StageStatus(name=stage, state="Pending"))
+            continue
+        blocked, current = True, stage
+        if prev_st and prev_st.state == "Failed":
+            failed = prev_st  # terminal failure recorded earlier
+            stages.append(prev_st)
+            continue
+
+        st = _stage_status(stage, latest, prev_st)
+        if latest is not None and latest.state == "Succeeded" and latest.artifact is not None:
+            st = st.model_copy(
+                update={"state": "Succeeded", "artifact_uri": latest.artifact.uri, "artifact_digest": latest.artifact.digest}
+            )
+            out.events.append(Event("Normal", "StageSucceeded", f"{stage} succeeded ({latest.name}); artifact {latest.artifact.uri} sha256:{latest.artifact.digest[:12]}"))
+            if latest.artifact.results is not None:
+                results = Results.model_validate(latest.artifact.results)
+            stages.append(st)
+            blocked, current = False, ""
+            continue
+
+        run_failed = latest is not None and latest.state == "Failed"
+        if latest is not None and latest.state == "Succeeded":  # done, manifest not there (yet)
+            ended = _parse_time(latest.end_time) if latest.end_time else None
+            if ended and (now - ended).total_seconds() > ARTIFACT_GRACE_SECONDS:
+                run_failed = True
+                latest = StageRun(**{**latest.__dict__, "state": "Failed", "reason": "ArtifactMissing",
+                                     "message": f"the run succeeded but wrote no manifest.json under its artifact dir for {ARTIFACT_GRACE_SECONDS}s"})
+                st = st.model_copy(update={"message": latest.message})
+            else:
+                st = st.model_copy(update={"state": "Running", "message": "run succeeded; waiting for the artifact manifest"})
+
+        if run_failed:
+            why = f"{latest.name} failed: {latest.reason or 'Failed'}: {latest.message or 'no message'}"
+            if latest.attempt > backoff:
+                st = st.model_copy(update={"state": "Failed", "message": why})
+                failed = st
+                out.events.append(Event("Warning", "StageFailed", f"{why}; no retries left (backoffLimit {backoff})"))
+            else:
+                nxt = latest.attempt + 1
+                st = st.model_copy(update={"state": "Running" if not suspended else "Pending", "message": why})
+                if not suspended:
+                    child = run_name(name, stage, nxt)
+                    out.create.append(StartStage(stage, nxt, child))
+                    st = st.model_copy(update={"attempt": nxt, "child": child, "start_time": rfc3339(now), "end_time": ""})
+                    out.events.append(Event("Warning", "StageRetrying", f"{why}; starting attempt {nxt} of {backoff + 1} ({child})"))
+            stages.append(st)
+            continue
+
+        if latest is None or latest.state == "Deleting":
+            # Never started, or removed by a suspension: (re)create the same attempt.
+            attempt = max(prev_st.attempt if prev_st else 0, 1)
+            if latest is not None:
+                st = st.model_copy(update={"state": "Pending", "message": f"waiting for {latest.name} to be deleted"})
+            elif suspended:
+                st = st.model_copy(update={"state": "Pending", "attempt": attempt if prev_st and prev_st.attempt else 0})
+            else:
+                child = run_name(name, stage, attempt)
+                out.create.append(StartStage(stage, attempt, child))
+                st = st.model_copy(update={"state": "Running", "attempt": attempt, "child": child, "start_time": rfc3339(now), "end_time": "", "message": ""})
+                out.events.append(Event("Normal", "StageStarted", f"{stage} attempt {attempt}: created {child}"))
+            stages.append(st)
+            continue
+
+        # Pending or Running child (also "Succeeded, waiting for the manifest").
+        if suspended:
+            out.delete.append(DeleteChild("stage", latest.name))
+            st = st.model_copy(update={"state": "Pending", "message": f"suspended: removed {latest.name}"})
+            out.events.append(Event("Normal", "Suspended", f"suspended: removed running {latest.name}"))
+        elif st.state != "Running" or latest.state in ("Pending", "Running"):
+            st = st.model_copy(update={"state": "Running"})
+        stages.append(st)
+
+    pipeline_done = not blocked
+    serving_status, serving_ready = _plan_serving(job, observed, stages, pipeline_done and failed is None, out)
+
+    if failed is not None:
+        phase, current = "Failed", failed.name
+    elif suspended:
+        phase = "Suspended"
+    elif pipeline_done and not spec.serving.enabled:
+        phase, current = "Succeeded", ""
+    elif pipeline_done:
+        phase, current = ("Serving", "") if serving_ready else ("Running", "serving")
+    else:
+        phase = "Running"
+
+    conditions = _conditions(prev.conditions, phase, failed, suspended, current, job_generation(job), now)
+    if prev.phase != phase:
+        out.events.append(_phase_event(prev.phase, phase, failed, serving_status))
+
+    status = MedDistillJobStatus(
+        phase=phase,
+        current_stage=current,
+        accuracy=_accuracy(results),
+        conditions=conditions,
+        stages=stages,
+        results=results,
+        serving=serving_status,
+        observed_generation=job_generation(job),
+    )
+    out.status = status.model_dump(by_alias=True, exclude_none=True)
+    return out
+
+
+def _phase_event(before: str, after: str, failed: StageStatus | None, serving: ServingStatus | None) -> Event:
+    if after == "Failed":
+        return Event("Warning", "JobFailed", failed.message if failed else "failed")
+    if after == "Serving":
+        return Event("Normal", "ServingReady", f"serving at {serving.endpoint if serving else ''}")
+    reason = {"Succeeded": "JobSucceeded", "Suspended": "JobSuspended"}.get(after, "JobRunning" if before != "Suspended" else "JobResumed")
+    return Event("Normal", reason, f"phase {before} -> {after}")
+
+
+def job_generation(job: MedDistillJob) -> int:
+    return int((job.metadata.model_extra or {}).get("generation") or 0)
+
+
+def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStatus], done: bool, out: Plan):
+    """Desired serving app; returns (status.serving or None, ready)."""
+    spec, name = job.spec, job.metadata.name
+    app = observed.serving
+    want = done and spec.serving.enabled and not spec.suspend
+    if not want:
+        if app is not None and not app.deleting:
+            out.delete.append(DeleteChild("serving", app.name))
+            out.events.append(Event("Normal", "ServingRemoved", f"removed {app.name} ({'suspended' if spec.suspend else 'serving disabled'})"))
+        return None, False
+    model_uri = next(s.artifact_uri for s in stages if s.name == "quantize")
+    endpoint = f"http://{serving_name(name)}-serve-svc.{job.metadata.namespace or 'default'}.svc:8000/v1"
+    status = ServingStatus(endpoint=endpoint, model_name=spec.serving.model_name, ready=False, child=serving_name(name))
+    if app is None:
+        out.create.append(Serve(serving_name(name), model_uri))
+        out.events.append(Event("Normal", "ServingCreated", f"created RayService {serving_name(name)} for {model_uri}"))
+        return status, False
+    if app.deleting:
+        return status, False
+    if app.model_uri != model_uri:
+        out.update.append(Serve(app.name, model_uri))  # in place: serveConfigV2, never recreate
+        out.events.append(Event("Normal", "ServingUpdated", f"{app.name}: model {app.model_uri} -> {model_uri}"))
+        return status, False
+    return status.model_copy(update={"ready": app.ready}), app.ready
+
+
+def _accuracy(results: Results | None) -> str:
+    if results is None or not results.rows:
+        return ""
+    row = next((r for r in results.rows if r.model == "quantized"), results.rows[-1])
+    return f"{row.accuracy * 100:.1f}%"
+
+
+def _conditions(prev: list[Condition], phase: str, failed: StageStatus | None, suspended: bool, current: str,
+                generation: int, now: datetime) -> list[Condition]:
+    """metav1.Conditions; lastTransitionTime only moves when a condition's status changes."""
+    want = {
+        "Ready": ("True", "Serving", "the model is served") if phase == "Serving"
+        else ("True", "Succeeded", "all stages succeeded") if phase == "Succeeded"
+        else ("False", phase, f"phase {phase}" + (f", stage {current}" if current else "")),
+        "Progressing": ("True", "StageRunning", f"running {current}") if phase == "Running"
+        else ("False", phase, f"phase {phase}"),
+        "Failed": ("True", "StageFailed", failed.message) if failed is not None
+        else ("False", "NoFailure", ""),
+        "Suspended": ("True", "Suspended", "spec.suspend is true") if suspended and phase != "Failed"
+        else ("False", "NotSuspended", ""),
+    }
+    old = {c.type: c for c in prev}
+    out = []
+    for ctype, (status, reason, message) in want.items():
+        keep = old.get(ctype)
+        ltt = keep.last_transition_time if keep and keep.status == status else rfc3339(now)
+        out.append(Condition(type=ctype, status=status, reason=reason, message=message,
+                             last_transition_time=ltt, observed_generation=generation))
+    return out
