@@ -1,0 +1,35 @@
+{{- define "meddistill.labels" -}}
+app.kubernetes.io/name: meddistill-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{- define "meddistill.selectorLabels" -}}
+app.kubernetes.io/name: meddistill-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "meddistill.watchNamespace" -}}
+{{- if eq .Values.rbac.scope "namespace" -}}{{ .Values.watchNamespace | default .Release.Namespace }}{{- end -}}
+{{- end }}
+
+{{/* Exactly what the operator calls; tests/test_chart_rbac.py drops rules one by one. */}}
+{{- define "meddistill.rules" -}}
+- apiGroups: ["meddistill.io"]
+  resources: ["meddistilljobs"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["meddistill.io"]
+  resources: ["meddistilljobs/status"]
+  verbs: ["update"]
+- apiGroups: ["ray.io"]
+  resources: ["rayjobs"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: ["ray.io"]
+  resources: ["rayservices"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}

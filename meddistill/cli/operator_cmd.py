@@ -1,0 +1,58 @@
+"""`meddistill operator`: run the Kubernetes operator (kopf) that drives MedDistillJobs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def register(subparsers, summary: str) -> None:
+    p = subparsers.add_parser(
+        "operator",
+        help=summary,
+        description="Watch MedDistillJobs and run each stage as a KubeRay RayJob, then serve the quantized "
+        "student with a RayService. Needs KubeRay's CRDs in the cluster.",
+    )
+    p.add_argument("--namespace", "-n", help="watch only this namespace (default: all namespaces)")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG / ~/.kube/config)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 disables; default 8080)")
+    p.add_argument("--health-port", type=int, default=8081, help="liveness endpoint /healthz port (default 8081)")
+    p.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every job this often as a backstop")
+    p.set_defaults(func=run)
+
+
+def _load_kube_config(kubeconfig: str | None) -> None:
+    from kubernetes import config
+
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads it too
+        config.load_kube_config(config_file=kubeconfig)
+        return
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+def run(args) -> int:
+    import kopf
+    from prometheus_client import start_http_server
+
+    from meddistill.operator import handlers  # registers the kopf handlers
+
+    log = logging.getLogger("meddistill.operator")
+    _load_kube_config(args.kubeconfig)
+    handlers.Config.namespace = args.namespace
+    handlers.Config.resync_seconds = args.resync_seconds
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    scope = f"namespace {args.namespace}" if args.namespace else "all namespaces"
+    log.info("meddistill operator starting: watching %s; metrics :%s/metrics; health :%s/healthz",
+             scope, args.metrics_port or "off", args.health_port)
+    kopf.run(
+        standalone=True,
+        namespaces=[args.namespace] if args.namespace else [],
+        clusterwide=not args.namespace,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+    )
+    return 0

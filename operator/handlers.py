@@ -1,0 +1,298 @@
+"""kopf handlers: read -> plan -> write. All decisions are in planner.py.
+
+Every trigger (a MedDistillJob event, an event of one of its labelled RayJobs/RayServices, the
+periodic resync) ends in `reconcile(namespace, name)`, which reads the job and its children
+fresh from the API server, calls `plan()`, applies the plan and writes the status whole.
+
+No finalizer: kopf only adds one for deletion handlers, timers and daemons, and this module has
+none of them (the periodic resync is a plain asyncio task started at startup). Deleting a job
+therefore never waits for the operator; owner references let the garbage collector remove its
+children. kopf's own progress/diff-base annotations are not used either: `on.event` handlers are
+level-triggered and stateless, exactly what a pure planner wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from meddistill import artifacts
+from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
+
+from . import kuberay, metrics
+from .planner import ArtifactRecord, DeleteChild, Observed, Plan, Serve, StageRun, StartStage, plan, rfc3339
+
+log = logging.getLogger("meddistill.operator")
+
+
+class Config:
+    """Set by `meddistill operator` before kopf starts."""
+
+    namespace: str | None = None  # None: all namespaces
+    resync_seconds: float = 30.0
+
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(key: tuple[str, str]) -> threading.Lock:
+    # Job events and child events run concurrently in kopf's thread pool: one reconcile per job.
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
+
+
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi()
+
+
+# --------------------------------------------------------------------------------------------
+# Observe
+# --------------------------------------------------------------------------------------------
+
+
+def _read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
+    """The stage's manifest (and results.json for evaluate) through the artifact store."""
+    uri = artifacts.stage_uri(job.spec.artifacts.uri, job.metadata.name, stage)
+    directory = artifacts.ArtifactStore(uri).fetch()
+    if directory is None:
+        return None
+    manifest = artifacts.read_manifest(directory)
+    if manifest is None:
+        return None
+    results = None
+    if stage == "evaluate":
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            return None  # the evaluate artifact is not complete without its table
+        import json
+
+        results = json.loads(path.read_text())
+    return ArtifactRecord(uri=uri, digest=manifest.digest, results=results)
+
+
+def observe(job: MedDistillJob, uid: str) -> Observed:
+    ns, name = job.metadata.namespace, job.metadata.name
+    selector = f"{kuberay.LABEL_JOB}={name}"
+    api = _custom()
+
+    def ours(obj: dict) -> bool:  # a re-created job with the same name must not adopt old children
+        return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])
+
+    recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded" and s.artifact_digest}
+    runs: list[StageRun] = []
+    for obj in api.list_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns, kuberay.RAYJOBS,
+                                                 label_selector=selector)["items"]:
+        run = kuberay.stage_run(obj) if ours(obj) else None
+        if run is None:
+            continue
+        if run.state == "Succeeded" and run.stage not in recorded:
+            run = StageRun(**{**run.__dict__, "artifact": _read_artifact(job, run.stage)})
+        runs.append(run)
+    services = [o for o in api.list_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns,
+                                                             kuberay.RAYSERVICES, label_selector=selector)["items"]
+                if ours(o)]
+    return Observed(runs=tuple(runs), serving=kuberay.serving_app(services[0]) if services else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Write
+# --------------------------------------------------------------------------------------------
+
+
+def _forbidden(e: ApiException, verb: str, what: str) -> None:
+    if e.status == 403:
+        log.error("403 Forbidden: cannot %s %s: the operator's RBAC role is missing this permission "
+                  "(check the chart's ClusterRole/Role): %s", verb, what, e.body)
+
+
+def apply(job: MedDistillJob, uid: str, p: Plan) -> None:
+    api, ns = _custom(), job.metadata.namespace
+    for item in p.create:
+        if isinstance(item, StartStage):
+            body, plural, what = kuberay.rayjob(job, uid, item), kuberay.RAYJOBS, f"RayJob {ns}/{item.name}"
+        else:
+            body, plural, what = kuberay.rayservice(job, uid, item), kuberay.RAYSERVICES, f"RayService {ns}/{item.name}"
+        try:
+            api.create_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns, plural, body)
+            metrics.CHILDREN_CREATED.labels(plural).inc()
+            log.info("created %s", what)
+        except ApiException as e:
+            if e.status != 409:  # 409: it exists already (deterministic names) -- nothing to do
+                _forbidden(e, "create", what)
+                raise
+    for item in p.update:
+        api.patch_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns, kuberay.RAYSERVICES,
+                                           item.name, kuberay.rayservice_model_patch(job, item))
+        log.info("updated RayService %s/%s to model %s", ns, item.name, item.model_uri)
+    for item in p.delete:
+        plural = kuberay.RAYJOBS if item.kind == "stage" else kuberay.RAYSERVICES
+        try:
+            api.delete_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns, plural, item.name,
+                                                propagation_policy="Background")
+            log.info("deleted %s %s/%s", plural, ns, item.name)
+        except ApiException as e:
+            if e.status != 404:
+                _forbidden(e, "delete", f"{plural} {ns}/{item.name}")
+                raise
+
+
+def write_status(body: dict, status: dict) -> bool:
+    """Replace the status whole (PUT /status with resourceVersion: a stale write conflicts, not wins)."""
+    MedDistillJobStatus.model_validate(status)  # nothing the CRD schema would prune or refuse
+    if body.get("status") == status:
+        return False
+    new = {**body, "status": status}
+    _custom().replace_namespaced_custom_object_status(API_GROUP, API_VERSION, body["metadata"]["namespace"], PLURAL,
+                                                      body["metadata"]["name"], new)
+    return True
+
+
+def post_event(body: dict, type_: str, reason: str, message: str) -> None:
+    meta = body["metadata"]
+    now = datetime.now(timezone.utc)
+    event = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+        involved_object=client.V1ObjectReference(api_version=f"{API_GROUP}/{API_VERSION}", kind=KIND,
+                                                 name=meta["name"], namespace=meta["namespace"], uid=meta["uid"]),
+        type=type_, reason=reason, message=message[:1024], first_timestamp=now, last_timestamp=now, count=1,
+        source=client.V1EventSource(component="meddistill-operator"), reporting_component="meddistill-operator",
+    )
+    try:
+        client.CoreV1Api().create_namespaced_event(meta["namespace"], event)
+    except ApiException as e:  # an event is never worth failing a reconcile for
+        _forbidden(e, "create", "events")
+        log.warning("could not post event %s: %s", reason, e.reason)
+
+
+# --------------------------------------------------------------------------------------------
+# Reconcile
+# --------------------------------------------------------------------------------------------
+
+
+def reconcile(namespace: str, name: str) -> None:
+    with _lock((namespace, name)):
+        started = time.monotonic()
+        try:
+            _reconcile(namespace, name)
+            metrics.RECONCILES.labels("ok").inc()
+        except ApiException as e:
+            metrics.RECONCILES.labels(f"api_{e.status}").inc()
+            if e.status == 409:  # our status write lost a race: the next event re-plans
+                log.info("%s/%s: conflict writing status; will re-plan", namespace, name)
+                return
+            log.error("%s/%s: reconcile failed: %s %s", namespace, name, e.status, e.reason)
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            log.exception("%s/%s: reconcile failed", namespace, name)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+def _reconcile(namespace: str, name: str) -> None:
+    try:
+        body = _custom().get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+    except ApiException as e:
+        if e.status == 404:
+            return  # deleted: the garbage collector removes its children
+        raise
+    meta = body["metadata"]
+    if meta.get("deletionTimestamp"):
+        return
+    doc = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+    try:
+        job = MedDistillJob.model_validate(doc)
+    except ValidationError as e:
+        _refuse(body, e)
+        return
+    p = plan(job, observe(job, meta["uid"]), datetime.now(timezone.utc))
+    apply(job, meta["uid"], p)
+    if write_status(body, p.status):
+        log.info("%s/%s: phase %s stage %s", namespace, name, p.status["phase"], p.status.get("currentStage") or "-")
+    for ev in p.events:
+        post_event(body, ev.type, ev.reason, ev.message)
+
+
+def _refuse(body: dict, error: ValidationError) -> None:
+    """A job the API server accepted but the typed spec refuses (should not happen: same schema)."""
+    msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())[:1000]
+    prev = body.get("status") or {}
+    if prev.get("phase") == "Failed":
+        return
+    now = rfc3339(datetime.now(timezone.utc))
+    status = MedDistillJobStatus.model_validate({
+        "phase": "Failed", "observedGeneration": body["metadata"].get("generation", 0),
+        "conditions": [{"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": msg, "lastTransitionTime": now}],
+    }).model_dump(by_alias=True, exclude_none=True)
+    write_status(body, status)
+    post_event(body, "Warning", "InvalidSpec", msg)
+
+
+# --------------------------------------------------------------------------------------------
+# kopf wiring
+# --------------------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    settings.peering.standalone = True  # one replica; no KopfPeering objects, no RBAC for them
+    settings.posting.level = logging.WARNING  # our own Events describe transitions
+    settings.watching.server_timeout = 300
+    memo.resync = asyncio.get_running_loop().create_task(_resync_forever())
+
+
+@kopf.on.cleanup()
+async def _cleanup(memo: kopf.Memo, **_) -> None:
+    task = memo.get("resync")
+    if task:
+        task.cancel()
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def on_job_event(type: str | None, body: kopf.Body, **_) -> None:
+    # Covers create, update, resume (the initial listing) and status changes alike.
+    if type == "DELETED":
+        return
+    reconcile(body.metadata.namespace, body.metadata.name)
+
+
+@kopf.on.event(kuberay.RAY_GROUP, kuberay.RAY_VERSION, kuberay.RAYJOBS, labels={kuberay.LABEL_JOB: kopf.PRESENT})
+def on_rayjob_event(body: kopf.Body, **_) -> None:
+    reconcile(body.metadata.namespace, body.metadata.labels[kuberay.LABEL_JOB])
+
+
+@kopf.on.event(kuberay.RAY_GROUP, kuberay.RAY_VERSION, kuberay.RAYSERVICES, labels={kuberay.LABEL_JOB: kopf.PRESENT})
+def on_rayservice_event(body: kopf.Body, **_) -> None:
+    reconcile(body.metadata.namespace, body.metadata.labels[kuberay.LABEL_JOB])
+
+
+async def _resync_forever() -> None:
+    """Backstop: re-plan every job periodically (artifacts may appear without any k8s event)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(Config.resync_seconds)
+        try:
+            jobs = await loop.run_in_executor(None, _list_jobs)
+        except Exception as e:
+            log.warning("resync: cannot list %s: %s", PLURAL, e)
+            continue
+        for ns, name in jobs:
+            await loop.run_in_executor(None, reconcile, ns, name)
+
+
+def _list_jobs() -> list[tuple[str, str]]:
+    api = _custom()
+    if Config.namespace:
+        items = api.list_namespaced_custom_object(API_GROUP, API_VERSION, Config.namespace, PLURAL)["items"]
+    else:
+        items = api.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
+    return [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items]
