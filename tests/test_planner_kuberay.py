@@ -1,0 +1,94 @@
+"""The KubeRay backend adapter: rendering RayJobs/RayServices and reading their status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meddistill.operator import kuberay
+from meddistill.operator.planner import Serve, StartStage
+from meddistill.spec.models import MedDistillJob
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job(**spec) -> MedDistillJob:
+    doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["namespace"] = "team"
+    doc["spec"].update(spec)
+    return MedDistillJob.model_validate(doc)
+
+
+def test_kueue_queue_label_and_created_suspended():
+    body = kuberay.rayjob(job(queueName="gpu-queue"), "uid", StartStage("distill", 2, "quickstart-distill-a2"))
+    assert body["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert body["spec"]["suspend"] is True  # Kueue admits it by un-suspending
+    assert body["metadata"]["labels"]["meddistill.io/attempt"] == "2"
+    plain = kuberay.rayjob(job(), "uid", StartStage("distill", 1, "quickstart-distill-a1"))
+    assert "suspend" not in plain["spec"] and "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+
+
+def test_pvc_store_is_mounted_and_s3_secret_is_env_from():
+    j = job(artifacts={"uri": "pvc://models/runs", "secretName": "s3-creds"},
+            runPolicy={"activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 60})
+    body = kuberay.rayjob(j, "uid", StartStage("teacher", 1, "quickstart-teacher-a1"))
+    assert body["spec"]["activeDeadlineSeconds"] == 7200 and body["spec"]["ttlSecondsAfterFinished"] == 60
+    for group in (body["spec"]["rayClusterSpec"]["headGroupSpec"], body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]):
+        pod = group["template"]["spec"]
+        assert pod["volumes"] == [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "models"}}]
+        assert pod["containers"][0]["volumeMounts"] == [{"name": "artifacts", "mountPath": "/mnt/pvc/models"}]
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+
+
+def test_gpu_workers_and_job_document():
+    j = job(teacher={**job().spec.teacher.model_dump(by_alias=True, mode="json"),
+                     "resources": {"workers": 4, "gpusPerWorker": 8, "cpusPerWorker": 16, "memory": "200Gi"}})
+    body = kuberay.rayjob(j, "uid", StartStage("teacher", 1, "quickstart-teacher-a1"))
+    workers = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "16", "memory": "200Gi", "nvidia.com/gpu": "8"}
+    sent = json.loads(yaml.safe_load(body["spec"]["runtimeEnvYAML"])["env_vars"]["MEDDISTILL_JOB"])
+    assert MedDistillJob.model_validate(sent).spec == j.spec  # the stage gets exactly this job
+
+
+def test_rayservice_autoscaling_and_in_place_model_patch():
+    j = job(serving={"minReplicas": 1, "maxReplicas": 3, "initialReplicas": 2})
+    body = kuberay.rayservice(j, "uid", Serve("quickstart", "/runs/quickstart/quantize"))
+    cluster = body["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert (cluster["workerGroupSpecs"][0]["minReplicas"], cluster["workerGroupSpecs"][0]["replicas"],
+            cluster["workerGroupSpecs"][0]["maxReplicas"]) == (1, 2, 3)
+    patch = kuberay.rayservice_model_patch(j, Serve("quickstart", "/runs/v2/quantize"))
+    assert "/runs/v2/quantize" in patch["spec"]["serveConfigV2"]
+    assert kuberay.serving_app({**body, "metadata": {**body["metadata"], **patch["metadata"]}}).model_uri == "/runs/v2/quantize"
+
+
+@pytest.mark.parametrize("status,state", [
+    ({}, "Pending"),
+    ({"jobDeploymentStatus": "Initializing"}, "Pending"),
+    ({"jobDeploymentStatus": "Suspended"}, "Pending"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, "Running"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, "Failed"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, "Failed"),
+    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, "Failed"),
+    ({"jobDeploymentStatus": "ValidationFailed"}, "Failed"),
+])
+def test_rayjob_status_to_stage_run_state(status, state):
+    obj = {"metadata": {"name": "j-teacher-a1", "labels": {"meddistill.io/stage": "teacher", "meddistill.io/attempt": "1"}},
+           "status": status}
+    run = kuberay.stage_run(obj)
+    assert (run.stage, run.attempt, run.state) == ("teacher", 1, state)
+    if status.get("reason"):
+        assert run.reason == status["reason"]
+
+
+def test_foreign_or_deleting_rayjobs():
+    assert kuberay.stage_run({"metadata": {"name": "x", "labels": {}}}) is None
+    deleting = {"metadata": {"name": "j-teacher-a1", "deletionTimestamp": "2026-01-01T00:00:00Z",
+                             "labels": {"meddistill.io/stage": "teacher", "meddistill.io/attempt": "1"}}}
+    assert kuberay.stage_run(deleting).state == "Deleting"
