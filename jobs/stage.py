@@ -1,0 +1,153 @@
+"""What every stage shares: the job it runs for, where its artifact goes, and how it is run.
+
+`run_stage(ctx, stage)` is the single code path behind `python -m meddistill.jobs STAGE` and
+`meddistill run`: connect to Ray, call the stage recipe's `run(ctx, out_dir)`, write the manifest
+last, publish (s3), and return a StageResult whose JSON is the entrypoint's final line.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from meddistill.artifacts import ArtifactStore, stage_uri, verify, write_manifest
+from meddistill.spec.models import STAGES, MedDistillJob, pipeline_stages
+
+log = logging.getLogger(__name__)
+
+RESULT_PREFIX = "MEDDISTILL_STAGE_RESULT"
+RECIPES = {  # stage -> module under meddistill.jobs exposing run(ctx, out_dir) -> StageOutput
+    "teacher": "teacher",
+    "distill-data": "distill_data",
+    "distill": "distill",
+    "quantize": "quantize",
+    "evaluate": "evaluate",
+}
+
+
+class StageError(RuntimeError):
+    """A stage cannot run; the message names the field/artifact and the fix."""
+
+
+@dataclass
+class StageOutput:
+    """What a recipe returns: recorded in the manifest."""
+
+    config: dict
+    metrics: dict = field(default_factory=dict)
+    data_digest: str = ""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    artifact_uri: str
+    digest: str
+    metrics: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    skipped: bool = False
+
+    def result_line(self) -> str:
+        payload = {"stage": self.stage, "artifact_uri": self.artifact_uri, "digest": self.digest}
+        return f"{RESULT_PREFIX} {json.dumps(payload)}"
+
+
+@dataclass
+class StageContext:
+    """A job plus the folder its dataset paths are relative to (the spec file's folder)."""
+
+    job: MedDistillJob
+    base_dir: Path | None = None
+
+    @property
+    def spec(self):
+        return self.job.spec
+
+    @property
+    def name(self) -> str:
+        return self.job.metadata.name
+
+    def uri(self, stage: str) -> str:
+        return stage_uri(self.spec.artifacts.uri, self.name, stage)
+
+    def output_dir(self, stage: str) -> Path:
+        return ArtifactStore(self.uri(stage)).working_dir()
+
+    def input_dir(self, stage: str) -> Path:
+        """A verified artifact of an earlier stage, or StageError saying how to make it."""
+        directory = ArtifactStore(self.uri(stage)).fetch()
+        if directory is None or verify(directory) is None:
+            raise StageError(
+                f"stage {stage!r} has no verified artifact at {self.uri(stage)} (spec.artifacts.uri="
+                f"{self.spec.artifacts.uri!r}); run that stage first: meddistill run FILE --stage {stage}"
+            )
+        return directory
+
+
+def load_job_document(text: str) -> MedDistillJob:
+    """A MedDistillJob from JSON or YAML text (the MEDDISTILL_JOB env var or a --job file)."""
+    import yaml
+
+    from meddistill.spec.load import SpecValidationError, validate_document
+
+    job, errors = validate_document(yaml.safe_load(text), "MEDDISTILL_JOB")
+    if errors:
+        raise SpecValidationError(errors)
+    return job
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join the given cluster, else a running one (`auto`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def existing_result(ctx: StageContext, stage: str) -> StageResult | None:
+    """The result of a stage whose artifact already verifies (so a re-run can skip it)."""
+    directory = ArtifactStore(ctx.uri(stage)).fetch()
+    manifest = verify(directory) if directory is not None else None
+    if manifest is None:
+        return None
+    return StageResult(stage, ctx.uri(stage), manifest.digest, manifest.metrics, skipped=True)
+
+
+def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> StageResult:
+    """Run one stage's recipe and write its artifact + manifest."""
+    if stage not in STAGES:
+        raise StageError(f"stage {stage!r} is unknown; use one of {', '.join(STAGES)}")
+    if stage not in pipeline_stages(ctx.spec):
+        raise StageError(
+            f"stage {stage!r} is not part of this job: spec.distillation.teacherCache="
+            f"{ctx.spec.distillation.teacher_cache!r} (distill-data runs only with teacherCache: cached)"
+        )
+    connect_ray(ray_address)
+    store = ArtifactStore(ctx.uri(stage))
+    out = store.working_dir()
+    (out / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it writes a new one
+    started = time.time()
+    recipe = importlib.import_module(f"meddistill.jobs.{RECIPES[stage]}")
+    output: StageOutput = recipe.run(ctx, out)
+    wall = time.time() - started
+    metrics = {**output.metrics, "wall_s": round(wall, 2)}
+    manifest = write_manifest(out, stage=stage, config=output.config, data_digest=output.data_digest, metrics=metrics)
+    store.publish(out)
+    log.info("stage %s done in %.1fs: %s", stage, wall, store.uri)
+    return StageResult(stage, store.uri, manifest.digest, metrics, wall)
+
+
+def result_as_dict(result: StageResult) -> dict:
+    return asdict(result)

@@ -1,0 +1,157 @@
+"""Pytest plugin for pipeline tests: tiny jobs for unit speed, and the one real quickstart run.
+
+    pytest_plugins = ["tests.pipeline_fixture"]      (in tests/conftest.py)
+
+Fixtures
+  tiny_model_dir   a 2-layer random Llama with SmolLM2's real tokenizer, saved once per session
+  tiny_data_dir    small labelled medical QA files (yes/no/maybe + multiple choice), jsonl
+  tiny_job         factory: a MedDistillJob over both, artifacts in a temp dir, overrides merged
+  quickstart_run   the whole examples/quickstart.yaml run once (--no-serve) in a temp dir;
+                   returns the artifact root (<tmp>/runs/quickstart). Minutes: marked slow users.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+
+_FACTS = [
+    ("Does aspirin reduce the risk of myocardial infarction in secondary prevention?", "yes"),
+    ("Is vitamin C an effective treatment for acute myeloid leukemia?", "no"),
+    ("Does moderate coffee intake change the risk of atrial fibrillation?", "maybe"),
+    ("Do statins lower low-density lipoprotein cholesterol?", "yes"),
+    ("Is penicillin effective against viral upper respiratory infections?", "no"),
+    ("Does regular exercise improve insulin sensitivity in type 2 diabetes?", "yes"),
+]
+_MCQ = [
+    ("Which vitamin deficiency causes scurvy?", {"A": "Vitamin A", "B": "Vitamin C", "C": "Vitamin D", "D": "Vitamin K"}, "B"),
+    ("Which organ produces insulin?", {"A": "Liver", "B": "Kidney", "C": "Pancreas", "D": "Spleen"}, "C"),
+    ("Which drug reverses opioid overdose?", {"A": "Naloxone", "B": "Atropine", "C": "Flumazenil", "D": "Digoxin"}, "A"),
+    ("Which electrolyte disturbance causes peaked T waves?", {"A": "Hyponatremia", "B": "Hypokalemia", "C": "Hypercalcemia", "D": "Hyperkalemia"}, "D"),
+]
+
+
+def write_tiny_data(folder: Path, copies: int = 4) -> dict[str, str]:
+    """train.jsonl (labelled, repeated with ids) and eval.jsonl; returns dataset refs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train, evals = [], []
+    for c in range(copies):
+        for i, (q, a) in enumerate(_FACTS):
+            train.append({"id": f"ynm-{c}-{i}", "question": f"{q} (cohort {c})", "context": f"In cohort {c} of study {i} we measured outcomes.",
+                          "answer": a, "question_type": "yes_no_maybe"})
+        for i, (q, opts, a) in enumerate(_MCQ):
+            train.append({"id": f"mcq-{c}-{i}", "question": f"{q} (set {c})", "options": opts, "answer": a, "question_type": "multiple_choice"})
+    for i, (q, a) in enumerate(_FACTS):
+        evals.append({"id": f"eval-{i}", "question": q, "context": "Held-out abstract.", "answer": a, "question_type": "yes_no_maybe"})
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train) + "\n")
+    (folder / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in evals) + "\n")
+    return {"train": f"jsonl:{folder / 'train.jsonl'}", "eval": f"jsonl:{folder / 'eval.jsonl'}"}
+
+
+def write_tiny_model(target: Path, layers: int = 2) -> Path:
+    """A random LlamaForCausalLM with SmolLM2's tokenizer (real vocab, real chat template)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from meddistill.modelsource import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:smollm2-135m-instruct")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def tiny_job_document(model: str, refs: dict[str, str], artifacts: str, name: str = "tiny", **overrides) -> dict:
+    """A small MedDistillJob document; `overrides` are merged into spec (nested dicts merge)."""
+    spec = {
+        "teacher": {
+            "model": model, "datasets": [refs["train"]], "method": "full", "deepspeed": {"zeroStage": 3},
+            "training": {"maxSteps": 4, "batchSize": 4, "maxSeqLength": 192, "learningRate": 1e-3,
+                         "precision": "fp32", "checkpointEverySteps": 2, "warmupRatio": 0.0},
+        },
+        "student": {
+            "derive": {"keepLayers": 1},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"maxSteps": 4, "batchSize": 4, "maxSeqLength": 192, "learningRate": 1e-3,
+                         "precision": "fp32", "checkpointEverySteps": 2, "warmupRatio": 0.0},
+        },
+        "distillation": {"mode": "logits", "temperature": 2.0, "alpha": 0.5, "topK": 8, "maxNewTokens": 16},
+        "quantization": {"method": "nf4", "computeDtype": "float32"},
+        "evaluation": {"datasets": [refs["eval"]], "limit": 6, "batchSize": 6, "maxNewTokens": 4},
+        "serving": {"enabled": False},
+        "artifacts": {"uri": artifacts},
+    }
+    _merge(spec, overrides)
+    return {"apiVersion": "meddistill.io/v1alpha1", "kind": "MedDistillJob", "metadata": {"name": name}, "spec": spec}
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_refs(tmp_path_factory) -> dict[str, str]:
+    return write_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def tiny_job(tiny_model_dir, tiny_data_refs, tmp_path):
+    """Factory: tiny_job(**overrides) -> MedDistillJob with artifacts under tmp_path/runs."""
+    from meddistill.spec.models import MedDistillJob
+
+    def make(name: str = "tiny", **overrides):
+        doc = tiny_job_document(str(tiny_model_dir), tiny_data_refs, str(tmp_path / "runs"), name, **overrides)
+        return MedDistillJob.model_validate(doc)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the in-process stage tests (2 CPUs, as CI has)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> Path:
+    """Run `meddistill run examples/quickstart.yaml --no-serve` once; the artifact root path."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = workdir / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "meddistill.cli", "run", str(QUICKSTART), "--no-serve"],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=30 * 60,
+        )
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-4000:]
+        pytest.fail(f"quickstart run failed (exit {proc.returncode}); log tail:\n{tail}")
+    return workdir / "runs" / "quickstart"
