@@ -23,7 +23,7 @@ _PHRASED_LETTER = re.compile(
     r"(?i:final\s+answer|answer|option|choice)\s*(?i:is|would\s+be)?\s*[:\-]?\s*\**\s*[\(\[]?\s*"
     r"(?:([A-E])(?![A-Za-z])|([a-e])(?=\s*[\)\].,;:!*]|\s*$))"
 )
-_LEADING_LETTER = re.compile(r"^\W{0,3}([A-E])(?:\s*[\)\].:]|\s*$|\s+-\s)")
+_LEADING_LETTER = re.compile(r"^\W{0,3}([A-E])(?:\s*[\)\].:*]|\s*$|\s+-\s)")
 _LABEL_WORD = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 
 
