@@ -1,0 +1,241 @@
+"""Recipe: distil the fine-tuned teacher into a LoRA student on Ray Train (data parallel).
+
+Features: the student is spec.student.model or the teacher pruned to derive.keepLayers layers
+(student.py); PEFT LoRA on spec.student.lora.targetModules; three modes (spec.distillation.mode):
+  logits           (1-alpha)*CE + alpha*T^2*KL(teacher||student) on answer tokens; the teacher's
+                   top-k log-probs come from the distill-data cache, or (teacherCache: online)
+                   from the teacher running in the same worker
+  sequence         plain SFT on the teacher's own correct answers (what DeepSeek did for R1's
+                   distilled models), any tokenizers
+  cross-tokenizer  (1-alpha)*CE + alpha*ULD, the teacher's sorted top-k probabilities cached per
+                   teacher answer token. Alignment: the i-th answer token of the student is
+                   paired with the i-th answer token of the teacher, both cut to the shorter
+                   answer, as in Boizard et al. (2024); answers here are short final lines, so
+                   the two tokenizations stay close position by position.
+Checkpoints (adapter + optimizer + scheduler + step) every checkpointEverySteps; a restarted
+worker or run resumes from the latest. Output: <artifact>/adapter (PEFT, base = <artifact>/base
+for a derived student), merged into the base by the quantize stage.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+from pathlib import Path
+
+from meddistill.jobs import train_common as tc
+from meddistill.jobs.sft_data import IGNORE, batches, collate, load_training_records, tokenize_example
+from meddistill.jobs.stage import StageContext, StageError, StageOutput
+
+log = logging.getLogger(__name__)
+TEACHER_KEYS = ("topk_ids", "topk_logprobs", "topk_probs")
+
+
+def collate_distill(examples: list[dict], pad_id: int):
+    """collate() plus the teacher's cached rows, and for ULD the aligned answer mask."""
+    import torch
+
+    batch = collate(examples, pad_id)
+    keys = [k for k in TEACHER_KEYS if k in examples[0]]
+    if not keys:
+        return batch
+    mask = batch["labels"][:, 1:] != IGNORE
+    aligned = torch.zeros_like(mask)
+    rows = {k: [] for k in keys}
+    for i, e in enumerate(examples):
+        positions = mask[i].nonzero().flatten()
+        n_teacher = len(e[keys[0]])
+        if "topk_probs" not in e and n_teacher != len(positions):
+            raise StageError(
+                f"cached teacher outputs cover {n_teacher} answer tokens but the student sees {len(positions)} "
+                "(tokenizer or maxSeqLength changed since distill-data); re-run: meddistill run FILE --stage distill-data --force"
+            )
+        m = min(n_teacher, len(positions))  # ULD: position-wise alignment, cut to the shorter answer
+        aligned[i, positions[:m]] = True
+        for k in keys:
+            rows[k].append(e[k][:m])
+    batch["teacher_mask"] = aligned
+    batch.update({k: torch.cat(v) for k, v in rows.items()})
+    return batch
+
+
+def batch_loss(model, teacher, batch, dist) -> tuple:
+    """(loss, ce, kd) for one micro-batch in the configured mode."""
+    import torch
+
+    from meddistill.jobs import losses
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce = losses.cross_entropy(logits, batch["labels"])
+    if dist.mode == "sequence":
+        return ce, ce, torch.zeros(())
+    if dist.mode == "cross-tokenizer":
+        kd = losses.uld(losses.answer_logits(logits, batch["teacher_mask"]), batch["topk_probs"], dist.temperature)
+        return (1 - dist.alpha) * ce + dist.alpha * kd, ce, kd
+    mask = batch["labels"][:, 1:] != IGNORE
+    student = losses.answer_logits(logits, mask)
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kd = losses.kl_full(student, losses.answer_logits(t_logits, mask), dist.temperature)
+    else:
+        kd = losses.kl_topk(student, batch["topk_ids"], batch["topk_logprobs"], dist.temperature)
+    return losses.distillation_loss(ce, kd, dist.alpha, dist.temperature), ce, kd
+
+
+def build_student(base: str, lora):
+    """The base model with fresh LoRA adapters (only they train)."""
+    from peft import LoraConfig, get_peft_model
+
+    from meddistill.modelsource import load_model
+
+    model, tokenizer = load_model(base, dtype="float32")
+    model = get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM",
+    ))
+    model.train()
+    return model, tokenizer
+
+
+def distill_loop(config: dict) -> None:
+    """One Ray Train worker: LoRA student (DDP across workers), resume, step, checkpoint, save."""
+    tc.worker_setup()
+    import ray.train
+    import ray.train.torch
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from meddistill.modelsource import load_model
+    from meddistill.spec.models import Distillation, Student
+
+    student, dist = Student.model_validate(config["student"]), Distillation.model_validate(config["distillation"])
+    training = student.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(training.seed)
+    peft_model, tokenizer = build_student(config["base"], student.lora)
+    teacher = load_model(config["teacher_dir"], dtype="float32")[0] if config.get("online") else None
+    model = ray.train.torch.prepare_model(peft_model)  # DDP when world > 1
+    optimizer = torch.optim.AdamW(
+        [p for p in peft_model.parameters() if p.requires_grad], lr=training.learning_rate, weight_decay=training.weight_decay
+    )
+    total = config["total_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tc.lr_lambda(total, training.warmup_ratio))
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", weights_only=False)
+        set_peft_model_state_dict(peft_model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+
+    def save(directory: Path) -> None:
+        if rank == 0:  # LoRA weights are replicated (DDP): one copy is the checkpoint
+            torch.save({"adapter": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step}, Path(directory) / "state.pt")
+
+    gas = training.gradient_accumulation_steps
+    micro_batches = (
+        b for epoch in itertools.count()
+        for b in batches(config["examples"], training.batch_size, rank, world, training.seed, epoch)
+    )
+    micro_batches = itertools.islice(micro_batches, start_step * gas, None)
+    step, acc = start_step, []
+    while step < total:
+        batch = collate_distill(next(micro_batches), tokenizer.pad_token_id)
+        loss, ce, kd = batch_loss(model, teacher, batch, dist)
+        (loss / gas).backward()
+        acc.append((loss.item(), ce.item(), kd.item()))
+        if len(acc) < gas:
+            continue
+        torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        mean = [sum(v) / len(v) for v in zip(*acc)]
+        acc = []
+        metrics = {"step": step, "loss": mean[0], "ce": mean[1], "kd": mean[2], "resumed_from_step": start_step}
+        if step % training.checkpoint_every_steps == 0 or step == total:
+            tc.report(metrics, save=save)
+            tc.maybe_crash(step, config.get("crash_after"), Path(config["out_dir"]))
+        else:
+            tc.report(metrics)
+
+    if rank == 0:
+        target = Path(config["out_dir"]) / "adapter"
+        shutil.rmtree(target, ignore_errors=True)
+        peft_model.peft_config["default"].base_model_name_or_path = config["base"]
+        peft_model.save_pretrained(target)
+
+
+def student_examples(ctx: StageContext, base: str) -> list[dict]:
+    """Token ids, labels and (cached modes) the teacher's rows, for the configured mode."""
+    from meddistill.data import load_dataset
+    from meddistill.jobs.distill_data import read_shards
+    from meddistill.modelsource import load_tokenizer
+    from meddistill.prompts import render_target
+
+    spec = ctx.spec
+    dist, training, style = spec.distillation, spec.student.training, spec.teacher.prompt_style
+    tokenizer = load_tokenizer(base)
+    if dist.mode == "sequence":
+        cache = ctx.input_dir("distill-data")
+        records = [r for p in sorted(cache.glob("generated-*.jsonl")) for r in load_dataset(f"jsonl:{p}").records]
+        return [tokenize_example(r, tokenizer, style, training.max_seq_length, render_target(r, style, r.reasoning)) for r in records]
+    if dist.teacher_cache == "online":
+        data = load_training_records(ctx, spec.teacher.datasets, training.max_samples, training.seed)
+        return [tokenize_example(r, tokenizer, style, training.max_seq_length) for r in data.records]
+    cached = read_shards(ctx.input_dir("distill-data"))
+    if dist.mode == "logits":
+        teacher_tokenizer = load_tokenizer(str(ctx.input_dir("teacher") / "model"))
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise StageError(
+                f"spec.distillation.mode=logits needs the teacher's tokenizer, but student {base!r} has another "
+                f"vocabulary ({len(tokenizer)} vs {len(teacher_tokenizer)} tokens); use mode: cross-tokenizer or sequence"
+            )
+        return cached
+    # cross-tokenizer: the student's own tokenization of the same records, the teacher's rows alongside
+    data = load_training_records(ctx, spec.teacher.datasets, training.max_samples, training.seed)
+    by_id = {r.id: r for r in data.records}
+    return [
+        {**tokenize_example(by_id[e["id"]], tokenizer, style, training.max_seq_length), "topk_probs": e["topk_probs"]}
+        for e in cached
+    ]
+
+
+def run(ctx: StageContext, out: Path) -> StageOutput:
+    from ray.train.torch import TorchTrainer
+
+    from meddistill.jobs.student import materialize_student_base
+
+    spec = ctx.spec
+    student = spec.student
+    teacher_dir = ctx.input_dir("teacher") / "model"
+    base = materialize_student_base(ctx, teacher_dir, out / "base")
+    examples = student_examples(ctx, base)
+    total = tc.total_steps(len(examples), student.resources.workers, student.training)
+    log.info("distill (%s): %d examples, %d steps, base %s", spec.distillation.mode, len(examples), total, base)
+    config = {
+        "student": student.model_dump(), "distillation": spec.distillation.model_dump(), "base": base,
+        "teacher_dir": str(teacher_dir), "online": spec.distillation.teacher_cache == "online",
+        "examples": examples, "total_steps": total, "out_dir": str(out), "crash_after": tc.crash_after_from_env(),
+    }
+    trainer = TorchTrainer(
+        distill_loop,
+        train_loop_config=config,
+        scaling_config=tc.scaling_config(student.resources),
+        torch_config=tc.torch_config(student.resources),
+        run_config=tc.run_config(out, f"{ctx.name}-distill", spec.run_policy.backoff_limit),
+    )
+    result = trainer.fit()
+    if not (out / "adapter" / "adapter_config.json").is_file():
+        raise StageError(f"distillation finished without writing {out / 'adapter'}; see the worker logs above")
+    metrics = {k: result.metrics[k] for k in ("step", "loss", "ce", "kd", "resumed_from_step") if k in result.metrics}
+    metrics["train_examples"] = len(examples)
+    shutil.rmtree(out / "ray_train", ignore_errors=True)  # the adapter supersedes crash-recovery checkpoints
+    config_out = {"student": student.model_dump(by_alias=True), "distillation": spec.distillation.model_dump(by_alias=True), "base": base}
+    return StageOutput(config=config_out, metrics=metrics)

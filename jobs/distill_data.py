@@ -1,0 +1,166 @@
+"""Recipe: the teacher's outputs for distillation, computed once (spec.distillation.teacherCache: cached).
+
+So the teacher is not in memory while the student trains. Per mode (spec.distillation.mode):
+  logits           per answer position: the teacher's top-k token ids (int32) and log-probs at T=1
+                   (fp16), with the token ids/labels they belong to -> shard-NNNNN.safetensors
+  cross-tokenizer  per teacher answer position: the top-k probabilities at temperature T, sorted
+                   descending (ULD needs no ids) -> shard-NNNNN.safetensors
+  sequence         the teacher answers every training prompt (greedy, batched, maxNewTokens);
+                   an answer is kept only when its extracted final answer equals the label (or
+                   the record has none) -> generated.jsonl (generic jsonl MedicalRecords)
+The records are split into spec.teacher.resources.workers shards, one Ray task each.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from meddistill.jobs.stage import StageContext, StageOutput
+
+log = logging.getLogger(__name__)
+
+
+def write_shard(path: Path, examples: list[dict], teacher_key: str) -> None:
+    """Examples (input_ids, labels, one [n_answer, k] teacher tensor) flattened into one file."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {
+        "lengths": torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.int64),
+        "input_ids": torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.int64),
+        "labels": torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.int64),
+        "answer_counts": torch.tensor([len(e[teacher_key]) for e in examples], dtype=torch.int64),
+    }
+    for key in {"topk_ids", "topk_logprobs", "topk_probs"} & set(examples[0]):
+        tensors[key] = torch.cat([e[key] for e in examples]).contiguous()
+    # Record ids let a student with another tokenizer (cross-tokenizer) find its own text.
+    save_file(tensors, str(path), metadata={"ids": json.dumps([e["id"] for e in examples])})
+
+
+def read_shards(directory: Path) -> list[dict]:
+    """All cached examples back as dicts of lists/tensors, in shard order."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    examples = []
+    for path in sorted(Path(directory).glob("shard-*.safetensors")):
+        t = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            ids_of = iter(json.loads(f.metadata()["ids"]))
+        ids, labels = t["input_ids"].tolist(), t["labels"].tolist()
+        keys = [k for k in ("topk_ids", "topk_logprobs", "topk_probs") if k in t]
+        start = row = 0
+        for length, count in zip(t["lengths"].tolist(), t["answer_counts"].tolist()):
+            example = {"id": next(ids_of), "input_ids": ids[start : start + length], "labels": labels[start : start + length]}
+            example.update({k: t[k][row : row + count] for k in keys})
+            examples.append(example)
+            start, row = start + length, row + count
+    return examples
+
+
+def teacher_answer_tensors(model, batch, mode: str, top_k: int, temperature: float) -> list[dict]:
+    """Per example of a batch: the teacher's cached tensors at its answer positions."""
+    import torch
+    import torch.nn.functional as F
+
+    from meddistill.jobs.losses import topk_teacher
+    from meddistill.jobs.sft_data import answer_mask
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = answer_mask(batch["labels"])
+    out = []
+    for i in range(logits.size(0)):
+        rows = logits[i][mask[i]]
+        if mode == "logits":
+            ids, logprobs = topk_teacher(rows, top_k)
+            out.append({"topk_ids": ids, "topk_logprobs": logprobs})
+        else:
+            probs = F.softmax(rows.float() / temperature, dim=-1).topk(top_k, dim=-1).values
+            out.append({"topk_probs": probs.to(torch.float16)})
+    return out
+
+
+def teacher_shard(teacher_dir: str, records: list[dict], spec_dict: dict, path: str) -> dict:
+    """One Ray task: load the teacher, compute its outputs for `records`, write them to `path`."""
+    from meddistill.data import MedicalRecord
+    from meddistill.jobs.sft_data import collate, tokenize_example
+    from meddistill.modelsource import load_model
+    from meddistill.spec.models import MedDistillJobSpec
+
+    spec = MedDistillJobSpec.model_validate(spec_dict)
+    dist, style = spec.distillation, spec.teacher.prompt_style
+    model, tokenizer = load_model(teacher_dir, dtype="float32", device="auto")
+    recs = [MedicalRecord.from_dict(r) for r in records]
+    batch_size = spec.student.training.batch_size
+    if dist.mode == "sequence":
+        return _generate(model, tokenizer, recs, style, dist.max_new_tokens, batch_size, path)
+    examples = [tokenize_example(r, tokenizer, style, spec.student.training.max_seq_length) for r in recs]
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(model.device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+        for example, tensors in zip(chunk, teacher_answer_tensors(model, batch, dist.mode, dist.top_k, dist.temperature)):
+            example.update({k: v.cpu() for k, v in tensors.items()})
+    for example, record in zip(examples, recs):
+        example["id"] = record.id
+    write_shard(Path(path), examples, "topk_ids" if dist.mode == "logits" else "topk_probs")
+    return {"examples": len(examples), "answer_tokens": sum(sum(1 for t in e["labels"] if t != -100) for e in examples)}
+
+
+def _generate(model, tokenizer, records, style: str, max_new_tokens: int, batch_size: int, path: str) -> dict:
+    """Sequence-level KD data: teacher answers, kept when they agree with the label."""
+    import torch
+
+    from meddistill.prompts import extract_answer, render_prompt
+
+    kept, rejected = [], 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [render_prompt(r, tokenizer, style) for r in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for record, text in zip(chunk, texts):
+            got = extract_answer(text, record)
+            if got.answer is None or (record.answer is not None and got.answer.lower() != str(record.answer).lower()):
+                rejected += 1
+                continue
+            row = record.to_dict()
+            row.update(answer=got.answer, reasoning=got.reasoning, meta={**row["meta"], "teacher_text": text})
+            kept.append(row)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return {"examples": len(kept), "rejected": rejected}
+
+
+def run(ctx: StageContext, out: Path) -> StageOutput:
+    import ray
+
+    from meddistill.jobs.sft_data import load_training_records
+
+    spec = ctx.spec
+    teacher_dir = ctx.input_dir("teacher") / "model"
+    data = load_training_records(ctx, spec.teacher.datasets, spec.student.training.max_samples, spec.student.training.seed)
+    for old in list(out.glob("shard-*")) + list(out.glob("generated*.jsonl")):
+        old.unlink()
+    resources = spec.teacher.resources
+    n = max(1, min(resources.workers, len(data.records)))
+    task = ray.remote(teacher_shard).options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
+    suffix = "jsonl" if spec.distillation.mode == "sequence" else "safetensors"
+    name = "generated-{:05d}.jsonl" if suffix == "jsonl" else "shard-{:05d}.safetensors"
+    futures = [
+        task.remote(str(teacher_dir), [r.to_dict() for r in data.records[i::n]], spec.model_dump(), str(out / name.format(i)))
+        for i in range(n)
+    ]
+    stats = ray.get(futures)
+    metrics = {k: sum(s.get(k, 0) for s in stats) for k in stats[0]}
+    metrics.update(mode=spec.distillation.mode, shards=n)
+    log.info("distill-data: %s", metrics)
+    if metrics["examples"] == 0:
+        raise RuntimeError(
+            "distill-data: the teacher produced no usable examples (sequence mode keeps only correct answers); "
+            "raise spec.distillation.maxNewTokens or train the teacher longer"
+        )
+    config = {"distillation": spec.distillation.model_dump(by_alias=True), "teacher_artifact": str(teacher_dir)}
+    return StageOutput(config=config, metrics=metrics, data_digest=data.digest)
