@@ -245,6 +245,8 @@ def _refuse(body: dict, error: ValidationError) -> None:
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.peering.standalone = True  # one replica; no KopfPeering objects, no RBAC for them
+    # No watching of CRDs/namespaces (no RBAC for them): our CRD and KubeRay's exist before we start.
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING  # our own Events describe transitions
     settings.watching.server_timeout = 300
     memo.resync = asyncio.get_running_loop().create_task(_resync_forever())

@@ -43,7 +43,7 @@ def _owner(job: MedDistillJob, owner_uid: str) -> list[dict]:
 
 def job_document(job: MedDistillJob) -> str:
     """The MedDistillJob as the stage entrypoint reads it from MEDDISTILL_JOB (no status)."""
-    doc = job.model_dump(by_alias=True, mode="json", exclude={"status"})
+    doc = job.model_dump(by_alias=True, mode="json", exclude={"status"}, exclude_none=True)
     doc["metadata"] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
     return json.dumps(doc, sort_keys=True)
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from tests.support.kube_cluster import OPERATOR_NAMESPACE
-from tests.test_operator_kube import CHART, CRD_FILE
+from tests.test_operator_kube import CHART, install_crd
 
 pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
@@ -20,7 +20,7 @@ def test_helm_lint_is_clean(kube_cluster):
 @pytest.mark.parametrize("values", [[], ["rbac.scope=namespace", "watchNamespace=team-a", "artifactClaims={models}",
                                          "artifactSecretName=s3-creds", "logLevel=debug"]])
 def test_template_passes_server_dry_run(kube_cluster, values):
-    kube_cluster.apply_crds([CRD_FILE])
+    install_crd(kube_cluster)
     kube_cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
     kube_cluster.kubectl("create", "namespace", "team-a", check=False)
     args = sum((["--set", v] for v in values), [])
@@ -43,4 +43,4 @@ def test_template_passes_server_dry_run(kube_cluster, values):
 
 def test_values_schema_refuses_bad_scope(kube_cluster):
     res = kube_cluster.helm("template", "x", str(CHART), "--set", "rbac.scope=everything", check=False)
-    assert res.returncode != 0 and "rbac.scope" in res.stderr, res.stderr
+    assert res.returncode != 0 and "/rbac/scope" in res.stderr and "'cluster', 'namespace'" in res.stderr, res.stderr

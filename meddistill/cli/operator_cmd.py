@@ -41,6 +41,10 @@ def run(args) -> int:
     from meddistill.operator import handlers  # registers the kopf handlers
 
     log = logging.getLogger("meddistill.operator")
+    if not log.isEnabledFor(logging.DEBUG):
+        # kopf logs every handler call and aiohttp every probe: keep our transitions readable.
+        for noisy in ("kopf.objects", "aiohttp.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     _load_kube_config(args.kubeconfig)
     handlers.Config.namespace = args.namespace
     handlers.Config.resync_seconds = args.resync_seconds
