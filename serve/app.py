@@ -1,0 +1,268 @@
+"""The Ray Serve app: `build_app(args)`, the one import path for `serve run` and RayService.
+
+`args` is `meddistill.serve.config.app_args(job, model_uri)`. Two engines behind it:
+  vllm          Ray Serve LLM (`ray.serve.llm.build_openai_app`): vLLM's continuous batching,
+                FlashAttention and 4-bit weights on GPU, configured from our spec, not re-implemented.
+  transformers  our `MedDistillServer` deployment below, around `engine.TransformersEngine`
+                (CPU and edge): the OpenAI API plus the medical endpoint.
+
+Endpoints (transformers engine): GET /v1/models, POST /v1/chat/completions, POST /v1/completions
+(both with SSE streaming and usage), POST /v1/medical/answer, GET /health (no auth).
+"""
+# No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
+import asyncio
+import hmac
+import importlib.util
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from meddistill.serve import protocol as P
+from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV
+
+log = logging.getLogger("meddistill.serve")
+api = FastAPI(title="MedDistill", description="OpenAI-compatible API and medical QA endpoint")
+
+
+@api.exception_handler(P.APIError)
+async def _api_error(_: Request, err: P.APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def read_token() -> str | None:
+    """The bearer token from $MEDDISTILL_SERVE_TOKEN or the file named by $MEDDISTILL_SERVE_TOKEN_FILE."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    if os.environ.get(TOKEN_FILE_ENV):
+        return Path(os.environ[TOKEN_FILE_ENV]).read_text().strip()
+    return None
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class MedDistillServer:
+    """One replica: the student model behind a continuous-batching engine."""
+
+    def __init__(self, args: dict):
+        from meddistill.modelsource import load_model
+        from meddistill.serve.engine import TransformersEngine
+        from meddistill.serve.metrics import ServeMetrics
+
+        self.model_name = args["model_name"]
+        self.prompt_style = args.get("prompt_style", "plain")
+        self.log_prompts = bool(args.get("log_prompts"))
+        self.token = read_token() if args.get("require_auth") else None
+        if args.get("require_auth") and not self.token:
+            raise RuntimeError(
+                f"serving.auth is set but neither ${TOKEN_ENV} nor ${TOKEN_FILE_ENV} holds a token; "
+                f"mount the Secret into the replica's environment"
+            )
+        model, self.tokenizer = load_model(args["model_source"], dtype=args.get("dtype", "float32"))
+        max_batch = int(args.get("max_batch_size", 16))
+        self.engine = TransformersEngine(
+            model, self.tokenizer, max_batch_size=max_batch, max_model_len=int(args.get("max_model_len", 2048)),
+            max_waiting=int(args.get("max_waiting", 4 * max_batch)), num_threads=args.get("num_threads"),
+        )
+        self.metrics = ServeMetrics(self.model_name)
+        threading.Thread(target=self._report_engine_metrics, daemon=True).start()
+
+    def _report_engine_metrics(self) -> None:
+        last_tokens, last_time = 0, time.monotonic()
+        while True:
+            time.sleep(2.0)
+            tokens, now = self.engine.generated_tokens, time.monotonic()
+            self.metrics.engine_state(self.engine.queue_length, self.engine.running,
+                                      (tokens - last_tokens) / (now - last_time))
+            last_tokens, last_time = tokens, now
+
+    # ------------------------------------------------------------------ plumbing
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise P.APIError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'",
+                             type="authentication_error", code="invalid_api_key")
+
+    def _check_model(self, model: "str | None") -> None:
+        if model is not None and model != self.model_name:
+            raise P.APIError(404, f"model: {model!r} does not exist; this server serves {self.model_name!r}",
+                             param="model", code="model_not_found")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _params(self, prompt_len: int, max_tokens: int | None, temperature: float, top_p: float = 1.0,
+                stop: tuple[str, ...] = ()):
+        from meddistill.serve.engine import GenerationParams
+
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise P.APIError(400, f"messages: the prompt has {prompt_len} tokens, the model's context is {limit} "
+                                  f"tokens; shorten the prompt", param="messages", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = max(1, min(512, limit - prompt_len))
+        if max_tokens > limit:
+            raise P.APIError(400, f"max_tokens: {max_tokens} is more than the model's context of {limit} tokens; "
+                                  f"use 1..{limit - prompt_len}", param="max_tokens", code="invalid_value")
+        if prompt_len + max_tokens > limit:
+            raise P.APIError(400, f"messages: the prompt has {prompt_len} tokens and max_tokens is {max_tokens}; "
+                                  f"together more than the model's context of {limit} tokens. Shorten the prompt "
+                                  f"or lower max_tokens", param="messages", code="context_length_exceeded")
+        return GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
+
+    async def _start(self, kind: str, prompt: str, params) -> tuple[Any, Any, float]:
+        """Submit and wait for the first chunk, so overload and errors answer before any stream starts."""
+        from meddistill.serve.engine import EngineOverloaded
+
+        started = time.perf_counter()
+        if self.log_prompts:
+            log.info("%s prompt: %r", kind, prompt)
+        stream = self.engine.stream(self._encode(prompt), params)
+        try:
+            first = await stream.__anext__()
+        except EngineOverloaded as err:
+            self.metrics.rejected(kind)
+            raise P.APIError(429, f"server over capacity: {err}; retry after a second", type="rate_limit_error",
+                             code="overloaded", headers={"Retry-After": "1"}) from None
+        self.metrics.first_token(kind, time.perf_counter() - started)
+        return stream, first, started
+
+    async def _collect(self, kind: str, stream, first, started: float):
+        parts, last = [first.text], first
+        if first.finish_reason is None:
+            async for last in stream:
+                parts.append(last.text)
+        text = "".join(parts)
+        self._finish(kind, last, started, text)
+        return text, last
+
+    def _finish(self, kind: str, last, started: float, text: str) -> None:
+        elapsed = time.perf_counter() - started
+        self.metrics.finished(kind, last.completion_tokens, elapsed)
+        log.info("%s done: prompt_tokens=%d completion_tokens=%d finish=%s %.0f ms", kind, last.prompt_tokens,
+                 last.completion_tokens, last.finish_reason, elapsed * 1000)
+        if self.log_prompts:
+            log.info("%s answer: %r", kind, text)
+
+    async def _sse(self, kind: str, stream, first, started: float, chunk_body, include_usage: bool
+                   ) -> AsyncIterator[bytes]:
+        last, parts = first, [first.text]
+        yield P.sse(chunk_body(first.text, first.finish_reason, role=True))
+        if first.finish_reason is None:
+            async for last in stream:
+                parts.append(last.text)
+                yield P.sse(chunk_body(last.text, last.finish_reason))
+        if include_usage:
+            yield P.sse({**chunk_body("", None), "choices": [],
+                         "usage": P.usage(last.prompt_tokens, last.completion_tokens)})
+        yield P.sse("[DONE]")
+        self._finish(kind, last, started, "".join(parts))
+
+    # ------------------------------------------------------------------ endpoints
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "queue_length": self.engine.queue_length, "running": self.engine.running}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "meddistill", "max_model_len": self.engine.max_model_len}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        self._authorize(request)
+        body = P.parse_body(await request.body(), P.ChatCompletionRequest)
+        self._check_model(body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        params = self._params(len(self._encode(prompt)), body.max_completion_tokens or body.max_tokens,
+                              body.temperature, body.top_p, body.stop_list())
+        stream, first, started = await self._start("chat", prompt, params)
+        rid, created = P.new_id("chatcmpl"), P.now()
+        if body.stream:
+            def chunk(text, finish, role=False):
+                delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse("chat", stream, first, started, chunk, include),
+                                     media_type="text/event-stream")
+        text, last = await self._collect("chat", stream, first, started)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": last.finish_reason}],
+                "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        body = P.parse_body(await request.body(), P.CompletionRequest)
+        self._check_model(body.model)
+        prompt = body.prompt_text()
+        params = self._params(len(self._encode(prompt)), body.max_tokens, body.temperature, body.top_p,
+                              body.stop_list())
+        stream, first, started = await self._start("completion", prompt, params)
+        rid, created = P.new_id("cmpl"), P.now()
+
+        def chunk(text, finish, role=False):
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse("completion", stream, first, started, chunk, include),
+                                     media_type="text/event-stream")
+        text, last = await self._collect("completion", stream, first, started)
+        return {**chunk(text, last.finish_reason), "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
+
+    @api.post("/v1/medical/answer")
+    async def medical_answer(self, request: Request) -> dict:
+        """A question (+ options / context) -> the template's prompt -> the parsed final answer."""
+        from meddistill.data.records import MedicalRecord
+        from meddistill.prompts import detect_question_type, extract_answer, render_prompt
+
+        self._authorize(request)
+        body = P.parse_body(await request.body(), P.MedicalAnswerRequest)
+        self._check_model(body.model)
+        question_type = body.question_type or detect_question_type(body.question, body.options, body.context)
+        try:
+            record = MedicalRecord(id="request", question=body.question, options=body.options, context=body.context,
+                                   answer=None, question_type=question_type, source="api")
+        except ValueError as err:
+            raise P.APIError(400, f"options: {err}", param="options", code="invalid_value") from None
+        style = body.style or self.prompt_style
+        prompt = render_prompt(record, self.tokenizer, style)
+        params = self._params(len(self._encode(prompt)), body.max_tokens, body.temperature)
+        stream, first, started = await self._start("medical", prompt, params)
+        text, last = await self._collect("medical", stream, first, started)
+        parsed = extract_answer(text, record)
+        return {"model": self.model_name, "question_type": question_type, "style": style,
+                "answer": parsed.answer, "reasoning": parsed.reasoning, "final_text": parsed.final_text,
+                "parse_note": parsed.reason, "text": text, "finish_reason": last.finish_reason,
+                "usage": P.usage(last.prompt_tokens, last.completion_tokens)}
+
+
+def build_app(args: dict):
+    """The Serve application for `args` (see `config.app_args`); engine 'auto' is resolved here."""
+    args = dict(args)
+    engine = args.get("engine", "auto")
+    if engine == "auto":
+        has_gpu = args.get("deployment", {}).get("ray_actor_options", {}).get("num_gpus", 0) > 0
+        engine = "vllm" if has_gpu and importlib.util.find_spec("vllm") else "transformers"
+    if engine == "vllm":
+        from ray.serve.llm import LLMConfig, build_openai_app
+
+        if "llm_config" not in args:
+            raise ValueError("engine vllm needs args.llm_config; render args with meddistill.serve.config.app_args")
+        return build_openai_app({"llm_configs": [LLMConfig(**args["llm_config"])]})
+    options = args.pop("deployment", {})
+    return MedDistillServer.options(**options).bind(args)

@@ -1,0 +1,175 @@
+"""Serving settings as data: the spec's `serving` section rendered for Ray Serve, one pure function each.
+
+The same `app_args()` dict feeds `meddistill.serve.app:build_app` locally (`meddistill serve`) and
+in a KubeRay RayService (`render_serve_config_v2`), so local and cluster serving cannot drift.
+Torch-free and Ray-free at import time: the operator imports this module.
+
+Autoscaling defaults (why both knobs are always explicit: Ray Serve LLM leaves
+`max_ongoing_requests` at 1e9, so a replica never looks busy and never scales up):
+
+    CPU, our engine (SmolLM2-135M / a 4-bit 1-3B student, 1-2 cores per replica):
+        maxBatchSize 16, maxOngoingRequests 16, targetOngoingRequests 4-8.
+        A decode step costs about the same for 1..16 rows, so batches up to 16 are nearly free;
+        past that a CPU replica is compute bound and extra requests only add queueing delay.
+    7B model on one GPU (vLLM, 4-bit or bf16 on an A10G/L4/A100):
+        maxBatchSize 64 (vLLM max_num_seqs), maxOngoingRequests 64, targetOngoingRequests 32.
+        vLLM's continuous batching stays efficient up to ~64 concurrent sequences of 2k tokens on
+        24-80 GB; targeting half of that leaves headroom while the next replica starts (minutes).
+
+The bounded queue in front of each replica is `max_queued_requests = 2 * maxOngoingRequests`
+(then Ray Serve answers 503); inside the replica, our engine answers 429 when its own waiting
+queue is full. Scaling delays: up after 10 s of load, down after 60 s idle.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from meddistill.artifacts import local_path, stage_uri
+
+IMPORT_PATH = "meddistill.serve.app:build_app"
+APP_NAME = "meddistill"
+TOKEN_ENV = "MEDDISTILL_SERVE_TOKEN"  # the bearer token itself (from a Secret via secretKeyRef)
+TOKEN_FILE_ENV = "MEDDISTILL_SERVE_TOKEN_FILE"  # or a file holding it (a mounted Secret)
+DEPLOYMENT_NAME = "MedDistillServer"
+UPSCALE_DELAY_S = 10.0
+DOWNSCALE_DELAY_S = 60.0
+
+
+def choose_engine(serving: Any, vllm_installed: bool) -> str:
+    """'vllm' or 'transformers'. auto: vLLM only where the replica gets a GPU and vllm is installed."""
+    if serving.engine != "auto":
+        return serving.engine
+    return "vllm" if serving.gpus_per_replica > 0 and vllm_installed else "transformers"
+
+
+def model_uri_for(job: Any, base_dir: str | None = None) -> str:
+    """Where the job's quantized student is: the quantize stage's artifact directory."""
+    uri = stage_uri(job.spec.artifacts.uri, job.metadata.name, "quantize")
+    path = local_path(uri, base_dir)
+    return str(path) if path is not None else uri
+
+
+def autoscaling_config(serving: Any, overrides: dict | None = None) -> dict:
+    """Ray Serve autoscaling_config with explicit target_ongoing_requests."""
+    config = {
+        "min_replicas": serving.min_replicas,
+        "initial_replicas": serving.initial_replicas if serving.initial_replicas is not None else serving.min_replicas,
+        "max_replicas": serving.max_replicas,
+        "target_ongoing_requests": serving.target_ongoing_requests,
+        "upscale_delay_s": UPSCALE_DELAY_S,
+        "downscale_delay_s": DOWNSCALE_DELAY_S,
+    }
+    config.update(overrides or {})
+    return config
+
+
+def deployment_options(serving: Any, overrides: dict | None = None) -> dict:
+    """Options of our Ray Serve deployment: autoscaling, backpressure, resources."""
+    overrides = dict(overrides or {})
+    return {
+        "autoscaling_config": autoscaling_config(serving, overrides.pop("autoscaling_config", None)),
+        "max_ongoing_requests": serving.max_ongoing_requests,
+        "max_queued_requests": 2 * serving.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
+        **overrides,
+    }
+
+
+def llm_config(serving: Any, model_uri: str, quantization_method: str = "none") -> dict:
+    """A `ray.serve.llm.LLMConfig` (as a dict) for the vLLM engine, from the same settings."""
+    engine_kwargs: dict[str, Any] = {
+        "max_model_len": serving.max_model_len,
+        "max_num_seqs": serving.max_batch_size,
+        "tensor_parallel_size": max(1, serving.gpus_per_replica),
+        # The quantize stage writes a bitsandbytes checkpoint; vLLM loads it pre-quantized.
+        "quantization": "bitsandbytes" if quantization_method != "none" else None,
+    }
+    return {
+        "model_loading_config": {"model_id": serving.model_name, "model_source": model_uri},
+        "engine_kwargs": {k: v for k, v in engine_kwargs.items() if v is not None},
+        "deployment_config": {
+            "autoscaling_config": autoscaling_config(serving),
+            "max_ongoing_requests": serving.max_ongoing_requests,
+            "max_queued_requests": 2 * serving.max_ongoing_requests,
+        },
+        "log_engine_metrics": True,
+    }
+
+
+def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", quantization_method: str = "none",
+                 engine: str | None = None, overrides: dict | None = None) -> dict:
+    """The JSON-serialisable args of `build_app` (also `serveConfigV2.applications[0].args`).
+
+    `overrides` replaces deployment options (tests shorten autoscaling delays with it).
+    """
+    engine = engine or choose_engine(serving, vllm_installed=False)
+    args: dict[str, Any] = {
+        "engine": engine,
+        "model_source": model_uri,
+        "model_name": serving.model_name,
+        "max_batch_size": serving.max_batch_size,
+        "max_model_len": serving.max_model_len,
+        "num_threads": serving.cpus_per_replica,
+        "prompt_style": prompt_style,
+        "require_auth": serving.auth is not None,
+        "log_prompts": serving.log_prompts,
+        "deployment": deployment_options(serving, overrides),
+    }
+    if engine == "vllm":
+        args["llm_config"] = llm_config(serving, model_uri, quantization_method)
+    return args
+
+
+def app_args(job: Any, model_uri: str | None = None, *, engine: str | None = None,
+             overrides: dict | None = None) -> dict:
+    """`serving_args` for a job: its serving section, eval prompt style and quantized student."""
+    return serving_args(job.spec.serving, model_uri or model_uri_for(job), prompt_style=job.spec.evaluation.prompt_style,
+                        quantization_method=job.spec.quantization.method, engine=engine, overrides=overrides)
+
+
+def auth_env(job: Any) -> list[dict]:
+    """Pod env entries that bring the bearer token from the job's Secret (empty without auth)."""
+    auth = job.spec.serving.auth
+    if auth is None:
+        return []
+    return [{"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": auth.secret_name, "key": auth.key}}}]
+
+
+def ray_cluster_hints(job: Any) -> dict:
+    """Sizing of the RayService's cluster: one worker group that fits max_replicas replicas."""
+    serving = job.spec.serving
+    return {
+        "workerGroup": {
+            "minReplicas": max(serving.min_replicas, 0),
+            "maxReplicas": serving.max_replicas,
+            "cpusPerWorker": serving.cpus_per_replica + 1,  # +1 for the Serve proxy and metrics
+            "gpusPerWorker": serving.gpus_per_replica,
+            "memory": "16Gi" if serving.gpus_per_replica else "4Gi",
+        },
+        "enableInTreeAutoscaling": serving.max_replicas > serving.min_replicas,
+        "env": auth_env(job),
+        "image": job.spec.image,
+    }
+
+
+def render_serve_config_v2(job: Any, model_uri: str | None = None, engine: str | None = None) -> str:
+    """The RayService `serveConfigV2` YAML for a job (its quantized student unless `model_uri`)."""
+    args = app_args(job, model_uri, engine=engine)
+    options = args["deployment"]
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": 8000},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": json.loads(json.dumps(args)),
+            # Listed again so `kubectl get rayservice -o yaml` shows the limits; build_app applies
+            # the same values, so the two never disagree.
+            "deployments": [] if args["engine"] == "vllm" else [{"name": DEPLOYMENT_NAME, **options}],
+        }],
+    }
+    return yaml.safe_dump(config, sort_keys=False)
