@@ -184,6 +184,18 @@ def _kubeconfig_yaml(server: str, ca_file: Path, user: str, token: str) -> str:
     return json.dumps(cfg, indent=2) + "\n"
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: have the child killed if the test process dies without cleaning up."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:
+        pass
+
+
 class _Proc:
     def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
         self.name = name
@@ -195,6 +207,7 @@ class _Proc:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # own process group, so we can kill the whole tree
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             env=env,
         )
 
@@ -506,7 +519,8 @@ class KubeCluster:
             f"--cert-dir={cert_dir}",
             "--leader-elect=false",
             "--use-service-account-credentials=false",
-            "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,root-ca-cert-publisher",
+            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,"
+            "serviceaccount-token-controller,root-ca-certificate-publisher-controller",
             f"--service-account-private-key-file={d / 'sa.key'}",
             f"--root-ca-file={self.ca_file}",
             "--concurrent-gc-syncs=5",

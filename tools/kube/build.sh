@@ -106,7 +106,7 @@ go_build() {
   # shellcheck disable=SC2064
   trap "rm -rf '$tmp'" RETURN
   log "building ${names[*]} (module tools/kube/$dir) with $(go version | awk '{print $3}') ..."
-  log "  (a cold build of kubernetes takes a long time on few cores; this is a one-off)"
+  log "  (a cold build takes minutes on few cores; it is cached afterwards)"
   local start=$SECONDS
   # One package: name the output file ourselves (go would call
   # go.etcd.io/etcd/server/v3 "server"); several: one shared go build into a dir.
