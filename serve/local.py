@@ -9,7 +9,8 @@ from typing import Any
 from meddistill.serve.config import APP_NAME, TOKEN_ENV, TOKEN_FILE_ENV, app_args, model_uri_for, serving_args
 
 
-def start(args: dict, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
+def start(args: dict, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+          route_prefix: str = "/") -> str:
     """Run the app for `args` on Ray Serve (starting a local Ray if none is up); returns the base URL."""
     import ray
     from ray import serve
@@ -26,10 +27,12 @@ def start(args: dict, *, host: str = "127.0.0.1", port: int = 8000, name: str = 
         if not token:
             raise RuntimeError(f"serving.auth is set: put the bearer token in ${TOKEN_ENV} (or a file named by "
                                f"${TOKEN_FILE_ENV}) before serving")
-        actor = args["deployment"].setdefault("ray_actor_options", {})
-        actor.setdefault("runtime_env", {}).setdefault("env_vars", {})[TOKEN_ENV] = token
-    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
-    return f"http://{host}:{port}/v1"
+        args = {**args, "deployment": {**args["deployment"]}}
+        actor = dict(args["deployment"].get("ray_actor_options", {}))
+        actor["runtime_env"] = {**actor.get("runtime_env", {}), "env_vars": {TOKEN_ENV: token}}
+        args["deployment"]["ray_actor_options"] = actor
+    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}/v1"
 
 
 def serve_job(job: Any, *, model: str | None = None, host: str = "127.0.0.1", port: int = 8000,

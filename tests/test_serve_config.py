@@ -1,0 +1,102 @@
+"""Serving settings rendered from the spec: serveConfigV2, autoscaling, the vLLM LLMConfig, engine choice."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meddistill.serve import config
+from meddistill.spec.load import load_job
+from meddistill.spec.models import Serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def job():
+    return load_job(ROOT / "examples" / "quickstart.yaml")
+
+
+def test_config_module_is_torch_and_ray_free():
+    code = ("import sys, meddistill.serve.config as c; "
+            "bad = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_serve_config_v2_has_import_path_args_and_limits(job):
+    job.spec.serving.max_ongoing_requests = 24
+    job.spec.serving.target_ongoing_requests = 6
+    rendered = yaml.safe_load(config.render_serve_config_v2(job, "/mnt/pvc/runs/quickstart/quantize"))
+    app = rendered["applications"][0]
+    assert app["import_path"] == "meddistill.serve.app:build_app"
+    assert app["args"]["model_source"] == "/mnt/pvc/runs/quickstart/quantize"
+    assert app["args"]["engine"] == "transformers"  # no GPU per replica in the quickstart
+    scaling = app["deployments"][0]["autoscaling_config"]
+    assert scaling["target_ongoing_requests"] == 6 and scaling["min_replicas"] == 1 and scaling["max_replicas"] == 2
+    assert app["deployments"][0]["max_ongoing_requests"] == 24
+    assert app["deployments"][0]["max_queued_requests"] == 48
+    assert app["args"]["deployment"] == {k: v for k, v in app["deployments"][0].items() if k != "name"}
+
+
+def test_default_model_is_the_quantize_stage_dir(job):
+    args = config.app_args(job)
+    assert args["model_source"].endswith("runs/quickstart/quantize")
+
+
+def test_autoscaling_always_explicit_and_overridable():
+    scaling = config.autoscaling_config(Serving(min_replicas=0, max_replicas=5), {"upscale_delay_s": 1})
+    assert scaling["target_ongoing_requests"] == 4 and scaling["upscale_delay_s"] == 1
+    assert scaling["initial_replicas"] == 0
+
+
+@pytest.mark.parametrize("engine,gpus,vllm,expected", [
+    ("auto", 0, True, "transformers"), ("auto", 1, False, "transformers"), ("auto", 1, True, "vllm"),
+    ("vllm", 0, False, "vllm"), ("transformers", 1, True, "transformers"),
+])
+def test_choose_engine(engine, gpus, vllm, expected):
+    assert config.choose_engine(Serving(engine=engine, gpus_per_replica=gpus), vllm) == expected
+
+
+def test_vllm_args_are_a_valid_ray_serve_llm_config(job):
+    # ray.serve.llm itself refuses to import without vLLM; its pydantic LLMConfig model validates here.
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    job.spec.serving.gpus_per_replica = 1
+    job.spec.serving.engine = "vllm"
+    rendered = yaml.safe_load(config.render_serve_config_v2(job, "s3://models/quickstart/quantize"))
+    llm = LLMConfig(**rendered["applications"][0]["args"]["llm_config"])
+    assert llm.model_loading_config.model_id == "meddistill-student"
+    assert llm.engine_kwargs["quantization"] == "bitsandbytes"
+    assert llm.engine_kwargs["max_model_len"] == job.spec.serving.max_model_len
+    deployment = llm.deployment_config
+    assert deployment["max_ongoing_requests"] == job.spec.serving.max_ongoing_requests  # not Ray's 1e9 default
+    assert deployment["autoscaling_config"]["target_ongoing_requests"] == job.spec.serving.target_ongoing_requests
+
+
+def test_auth_comes_from_the_secret_as_env(job):
+    assert config.ray_cluster_hints(job)["env"] == []
+    job.spec.serving.auth = {"secret_name": "student-token", "key": "tok"}
+    job = type(job).model_validate(job.model_dump(by_alias=True))
+    env = config.ray_cluster_hints(job)["env"]
+    assert env == [{"name": config.TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": "student-token", "key": "tok"}}}]
+    assert config.app_args(job)["require_auth"] is True
+
+
+def test_cli_prints_serve_config():
+    done = subprocess.run([sys.executable, "-m", "meddistill.cli", "serve", "examples/quickstart.yaml",
+                           "--print-serve-config"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["applications"][0]["import_path"] == config.IMPORT_PATH
+
+
+def test_cli_serve_without_quantized_student_names_the_fix(tmp_path):
+    job = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    job["spec"]["artifacts"]["uri"] = str(tmp_path)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    done = subprocess.run([sys.executable, "-m", "meddistill.cli", "serve", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1
+    assert "meddistill run" in done.stderr and "--model" in done.stderr

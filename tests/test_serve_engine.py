@@ -1,0 +1,110 @@
+"""The continuous-batching engine on the real SmolLM2-135M-Instruct: joins, leaves, limits."""
+import asyncio
+
+import pytest
+import torch
+
+from meddistill.modelsource import load_model
+from meddistill.serve.engine import EngineOverloaded, GenerationParams, RequestTooLong, TransformersEngine
+
+QUESTIONS = ["What is hypertension?", "Name one symptom of influenza.",
+             "A 45-year-old man has crushing chest pain radiating to the left arm. What is the most likely diagnosis?",
+             "Is aspirin an anticoagulant?"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return load_model("builtin:smollm2-135m-instruct")
+
+
+@pytest.fixture()
+def engine(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    eng = TransformersEngine(model, tokenizer, max_batch_size=4, max_model_len=256, max_waiting=8)
+    yield eng
+    eng.shutdown()
+
+
+def _prompt_ids(tokenizer, question):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _alone(model, tokenizer, ids, n):
+    """Greedy continuation of one unpadded prompt: what every batched row must reproduce."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_requests_joining_and_leaving_mid_batch_get_their_own_greedy_answer(engine, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = [_prompt_ids(tokenizer, q) for q in QUESTIONS]
+    lengths = [12, 6, 16, 9]  # rows finish at different steps, so others leave while some continue
+
+    async def late(i, delay):
+        await asyncio.sleep(delay)  # later requests join a batch that is already decoding
+        return await engine.generate(prompts[i], GenerationParams(max_tokens=lengths[i]))
+
+    async def run():
+        return await asyncio.gather(*(late(i, 0.4 * i) for i in range(len(prompts))))
+
+    results = asyncio.run(run())
+    for i, result in enumerate(results):
+        expected = _alone(model, tokenizer, prompts[i], lengths[i])
+        assert result.text == expected, f"row {i}: {result.text!r} != {expected!r}"
+        assert result.completion_tokens <= lengths[i] and result.prompt_tokens == len(prompts[i])
+    assert engine.running == 0 and engine.queue_length == 0
+
+
+def test_full_waiting_queue_refuses_instead_of_growing(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    eng = TransformersEngine(model, tokenizer, max_batch_size=1, max_model_len=256, max_waiting=1)
+    ids = _prompt_ids(tokenizer, QUESTIONS[0])
+
+    async def run():
+        outcomes = await asyncio.gather(*(eng.generate(ids, GenerationParams(max_tokens=8)) for _ in range(6)),
+                                        return_exceptions=True)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        eng.shutdown()
+    refused = [o for o in outcomes if isinstance(o, EngineOverloaded)]
+    served = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert refused and served and len(refused) + len(served) == 6
+
+
+def test_prompt_longer_than_context_is_refused(engine, model_and_tokenizer):
+    with pytest.raises(RequestTooLong, match="context of 256"):
+        asyncio.run(engine.generate(list(range(200)), GenerationParams(max_tokens=100)))
+
+
+def test_stop_string_ends_the_text_before_it(engine, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    ids = _prompt_ids(tokenizer, "Count from 1 to 10 separated by commas.")
+    full = asyncio.run(engine.generate(ids, GenerationParams(max_tokens=24)))
+    stop = full.text.strip()[4:6]  # a piece from inside the answer
+    cut = asyncio.run(engine.generate(ids, GenerationParams(max_tokens=24, stop=(stop,))))
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text)
+
+
+def test_client_that_goes_away_frees_its_row(engine, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    ids = _prompt_ids(tokenizer, QUESTIONS[0])
+
+    async def run():
+        stream = engine.stream(ids, GenerationParams(max_tokens=200))
+        async for _ in stream:
+            break  # the client disconnects after the first chunk
+        await stream.aclose()
+        for _ in range(100):
+            if engine.running == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert asyncio.run(run()), "the cancelled request still holds a batch row"
