@@ -1,0 +1,56 @@
+"""Dataset references: FORMAT:PATH[#SPLIT] parsing, errors and path resolution."""
+from pathlib import Path
+
+import pytest
+
+from meddistill.data.refs import DATASET_FORMATS, SAMPLES_DIR, DatasetRef, DatasetRefError, parse_dataset_ref
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("pubmedqa:data/ori_pqal.json#test", DatasetRef("pubmedqa", "data/ori_pqal.json", "test")),
+        ("medqa:phrases_no_exclude_test.jsonl", DatasetRef("medqa", "phrases_no_exclude_test.jsonl", None)),
+        ("MMLU:anatomy_test.csv", DatasetRef("mmlu", "anatomy_test.csv", None)),
+        ("hf:bigbio/med_qa#validation", DatasetRef("hf", "bigbio/med_qa", "validation")),
+        ("hf:/local/saved#test", DatasetRef("hf", "/local/saved", "test")),
+        ("jsonl:C:my.jsonl", DatasetRef("jsonl", "C:my.jsonl", None)),
+        ("  medquad:@samples/medquad  ", DatasetRef("medquad", "@samples/medquad", None)),
+    ],
+)
+def test_parse_valid(text, expected):
+    ref = parse_dataset_ref(text)
+    assert ref == expected
+    assert parse_dataset_ref(str(ref)) == ref  # round trip
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("ori_pqal.json", "no format prefix"),
+        ("csvfile:x.csv", "format 'csvfile' is unknown"),
+        ("pubmedqa:", "PATH after 'pubmedqa:' is empty"),
+        ("pubmedqa:x.json#", "SPLIT after '#' is empty"),
+        ("pubmedqa:x.json#dev", "PubMedQA split 'dev' is unknown"),
+        ("", "empty"),
+    ],
+)
+def test_parse_errors_name_the_bad_part(text, fragment):
+    with pytest.raises(DatasetRefError) as err:
+        parse_dataset_ref(text)
+    assert fragment in str(err.value)
+    if "format" in fragment:
+        assert all(fmt in str(err.value) for fmt in DATASET_FORMATS)
+
+
+def test_resolve_relative_samples_and_absolute(tmp_path):
+    assert parse_dataset_ref("jsonl:a/b.jsonl").resolve_path(tmp_path) == tmp_path / "a/b.jsonl"
+    assert parse_dataset_ref("jsonl:a.jsonl").resolve_path() == Path.cwd() / "a.jsonl"
+    assert parse_dataset_ref("jsonl:/abs/a.jsonl").resolve_path(tmp_path) == Path("/abs/a.jsonl")
+    samples = parse_dataset_ref("pubmedqa:@samples/pubmedqa/ori_pqal.json").resolve_path(tmp_path)
+    assert samples == SAMPLES_DIR / "pubmedqa/ori_pqal.json" and samples.is_file()
+
+
+def test_hub_name_detection(tmp_path):
+    assert parse_dataset_ref("hf:org/name#test").is_hub_name
+    assert not parse_dataset_ref(f"hf:{tmp_path}#test").is_hub_name
