@@ -281,7 +281,9 @@ def test_quickstart_pipeline_to_serving(kube, operator, tmp_path):
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     quantize_uri = artifacts.stage_uri(uri, "quickstart", "quantize")
     assert quantize_uri in service["spec"]["serveConfigV2"]
-    assert kube.job("quickstart")["status"]["currentStage"] == "serving"
+    # The RayService is created before the status that announces it is written.
+    wait_for(lambda: kube.job("quickstart")["status"]["currentStage"] == "serving", 10, "currentStage serving")
+    assert kube.job("quickstart")["status"]["phase"] == "Running"
 
     kube.custom.patch_namespaced_custom_object_status("ray.io", "v1", kube.ns, "rayservices", "quickstart", {"status": {
         "serviceStatus": "Running",
