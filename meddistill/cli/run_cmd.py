@@ -1,0 +1,137 @@
+"""`meddistill run FILE`: the whole pipeline on a local (or given) Ray cluster, resumable.
+
+Stages run in order through `meddistill.jobs.stage.run_stage`, the same function the operator's
+`python -m meddistill.jobs STAGE` calls. A stage whose artifact verifies (manifest digests) is
+skipped, so re-running after a crash resumes. artifacts.uri resolves against the current
+directory (like make/kubectl); dataset paths against the spec file's folder.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers, summary: str) -> None:
+    p = subparsers.add_parser(
+        "run", help=summary, description=__doc__,
+        epilog="examples:\n  meddistill run examples/quickstart.yaml --no-serve\n"
+        "  meddistill run examples/quickstart.yaml --stage teacher --force",
+    )
+    p.add_argument("file", metavar="FILE", help="a MedDistillJob YAML file")
+    p.add_argument("--stage", default=None, help="run only this stage (teacher, distill-data, distill, quantize, evaluate)")
+    p.add_argument("--no-serve", action="store_true", help="do not serve the quantized student afterwards")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else a local one)")
+    p.add_argument("--force", action="store_true", help="re-run stages even if their artifacts verify")
+    p.set_defaults(func=run)
+
+
+def _prepare(path: str):
+    from meddistill.artifacts import local_path
+    from meddistill.jobs.stage import StageContext
+    from meddistill.spec.load import load_job
+
+    job = load_job(path)
+    local = local_path(job.spec.artifacts.uri)
+    if local is not None and "://" not in job.spec.artifacts.uri:
+        # Absolute before anything is shipped to Ray workers, whose working directory differs.
+        job.spec.artifacts.uri = str(local)
+    return StageContext(job, Path(path).resolve().parent)
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from meddistill.jobs.stage import StageError, existing_result, run_stage
+    from meddistill.spec.load import SpecValidationError
+    from meddistill.spec.models import pipeline_stages
+
+    console = Console(stderr=True)
+    try:
+        ctx = _prepare(args.file)
+    except SpecValidationError as err:
+        for e in err.errors:
+            console.print(f"[red]error:[/] {e}")
+        return 1
+    stages = pipeline_stages(ctx.spec)
+    if args.stage:
+        if args.stage not in stages:
+            console.print(f"[red]error:[/] --stage {args.stage!r}: this job's stages are {', '.join(stages)}")
+            return 2
+        stages = [args.stage]
+
+    results, started = [], time.time()
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks = {s: progress.add_task(s, total=1, state="pending") for s in stages}
+        for stage in stages:
+            done = None if args.force else existing_result(ctx, stage)
+            if done is not None:
+                progress.update(tasks[stage], completed=1, state=f"skipped: artifact verifies ({done.digest[:12]})")
+                console.print(f"skip {stage}: artifact verifies, digest {done.digest[:12]}")
+                results.append(done)
+                continue
+            progress.update(tasks[stage], state="running")
+            try:
+                result = run_stage(ctx, stage, args.ray_address)
+            except StageError as err:
+                progress.update(tasks[stage], state="[red]failed")
+                console.print(f"[red]error:[/] stage {stage}: {err}")
+                return 1
+            except Exception as err:  # noqa: BLE001 - show the whole cause, then a one-line summary
+                progress.update(tasks[stage], state="[red]failed")
+                console.print_exception()
+                console.print(f"[red]error:[/] stage {stage} failed: {type(err).__name__}: {err}")
+                return 1
+            progress.update(tasks[stage], completed=1, state=f"done in {result.wall_s:.0f}s ({result.digest[:12]})")
+            results.append(result)
+    print_summary(ctx, results, time.time() - started)
+    if ctx.spec.serving.enabled and not args.no_serve and not args.stage:
+        return serve(ctx)
+    return 0
+
+
+def print_summary(ctx, results, wall: float) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from meddistill.artifacts import local_path
+
+    console = Console()
+    table = Table(title=f"MedDistillJob {ctx.name}: stages ({wall:.0f}s total)")
+    for col in ("stage", "status", "wall s", "digest", "artifact"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.stage, "skipped (verified)" if r.skipped else "ran", f"{r.metrics.get('wall_s', 0):.0f}", r.digest[:12], r.artifact_uri)
+    console.print(table)
+    path = local_path(ctx.uri("evaluate"))
+    if path is None or not (path / "results.json").is_file():
+        return
+    from meddistill.spec.models import Results
+
+    res = Results.model_validate(json.loads((path / "results.json").read_text()))
+    t = Table(title="results (the paper's table)")
+    for col in ("model", "dataset", "accuracy (95% CI)", "n", "weights MB", "peak MB", "latency ms/q"):
+        t.add_column(col)
+    for row in res.rows:
+        t.add_row(row.model, row.dataset, f"{100 * row.accuracy:.1f}% ({100 * row.ci_low:.1f}-{100 * row.ci_high:.1f})",
+                  str(row.n), f"{row.weight_bytes / 2**20:.1f}", f"{row.peak_memory_bytes / 2**20:.0f}", f"{row.latency_ms:.0f}")
+    console.print(t)
+
+    def pct(v):
+        return "n/a" if v is None else f"{v:.1f}%"
+    console.print(f"quantized student vs teacher: memory -{pct(res.memory_reduction_pct)}, latency -{pct(res.latency_reduction_pct)}, "
+                  f"accuracy retention {pct(res.accuracy_retention_pct)}; report: {path}")
+
+
+def serve(ctx) -> int:
+    try:
+        from meddistill.serve.local import serve_job
+    except ImportError as err:
+        print(f"serving is not available ({err}); the quantized student is at {ctx.uri('quantize')}", file=sys.stderr)
+        return 0
+    serve_job(ctx.job, base_dir=str(ctx.base_dir))
+    return 0
