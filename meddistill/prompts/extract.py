@@ -142,7 +142,8 @@ def _parse_yes_no_maybe(text: str) -> tuple[str | None, str | None]:
     if m:
         return m.group(1).lower(), None
     m = re.match(r"\W*(yes|no|maybe)\b", text, re.IGNORECASE)
-    if m:
+    first_clause = re.split(r"[.,;:!?\n]", text.strip(), maxsplit=1)[0]
+    if m and len({w.lower() for w in _LABEL_WORD.findall(first_clause)}) == 1:  # not "Yes and no, ..."
         return m.group(1).lower(), None
     labels = {w.lower() for w in _LABEL_WORD.findall(text)}
     if len(labels) == 1:
