@@ -12,6 +12,7 @@ import json
 
 import yaml
 
+from meddistill.serve.config import ray_cluster_hints, render_serve_config_v2
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
 
 from .planner import Serve, ServingApp, StageRun, StartStage
@@ -140,48 +141,31 @@ def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
     return body
 
 
-def serve_config_v2(job: MedDistillJob, model_uri: str) -> str:
-    """The RayService's serveConfigV2, rendered by the serving package (one renderer for all)."""
-    try:
-        from meddistill.serve.config import render_serve_config_v2
-    except ImportError:
-        return _placeholder_serve_config_v2(job, model_uri)
-    return render_serve_config_v2(job, model_uri)
-
-
-def _placeholder_serve_config_v2(job: MedDistillJob, model_uri: str) -> str:
-    # PLACEHOLDER until meddistill.serve.config.render_serve_config_v2(job, model_uri) exists
-    # (owned by the serving engineer). Delete this function then.
-    s = job.spec.serving
-    return yaml.safe_dump({"applications": [{
-        "name": s.model_name, "route_prefix": "/", "import_path": "meddistill.serve.app:build_app",
-        "args": {"model_uri": model_uri, "model_name": s.model_name},
-        "deployments": [{"name": "MedDistillServer", "max_ongoing_requests": s.max_ongoing_requests,
-                         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                                                "target_ongoing_requests": s.target_ongoing_requests}}],
-    }]}, sort_keys=False)
-
-
 def rayservice(job: MedDistillJob, owner_uid: str, serve: Serve) -> dict:
-    s = job.spec.serving
-    res = Resources(workers=1, gpus_per_worker=s.gpus_per_replica, cpus_per_worker=s.cpus_per_replica,
-                    memory=job.spec.student.resources.memory)
-    cluster = ray_cluster_spec(job, res, "serve", min_replicas=s.min_replicas, max_replicas=s.max_replicas,
-                               replicas=s.initial_replicas if s.initial_replicas is not None else s.min_replicas)
-    cluster["enableInTreeAutoscaling"] = True
+    """The RayService: sizing, auth env and autoscaling come from the serving package's hints."""
+    s, hints = job.spec.serving, ray_cluster_hints(job)
+    group = hints["workerGroup"]
+    res = Resources(workers=1, gpus_per_worker=group["gpusPerWorker"], cpus_per_worker=group["cpusPerWorker"],
+                    memory=group["memory"])
+    replicas = s.initial_replicas if s.initial_replicas is not None else group["minReplicas"]
+    cluster = ray_cluster_spec(job, res, "serve", min_replicas=group["minReplicas"], max_replicas=group["maxReplicas"],
+                               replicas=replicas)
+    cluster["enableInTreeAutoscaling"] = hints["enableInTreeAutoscaling"]
+    for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        pod["spec"]["containers"][0]["env"] += hints["env"]  # the bearer token Secret, when auth is on
     return {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
         "kind": "RayService",
         "metadata": {"name": serve.name, "namespace": job.metadata.namespace, "labels": _labels(job, "serving"),
                      "annotations": {ANNOTATION_MODEL: serve.model_uri}, "ownerReferences": _owner(job, owner_uid)},
-        "spec": {"serveConfigV2": serve_config_v2(job, serve.model_uri), "rayClusterConfig": cluster},
+        "spec": {"serveConfigV2": render_serve_config_v2(job, serve.model_uri), "rayClusterConfig": cluster},
     }
 
 
 def rayservice_model_patch(job: MedDistillJob, serve: Serve) -> dict:
     """A merge patch pointing a RayService at a new model in place (KubeRay rolls it out)."""
     return {"metadata": {"annotations": {ANNOTATION_MODEL: serve.model_uri}},
-            "spec": {"serveConfigV2": serve_config_v2(job, serve.model_uri)}}
+            "spec": {"serveConfigV2": render_serve_config_v2(job, serve.model_uri)}}
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,12 +56,15 @@ def test_gpu_workers_and_job_document():
 
 
 def test_rayservice_autoscaling_and_in_place_model_patch():
-    j = job(serving={"minReplicas": 1, "maxReplicas": 3, "initialReplicas": 2})
+    j = job(serving={"minReplicas": 1, "maxReplicas": 3, "initialReplicas": 2, "auth": {"secretName": "api-token"}})
     body = kuberay.rayservice(j, "uid", Serve("quickstart", "/runs/quickstart/quantize"))
     cluster = body["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert (cluster["workerGroupSpecs"][0]["minReplicas"], cluster["workerGroupSpecs"][0]["replicas"],
             cluster["workerGroupSpecs"][0]["maxReplicas"]) == (1, 2, 3)
+    env = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    assert any(e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "api-token" for e in env)
+    assert "/runs/quickstart/quantize" in body["spec"]["serveConfigV2"]
     patch = kuberay.rayservice_model_patch(j, Serve("quickstart", "/runs/v2/quantize"))
     assert "/runs/v2/quantize" in patch["spec"]["serveConfigV2"]
     assert kuberay.serving_app({**body, "metadata": {**body["metadata"], **patch["metadata"]}}).model_uri == "/runs/v2/quantize"
