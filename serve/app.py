@@ -27,7 +27,8 @@ from ray import serve
 from meddistill.serve import protocol as P
 from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV
 
-log = logging.getLogger("meddistill.serve")
+# A child of Ray Serve's logger, so lines land in the replica log with the request id.
+log = logging.getLogger("ray.serve").getChild("meddistill")
 api = FastAPI(title="MedDistill", description="OpenAI-compatible API and medical QA endpoint")
 
 
