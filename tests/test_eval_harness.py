@@ -1,0 +1,109 @@
+"""Evaluation harness: metrics helpers, a tiny random model for structure, the real SmolLM2 on PubMedQA."""
+import json
+import math
+
+import pytest
+
+from meddistill.data import MedicalRecord, load_dataset
+from meddistill.evaluation import EvalResult, evaluate, token_f1, wilson_interval, write_report
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and 0 < wilson_interval(0, 10)[1] < 0.35
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(10, 10)[0] > 0.65
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_token_f1():
+    assert token_f1("Rest and fluids.", "rest and fluids") == 1.0
+    assert token_f1("aspirin", "heparin") == 0.0
+    assert 0 < token_f1("take aspirin daily", "aspirin") < 1
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template, saved as a local directory."""
+    import torch
+    import transformers
+
+    from meddistill.modelsource import load_tokenizer
+
+    tok = load_tokenizer("builtin:smollm2-135m-instruct")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _mixed_records():
+    pqa = load_dataset("pubmedqa:@samples/pubmedqa/ori_pqal.json#test", limit=3).records
+    medqa = load_dataset("medqa:@samples/medqa/phrases_no_exclude_test.sample200.jsonl", limit=3).records
+    open_ = [MedicalRecord("o1", "What are the symptoms of tetanus?", None, None, "Muscle stiffness.", "open", "t")]
+    return pqa + medqa + open_
+
+
+def test_evaluate_structure_with_tiny_model(tiny_model_dir, tmp_path):
+    from meddistill.modelsource import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    records = _mixed_records()
+    result = evaluate(model, tok, records, batch_size=3, max_new_tokens=4, progress=False,
+                      model_name="tiny", dataset_name="mixed")
+    assert result.n == 7 and result.n_scored == 6 and result.open_n == 1 and 0 <= result.open_f1 <= 1
+    assert [q.id for q in result.questions] == [r.id for r in records]  # input order, not length order
+    assert set(result.by_type) == {"yes_no_maybe", "multiple_choice"}
+    assert sum(g.n for g in result.by_type.values()) == result.n_scored
+    assert result.correct == sum(q.correct for q in result.questions if q.correct is not None)
+    assert result.unparsed == sum(q.predicted is None for q in result.questions if q.correct is not None)
+    assert all(q.new_tokens <= 4 and q.prompt_tokens > 0 for q in result.questions)
+    assert result.ci_low <= result.accuracy <= result.ci_high
+    assert result.latency_p50_s <= result.latency_p95_s and result.tokens_per_s > 0
+    assert result.peak_rss_bytes > 0 and result.weight_bytes > 0 and result.peak_cuda_bytes is None
+    data = json.loads(json.dumps(result.to_dict()))  # JSON-serializable
+    assert EvalResult.from_dict(data) == result
+    json_path, md_path = write_report(result, tmp_path / "out")
+    assert json.loads(json_path.read_text())["n"] == 7
+    assert "| accuracy |" in md_path.read_text() and "yes_no_maybe" in md_path.read_text()
+
+
+def test_cli_eval_and_data(tiny_model_dir, tmp_path, capsys):
+    from meddistill.cli import main
+
+    rc = main(["eval", "--model", str(tiny_model_dir), "--dataset",
+               "medqa:@samples/medqa/phrases_no_exclude_test.sample200.jsonl", "--limit", "2",
+               "--max-new-tokens", "3", "--batch-size", "2", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0 and json.loads((tmp_path / "eval.json").read_text())["n_scored"] == 2
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["eval", "--model", "builtin:nope", "--dataset", "medqa:@samples/medqa/"
+                 "phrases_no_exclude_test.sample200.jsonl", "--limit", "1"]) == 1
+    assert main(["data", "pubmedqa:@samples/pubmedqa/ori_pqal.json#test", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "records: 500" in out and "yes_no_maybe: 500" in out and '"question_type": "yes_no_maybe"' in out
+    assert main(["data", "medqa:tests/fixtures/data/medqa_malformed.jsonl"]) == 1
+    assert main(["data", "medqa:tests/fixtures/data/medqa_malformed.jsonl", "--lenient", "--show", "0"]) == 0
+    assert "skipped: 5" in capsys.readouterr().out
+
+
+def test_real_smollm2_on_pubmedqa_test_questions():
+    from meddistill.modelsource import load_model
+
+    model, tok = load_model("builtin:smollm2-135m-instruct")
+    test_split = load_dataset("pubmedqa:@samples/pubmedqa/ori_pqal.json#test").records
+    # the 4 shortest abstracts of the official test split: real questions, affordable on 2 CPU cores
+    records = sorted(test_split, key=lambda r: len(r.context) + len(r.question))[:4]
+    result = evaluate(model, tok, records, batch_size=4, max_new_tokens=8, progress=False)
+    assert result.n == result.n_scored == 4 and result.by_type["yes_no_maybe"].n == 4
+    assert 0 <= result.correct <= 4 and result.accuracy == result.correct / 4
+    assert result.ci_low <= result.accuracy <= result.ci_high
+    assert (result.ci_low, result.ci_high) == pytest.approx(wilson_interval(result.correct, 4))
+    assert 0 <= result.unparsed_rate <= 1 and math.isclose(result.unparsed_rate, result.unparsed / 4)
+    for q in result.questions:
+        assert q.gold in ("yes", "no", "maybe") and q.output is not None and 0 < q.new_tokens <= 8
+        assert q.predicted in ("yes", "no", "maybe") or q.reason  # unparsed always says why
+    assert result.weight_bytes > 500e6  # 135M float32 parameters
