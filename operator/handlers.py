@@ -110,7 +110,9 @@ def observe(job: MedDistillJob, uid: str) -> Observed:
 
 
 def _forbidden(e: ApiException, verb: str, what: str) -> None:
-    if e.status == 403:
+    if e.status == 403 and "NamespaceTerminating" in str(e.body):
+        log.info("cannot %s %s: its namespace is being deleted", verb, what)
+    elif e.status == 403:
         log.error("403 Forbidden: cannot %s %s: the operator's RBAC role is missing this permission "
                   "(check the chart's ClusterRole/Role): %s", verb, what, e.body)
 
@@ -187,6 +189,8 @@ def reconcile(namespace: str, name: str) -> None:
             metrics.RECONCILES.labels("ok").inc()
         except ApiException as e:
             metrics.RECONCILES.labels(f"api_{e.status}").inc()
+            if e.status == 403 and "NamespaceTerminating" in str(e.body):
+                return  # the namespace (and the job with it) is going away
             if e.status == 409:  # our status write lost a race: the next event re-plans
                 log.info("%s/%s: conflict writing status; will re-plan", namespace, name)
                 return
@@ -208,12 +212,18 @@ def _reconcile(namespace: str, name: str) -> None:
     meta = body["metadata"]
     if meta.get("deletionTimestamp"):
         return
-    doc = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+    doc = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
     try:
         job = MedDistillJob.model_validate(doc)
     except ValidationError as e:
         _refuse(body, e)
         return
+    try:
+        job.status = MedDistillJobStatus.model_validate(body.get("status") or {})
+    except ValidationError as e:
+        # Not the user's fault: re-plan from the children alone (recorded stages are re-read
+        # from their manifests) instead of failing the job.
+        log.warning("%s/%s: ignoring an unreadable status: %s", namespace, name, e)
     p = plan(job, observe(job, meta["uid"]), datetime.now(timezone.utc))
     apply(job, meta["uid"], p)
     if write_status(body, p.status):
@@ -225,6 +235,7 @@ def _reconcile(namespace: str, name: str) -> None:
 def _refuse(body: dict, error: ValidationError) -> None:
     """A job the API server accepted but the typed spec refuses (should not happen: same schema)."""
     msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())[:1000]
+    log.error("%s/%s: the spec is invalid, the job fails: %s", body["metadata"]["namespace"], body["metadata"]["name"], msg)
     prev = body.get("status") or {}
     if prev.get("phase") == "Failed":
         return

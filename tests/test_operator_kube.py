@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from meddistill import artifacts
-from meddistill.spec.models import MedDistillJob, Results
+from meddistill.spec.models import MedDistillJob, MedDistillJobStatus, Results
 from tests.support.kube_cluster import OPERATOR_NAMESPACE, REPO_ROOT, free_port
 
 pytest_plugins = ["tests.support.kube_fixtures"]
@@ -295,10 +295,15 @@ def test_quickstart_pipeline_to_serving(kube, operator, tmp_path):
     assert [s["state"] for s in st["stages"]] == ["Succeeded"] * 5
     assert {s["name"]: s["artifactDigest"] for s in st["stages"]} == digests
     assert st["results"]["accuracyRetentionPct"] == 87.5 and st["accuracy"] == "52.5%"
+    # The status survives the CRD's structural schema whole (nothing pruned or defaulted away).
+    assert [(r["model"], r["n"]) for r in st["results"]["rows"]] == [("teacher", 40), ("quantized", 40)]
+    assert MedDistillJobStatus.model_validate(st)
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Ready"]["status"] == "True" and conds["Failed"]["status"] == "False"
     assert st["observedGeneration"] == kube.job("quickstart")["metadata"]["generation"]
 
+    time.sleep(3)  # later reconciles (events, resyncs) leave it as it is
+    assert kube.job("quickstart")["status"] == st
     table = kube.cluster.kubectl("get", "mdj", "-n", kube.ns).stdout
     assert table.split("\n")[0].split() == ["NAME", "PHASE", "STAGE", "ACCURACY", "AGE"]
     assert table.split("\n")[1].split()[:3] == ["quickstart", "Serving", "52.5%"]
