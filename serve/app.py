@@ -101,8 +101,8 @@ class MedDistillServer:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _params(self, prompt_len: int, max_tokens: int | None, temperature: float, top_p: float = 1.0,
-                stop: tuple[str, ...] = ()):
+    def _params(self, prompt_len: int, max_tokens: "int | None", temperature: float, top_p: float = 1.0,
+                stop: tuple = (), ignore_eos: bool = False):
         from meddistill.serve.engine import GenerationParams
 
         limit = self.engine.max_model_len
@@ -118,7 +118,8 @@ class MedDistillServer:
             raise P.APIError(400, f"messages: the prompt has {prompt_len} tokens and max_tokens is {max_tokens}; "
                                   f"together more than the model's context of {limit} tokens. Shorten the prompt "
                                   f"or lower max_tokens", param="messages", code="context_length_exceeded")
-        return GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        return GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                ignore_eos=ignore_eos)
 
     async def _start(self, kind: str, prompt: str, params) -> tuple[Any, Any, float]:
         """Submit and wait for the first chunk, so overload and errors answer before any stream starts."""
@@ -187,7 +188,7 @@ class MedDistillServer:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         params = self._params(len(self._encode(prompt)), body.max_completion_tokens or body.max_tokens,
-                              body.temperature, body.top_p, body.stop_list())
+                              body.temperature, body.top_p, body.stop_list(), body.ignore_eos)
         stream, first, started = await self._start("chat", prompt, params)
         rid, created = P.new_id("chatcmpl"), P.now()
         if body.stream:
@@ -211,7 +212,7 @@ class MedDistillServer:
         self._check_model(body.model)
         prompt = body.prompt_text()
         params = self._params(len(self._encode(prompt)), body.max_tokens, body.temperature, body.top_p,
-                              body.stop_list())
+                              body.stop_list(), body.ignore_eos)
         stream, first, started = await self._start("completion", prompt, params)
         rid, created = P.new_id("cmpl"), P.now()
 

@@ -45,6 +45,7 @@ class GenerationParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's ignore_eos
 
 
 @dataclass
@@ -229,7 +230,7 @@ class TransformersEngine:
                 done.append(i)
                 continue
             finish = None
-            if token in self.eos_ids:
+            if token in self.eos_ids and not req.params.ignore_eos:
                 finish = "stop"
             else:
                 req.generated.append(token)

@@ -53,6 +53,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
