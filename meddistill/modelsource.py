@@ -132,6 +132,7 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"gguf": str(gguf), "sha256_prefix": target.name.rsplit("-", 1)[-1]}))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a shared cache (PVC) must be readable by others
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: theirs is as good as ours
@@ -192,6 +193,7 @@ def _download_s3(url: str) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, key, str(dest))
         (tmp / _MARKER).write_text(json.dumps({"s3": url}))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a shared cache (PVC) must be readable by others
         try:
             os.rename(tmp, target)
         except OSError:

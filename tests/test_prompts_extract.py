@@ -19,6 +19,8 @@ MC = MedicalRecord("m", "Which drug?", OPTIONS, None, "B", "multiple_choice", "t
         ("B) Aspirin and heparin", "B"),
         ("C", "C"),
         ("Option A is tempting, but the answer is C.", "C"),
+        ("The answer is C, not option A.", "C"),
+        ("I pick option D", "D"),
         ("<think>Maybe A? No, heparin is needed.</think>\nFinal answer: B", "B"),
         ("<think>a\n</think>\n<think>b</think> Final answer: D", "D"),
         ("Reasoning without opening tag.</think>\n\nFinal answer: A", "A"),

@@ -18,11 +18,12 @@ _THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
 _FINAL = re.compile(r"final\s+answer\s*(?:is)?\s*[:\-]?\s*", re.IGNORECASE)
 # Explicit phrasings; the letter may be lower case only when nothing alphabetic follows it,
-# so "the answer is a condition..." is not read as option A.
-_PHRASED_LETTER = re.compile(
-    r"(?i:final\s+answer|answer|option|choice)\s*(?i:is|would\s+be)?\s*[:\-]?\s*\**\s*[\(\[]?\s*"
-    r"(?:([A-E])(?![A-Za-z])|([a-e])(?=\s*[\)\].,;:!*]|\s*$))"
-)
+# so "the answer is a condition..." is not read as option A. "answer" phrases outrank
+# "option"/"choice" ones: in "the answer is C, not option A" the answer is C.
+_LETTER_AFTER = (r"\s*(?i:is|would\s+be)?\s*[:\-]?\s*\**\s*[\(\[]?\s*"
+                 r"(?:([A-E])(?![A-Za-z])|([a-e])(?=\s*[\)\].,;:!*]|\s*$))")
+_ANSWER_LETTER = re.compile(r"(?i:answer)" + _LETTER_AFTER)
+_OPTION_LETTER = re.compile(r"(?i:option|choice)" + _LETTER_AFTER)
 _LEADING_LETTER = re.compile(r"^\W{0,3}([A-E])(?:\s*[\)\].:*]|\s*$|\s+-\s)")
 _LABEL_WORD = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 
@@ -116,7 +117,7 @@ def _parse_choice(text: str, options: dict[str, str] | None) -> tuple[str | None
 
 def _last_letter(text: str) -> str | None:
     """The letter of the last explicit 'final answer'/'answer is' phrase, upper-cased."""
-    hits = list(_PHRASED_LETTER.finditer(text))
+    hits = list(_ANSWER_LETTER.finditer(text)) or list(_OPTION_LETTER.finditer(text))
     if not hits:
         return None
     m = hits[-1]
