@@ -158,10 +158,10 @@ def distill_loop(config: dict) -> None:
         step += 1
         mean = [sum(v) / len(v) for v in zip(*acc)]
         acc = []
+        tc.maybe_crash(step, config.get("crash_after"), Path(config["out_dir"]))
         metrics = {"step": step, "loss": mean[0], "ce": mean[1], "kd": mean[2], "resumed_from_step": start_step}
         if step % training.checkpoint_every_steps == 0 or step == total:
             tc.report(metrics, save=save)
-            tc.maybe_crash(step, config.get("crash_after"), Path(config["out_dir"]))
         else:
             tc.report(metrics)
 
@@ -186,10 +186,6 @@ def student_examples(ctx: StageContext, base: str) -> list[dict]:
         cache = ctx.input_dir("distill-data")
         records = [r for p in sorted(cache.glob("generated-*.jsonl")) for r in load_dataset(f"jsonl:{p}").records]
         return [tokenize_example(r, tokenizer, style, training.max_seq_length, render_target(r, style, r.reasoning)) for r in records]
-    if dist.teacher_cache == "online":
-        data = load_training_records(ctx, spec.teacher.datasets, training.max_samples, training.seed)
-        return [tokenize_example(r, tokenizer, style, training.max_seq_length) for r in data.records]
-    cached = read_shards(ctx.input_dir("distill-data"))
     if dist.mode == "logits":
         teacher_tokenizer = load_tokenizer(str(ctx.input_dir("teacher") / "model"))
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -197,6 +193,11 @@ def student_examples(ctx: StageContext, base: str) -> list[dict]:
                 f"spec.distillation.mode=logits needs the teacher's tokenizer, but student {base!r} has another "
                 f"vocabulary ({len(tokenizer)} vs {len(teacher_tokenizer)} tokens); use mode: cross-tokenizer or sequence"
             )
+    if dist.teacher_cache == "online":
+        data = load_training_records(ctx, spec.teacher.datasets, training.max_samples, training.seed)
+        return [tokenize_example(r, tokenizer, style, training.max_seq_length) for r in data.records]
+    cached = read_shards(ctx.input_dir("distill-data"))
+    if dist.mode == "logits":
         return cached
     # cross-tokenizer: the student's own tokenization of the same records, the teacher's rows alongside
     data = load_training_records(ctx, spec.teacher.datasets, training.max_samples, training.seed)

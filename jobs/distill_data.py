@@ -118,7 +118,8 @@ def _generate(model, tokenizer, records, style: str, max_new_tokens: int, batch_
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [render_prompt(r, tokenizer, style) for r in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        add_special = not getattr(tokenizer, "chat_template", None)  # as sft_data / the evaluation harness
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(model.device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -52,7 +52,10 @@ def tokenize_example(
     """{input_ids, labels} for prompt + target (+ EOS); labels mask the prompt with -100."""
     prompt = render_prompt(record, tokenizer, style)
     target = (target if target is not None else render_target(record, style)) + (tokenizer.eos_token or "")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # Chat templates emit their own BOS; the plain fallback prompt (no template) needs the
+    # tokenizer's, exactly as the evaluation harness tokenizes it.
+    add_special = not getattr(tokenizer, "chat_template", None)
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_length - 1]
     prompt_ids = prompt_ids[-(max_length - len(target_ids)):]
     return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE] * len(prompt_ids) + target_ids}

@@ -123,11 +123,11 @@ def train_loop(config: dict) -> None:
         if len(losses) < gas:
             continue
         step += 1
+        tc.maybe_crash(step, config.get("crash_after"), Path(config["out_dir"]))
         metrics = {"step": step, "loss": sum(losses) / len(losses), "resumed_from_step": start_step}
         losses = []
         if step % training.checkpoint_every_steps == 0 or step == total:
             tc.report(metrics, save=lambda d: engine.save_checkpoint(str(d), tag="ds", client_state={"step": step}))
-            tc.maybe_crash(step, config.get("crash_after"), Path(config["out_dir"]))
         else:
             tc.report(metrics)
 

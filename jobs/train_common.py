@@ -83,16 +83,24 @@ def report(metrics: dict, save=None) -> None:
 
 
 def maybe_crash(step: int, crash_after: int | None, marker_dir: Path) -> None:
-    """Test hook: rank 0 exits hard once after checkpointing step N (the marker makes it once)."""
+    """Test hook: rank 0 exits hard once, during step N+1, after step N was checkpointed.
+
+    Not right after the report: Ray Train's controller registers a reported checkpoint when it
+    next polls the workers, so a worker dying in the same instant can lose it (a real crash
+    there would resume from the checkpoint before). The pause lets the poll happen first.
+    """
+    import time
+
     import ray.train
 
-    if crash_after is None or step != crash_after or ray.train.get_context().get_world_rank() != 0:
+    if crash_after is None or step != crash_after + 1 or ray.train.get_context().get_world_rank() != 0:
         return
     marker = Path(marker_dir) / f".crashed-at-{step}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
+    time.sleep(5)
     os._exit(1)
 
 

@@ -47,7 +47,7 @@ def _dir(ctx, stage) -> Path:
 def test_teacher_resumes_from_its_checkpoint_after_a_worker_dies(pipeline):
     ctx, results = pipeline
     teacher = results["teacher"]
-    assert (_dir(ctx, "teacher") / f".crashed-at-{CRASH_STEP}").exists(), "the fault was never injected"
+    assert (_dir(ctx, "teacher") / f".crashed-at-{CRASH_STEP + 1}").exists(), "the fault was never injected"
     # The restarted worker started at the checkpointed step, not 0, and finished all 4 steps.
     assert teacher.metrics["resumed_from_step"] == CRASH_STEP
     assert teacher.metrics["step"] == 4

@@ -1,0 +1,37 @@
+"""The whole quickstart (real SmolLM2-135M-Instruct teacher, pruned LoRA student, NF4, PubMedQA)
+through `meddistill run --no-serve`, once per session (tests/pipeline_fixture.py: quickstart_run)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meddistill.artifacts import verify
+from meddistill.spec.models import Results
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_produces_every_stage_and_the_paper_table(quickstart_run):
+    for stage in ("teacher", "distill-data", "distill", "quantize", "evaluate"):
+        assert verify(quickstart_run / stage) is not None, f"{stage}: no verified manifest"
+    results = Results.model_validate(json.loads((quickstart_run / "evaluate" / "results.json").read_text()))
+    rows = {r.model: r for r in results.rows}
+    assert set(rows) == {"teacher", "student", "quantized"}
+    assert all(r.n == 40 and r.latency_ms > 0 and r.peak_memory_bytes > 0 for r in rows.values())
+    # 30 -> 20 layers, then NF4: each step makes the weights smaller
+    assert rows["quantized"].weight_bytes < rows["student"].weight_bytes < rows["teacher"].weight_bytes
+    assert results.memory_reduction_pct > 50
+    assert results.accuracy_retention_pct is not None or rows["teacher"].accuracy == 0
+    # the model actually answers in the trained format most of the time
+    assert rows["teacher"].unparsed_rate < 0.5
+
+
+def test_quickstart_student_is_trained_and_quantized(quickstart_run):
+    teacher = verify(quickstart_run / "teacher")
+    assert teacher.metrics["step"] == teacher.config["training"]["maxSteps"]
+    distill = verify(quickstart_run / "distill")
+    assert distill.metrics["kd"] > 0
+    assert (quickstart_run / "distill" / "base" / "kept_layers.txt").read_text().split()[0] == "0"
+    quantize = verify(quickstart_run / "quantize")
+    assert quantize.metrics["weight_bytes_after"] < 0.6 * quantize.metrics["weight_bytes_before"]
