@@ -25,7 +25,7 @@ def test_killed_run_resumes_from_checkpoint_then_skips_the_finished_stage(tiny_m
 
     steps = 60
     doc = tiny_job_document(str(tiny_model_dir), tiny_data_refs, "./runs", name="resume",
-                            teacher={"training": {"maxSteps": steps, "checkpointEverySteps": 2, "batchSize": 2, "maxSeqLength": 64}})
+                            teacher={"training": {"maxSteps": steps, "epochs": 10, "checkpointEverySteps": 2, "batchSize": 2, "maxSeqLength": 64}})
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(yaml.safe_dump(doc))  # artifacts.uri ./runs resolves against the cwd (tmp_path)
     teacher_dir = tmp_path / "runs" / "resume" / "teacher"
