@@ -33,7 +33,7 @@ def run(args) -> int:
         ds = load_dataset(args.ref, lenient=args.lenient)
     except (DatasetRefError, DataFormatError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        if isinstance(err, DataFormatError) and not args.lenient:
+        if isinstance(err, DataFormatError) and not args.lenient and not str(err).startswith("dataset "):
             print("hint: --lenient skips malformed records and reports them", file=sys.stderr)
         return 1
     print(f"dataset: {ds.ref}")
