@@ -365,13 +365,15 @@ class KubeCluster:
         (KubeRay's CRDs are too large for client-side apply's last-applied annotation.)
         Returns the CRD names.
         """
-        names: list[str] = []
-        for path in paths:
-            out = self.kubectl(
-                "apply", "--server-side", "--force-conflicts",
-                "--field-manager=meddistill-tests", "-o", "name", "-f", str(path),
-            ).stdout
-            names += [line.split("/", 1)[1] for line in out.split() if line.startswith("customresourcedefinition")]
+        files = [arg for path in paths for arg in ("-f", str(path))]
+        if not files:
+            return []
+        out = self.kubectl(
+            "apply", "--server-side", "--force-conflicts",
+            "--field-manager=meddistill-tests", "-o", "name", *files,
+            timeout=timeout + 60,
+        ).stdout
+        names = [line.split("/", 1)[1] for line in out.split() if line.startswith("customresourcedefinition")]
         if names:
             self.kubectl(
                 "wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
