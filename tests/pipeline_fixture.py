@@ -144,7 +144,8 @@ def ray_local():
 def quickstart_run(tmp_path_factory) -> Path:
     """Run `meddistill run examples/quickstart.yaml --no-serve` once; the artifact root path."""
     workdir = tmp_path_factory.mktemp("quickstart")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # RAY_ADDRESS=local: its own Ray, not the in-process tests' cluster (`auto` would find that one)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
     log_path = workdir / "run.log"
     with open(log_path, "w") as log:
         proc = subprocess.run(
