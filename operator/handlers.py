@@ -4,10 +4,15 @@ Every trigger (a MedDistillJob event, an event of one of its labelled RayJobs/Ra
 periodic resync) ends in `reconcile(namespace, name)`, which reads the job and its children
 fresh from the API server, calls `plan()`, applies the plan and writes the status whole.
 
+Two backends, one planner: KubeRay (RayJobs/RayService, kuberay.py) by default, or an existing
+Ray cluster (Jobs API + Serve REST API, raybackend.py) when spec.ray.address (or the operator's
+--ray-address) is set.
+
 No finalizer: kopf only adds one for deletion handlers, timers and daemons, and this module has
 none of them (the periodic resync is a plain asyncio task started at startup). Deleting a job
 therefore never waits for the operator; owner references let the garbage collector remove its
-children. kopf's own progress/diff-base annotations are not used either: `on.event` handlers are
+KubeRay children, and for a Ray cluster the operator collects its own garbage (on the job's
+DELETED event, and level-triggered in every resync). kopf's own progress/diff-base annotations are not used either: `on.event` handlers are
 level-triggered and stateless, exactly what a pure planner wants.
 """
 
@@ -28,7 +33,7 @@ from pydantic import ValidationError
 from meddistill import artifacts
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
 
-from . import kuberay, metrics
+from . import kuberay, metrics, raybackend
 from .planner import ArtifactRecord, DeleteChild, Observed, Plan, Serve, StageRun, StartStage, plan, rfc3339
 
 log = logging.getLogger("meddistill.operator")
@@ -39,6 +44,13 @@ class Config:
 
     namespace: str | None = None  # None: all namespaces
     resync_seconds: float = 30.0
+    ray_address: str = ""  # jobs whose spec.ray.address is empty run here; empty: KubeRay
+
+
+def ray_cluster(job: MedDistillJob) -> raybackend.RayCluster | None:
+    """The Ray cluster a job runs on, or None for the KubeRay backend."""
+    address = job.spec.ray.address or Config.ray_address
+    return raybackend.cluster(address) if address else None
 
 
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -80,28 +92,30 @@ def _read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
     return ArtifactRecord(uri=uri, digest=manifest.digest, results=results)
 
 
+def _with_artifacts(job: MedDistillJob, runs: list[StageRun]) -> list[StageRun]:
+    recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded" and s.artifact_digest}
+    return [StageRun(**{**r.__dict__, "artifact": _read_artifact(job, r.stage)})
+            if r.state == "Succeeded" and r.stage not in recorded else r for r in runs]
+
+
 def observe(job: MedDistillJob, uid: str) -> Observed:
     ns, name = job.metadata.namespace, job.metadata.name
+    ray = ray_cluster(job)
+    if ray is not None:
+        return Observed(runs=tuple(_with_artifacts(job, ray.runs(ns, name, uid))), serving=ray.serving(ns, name))
     selector = f"{kuberay.LABEL_JOB}={name}"
     api = _custom()
 
     def ours(obj: dict) -> bool:  # a re-created job with the same name must not adopt old children
         return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])
 
-    recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded" and s.artifact_digest}
-    runs: list[StageRun] = []
-    for obj in api.list_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns, kuberay.RAYJOBS,
-                                                 label_selector=selector)["items"]:
-        run = kuberay.stage_run(obj) if ours(obj) else None
-        if run is None:
-            continue
-        if run.state == "Succeeded" and run.stage not in recorded:
-            run = StageRun(**{**run.__dict__, "artifact": _read_artifact(job, run.stage)})
-        runs.append(run)
+    runs = [run for obj in api.list_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns, kuberay.RAYJOBS,
+                                                             label_selector=selector)["items"]
+            if ours(obj) and (run := kuberay.stage_run(obj)) is not None]
     services = [o for o in api.list_namespaced_custom_object(kuberay.RAY_GROUP, kuberay.RAY_VERSION, ns,
                                                              kuberay.RAYSERVICES, label_selector=selector)["items"]
                 if ours(o)]
-    return Observed(runs=tuple(runs), serving=kuberay.serving_app(services[0]) if services else None)
+    return Observed(runs=tuple(_with_artifacts(job, runs)), serving=kuberay.serving_app(services[0]) if services else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +131,33 @@ def _forbidden(e: ApiException, verb: str, what: str) -> None:
                   "(check the chart's ClusterRole/Role): %s", verb, what, e.body)
 
 
+def apply_on_ray(ray: raybackend.RayCluster, job: MedDistillJob, uid: str, p: Plan) -> None:
+    ns, name = job.metadata.namespace, job.metadata.name
+    for item in p.create:
+        if isinstance(item, StartStage):
+            sid = raybackend.submission_id(ns, name, item.stage, item.attempt)
+            if ray.submit(job, uid, item):
+                metrics.CHILDREN_CREATED.labels("rayjobs-api").inc()
+                log.info("submitted Ray job %s to %s", sid, ray.address)
+        else:
+            ray.deploy(job, item)
+            metrics.CHILDREN_CREATED.labels("serve-apps").inc()
+            log.info("deployed Serve app %s on %s", raybackend.app_name(ns, name), ray.address)
+    for item in p.update:
+        ray.deploy(job, item)
+        log.info("updated Serve app %s to model %s", raybackend.app_name(ns, name), item.model_uri)
+    for item in p.delete:
+        if item.kind == "stage":
+            ray.stop_and_delete(item.name)
+        else:
+            ray.remove_apps({item.name})
+        log.info("removed %s %s from %s", "Ray job" if item.kind == "stage" else "Serve app", item.name, ray.address)
+
+
 def apply(job: MedDistillJob, uid: str, p: Plan) -> None:
+    ray = ray_cluster(job)
+    if ray is not None:
+        return apply_on_ray(ray, job, uid, p)
     api, ns = _custom(), job.metadata.namespace
     for item in p.create:
         if isinstance(item, StartStage):
@@ -187,6 +227,9 @@ def reconcile(namespace: str, name: str) -> None:
         try:
             _reconcile(namespace, name)
             metrics.RECONCILES.labels("ok").inc()
+        except raybackend.RayBackendError as e:  # unreachable cluster, refused submit: retried next resync
+            metrics.RECONCILES.labels("ray_error").inc()
+            log.error("%s/%s: reconcile failed on the Ray cluster: %s", namespace, name, e)
         except ApiException as e:
             metrics.RECONCILES.labels(f"api_{e.status}").inc()
             if e.status == 403 and "NamespaceTerminating" in str(e.body):
@@ -226,6 +269,10 @@ def _reconcile(namespace: str, name: str) -> None:
         log.warning("%s/%s: ignoring an unreadable status: %s", namespace, name, e)
     p = plan(job, observe(job, meta["uid"]), datetime.now(timezone.utc))
     apply(job, meta["uid"], p)
+    ray = ray_cluster(job)
+    if ray is not None and p.status.get("serving"):
+        # The planner names the KubeRay Service; on a Ray cluster the app has its own route.
+        p.status["serving"].update(endpoint=ray.endpoint(namespace, name), child=raybackend.app_name(namespace, name))
     if write_status(body, p.status):
         log.info("%s/%s: phase %s stage %s", namespace, name, p.status["phase"], p.status.get("currentStage") or "-")
     for ev in p.events:
@@ -287,7 +334,10 @@ def _echo_of_own_write(type: str | None, body: kopf.Body) -> bool:
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 def on_job_event(type: str | None, body: kopf.Body, **_) -> None:
     # Covers create, update, resume (the initial listing) alike.
-    if type == "DELETED" or _echo_of_own_write(type, body):
+    if type == "DELETED":
+        _collect_ray_garbage()  # no owner references on a Ray cluster; KubeRay children go by GC
+        return
+    if _echo_of_own_write(type, body):
         return
     reconcile(body.metadata.namespace, body.metadata.name)
 
@@ -316,12 +366,29 @@ async def _resync_forever() -> None:
             continue
         for ns, name in jobs:
             await loop.run_in_executor(None, reconcile, ns, name)
+        await loop.run_in_executor(None, _collect_ray_garbage)
+
+
+def _list_job_objects() -> list[dict]:
+    api = _custom()
+    if Config.namespace:
+        return api.list_namespaced_custom_object(API_GROUP, API_VERSION, Config.namespace, PLURAL)["items"]
+    return api.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
 
 
 def _list_jobs() -> list[tuple[str, str]]:
-    api = _custom()
-    if Config.namespace:
-        items = api.list_namespaced_custom_object(API_GROUP, API_VERSION, Config.namespace, PLURAL)["items"]
-    else:
-        items = api.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
-    return [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in items]
+    return [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in _list_job_objects()]
+
+
+def _collect_ray_garbage() -> None:
+    """Stop Ray jobs and remove Serve apps of MedDistillJobs that are gone (level-triggered)."""
+    if Config.ray_address:
+        raybackend.cluster(Config.ray_address)  # known from the start, even before any job used it
+    for ray in raybackend.known_clusters():
+        try:
+            snapshot = ray.snapshot()  # first: see RayCluster.collect_garbage for why
+            live = {(o["metadata"]["namespace"], o["metadata"]["name"]): o["metadata"]["uid"] for o in _list_job_objects()}
+            for what in ray.collect_garbage(snapshot, live, Config.namespace):
+                log.info("removed %s from %s: its MedDistillJob is gone (or was stopped)", what, ray.address)
+        except (raybackend.RayBackendError, ApiException, OSError, RuntimeError) as e:
+            log.warning("garbage collection on %s failed, retrying next resync: %s", ray.address, e)

@@ -11,13 +11,18 @@ def register(subparsers, summary: str) -> None:
         "operator",
         help=summary,
         description="Watch MedDistillJobs and run each stage as a KubeRay RayJob, then serve the quantized "
-        "student with a RayService. Needs KubeRay's CRDs in the cluster.",
+        "student with a RayService (needs KubeRay's CRDs in the cluster). A job with spec.ray.address (or every "
+        "job, with --ray-address) runs on that existing Ray cluster instead: stages through the Ray Jobs API, "
+        "serving as a Ray Serve app.",
     )
     p.add_argument("--namespace", "-n", help="watch only this namespace (default: all namespaces)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG / ~/.kube/config)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 disables; default 8080)")
     p.add_argument("--health-port", type=int, default=8081, help="liveness endpoint /healthz port (default 8081)")
     p.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every job this often as a backstop")
+    p.add_argument("--ray-address", default=os.environ.get("MEDDISTILL_RAY_ADDRESS", ""),
+                   help="Ray dashboard URL (http://head:8265) for jobs whose spec.ray.address is empty "
+                        "(default $MEDDISTILL_RAY_ADDRESS; empty: such jobs use KubeRay)")
     p.set_defaults(func=run)
 
 
@@ -48,11 +53,16 @@ def run(args) -> int:
     _load_kube_config(args.kubeconfig)
     handlers.Config.namespace = args.namespace
     handlers.Config.resync_seconds = args.resync_seconds
+    if args.ray_address and not args.ray_address.startswith(("http://", "https://")):
+        log.error("--ray-address %r: give the Ray dashboard URL, e.g. http://head:8265", args.ray_address)
+        return 2
+    handlers.Config.ray_address = args.ray_address
     if args.metrics_port:
         start_http_server(args.metrics_port)
     scope = f"namespace {args.namespace}" if args.namespace else "all namespaces"
-    log.info("meddistill operator starting: watching %s; metrics :%s/metrics; health :%s/healthz",
-             scope, args.metrics_port or "off", args.health_port)
+    log.info("meddistill operator starting: watching %s; metrics :%s/metrics; health :%s/healthz; backend %s",
+             scope, args.metrics_port or "off", args.health_port,
+             f"Ray cluster {args.ray_address}" if args.ray_address else "KubeRay (or each job's spec.ray.address)")
     kopf.run(
         standalone=True,
         namespaces=[args.namespace] if args.namespace else [],

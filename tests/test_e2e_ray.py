@@ -1,0 +1,112 @@
+"""End to end on an existing Ray cluster: kubectl apply -> the real stages as Ray jobs -> Serving.
+
+Real kube-apiserver + etcd (kube_cluster), a real local Ray head, `meddistill operator` as its own
+process with the chart's RBAC, the real teacher/distill-data/distill/quantize/evaluate stages
+submitted through the Ray Jobs API, the quantized student served as a Ray Serve app and asked a
+PubMedQA question with the `openai` client. The pipeline runs once per session (tests/e2e_fixture.py:
+quickstart_e2e); the delete test is last in this module because it removes the served app.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from meddistill import artifacts
+from meddistill.data import load_dataset
+from meddistill.prompts import build_messages, extract_answer
+from meddistill.spec.models import Results
+from tests.e2e_fixture import wait_for_phase
+from tests.test_operator_kube import quickstart, wait_for
+
+pytest_plugins = ["tests.support.kube_fixtures", "tests.e2e_fixture"]
+pytestmark = [pytest.mark.slow, pytest.mark.kube]
+
+STAGES = ["teacher", "distill-data", "distill", "quantize", "evaluate"]
+
+
+def our_ray_jobs(ray, namespace: str, name: str) -> dict[str, dict]:
+    return {j["submission_id"]: j for j in ray.jobs() if (j.get("metadata") or {}).get("meddistill.io/job") == f"{namespace}/{name}"}
+
+
+def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace, ray_head, tmp_path):
+    kube, name = e2e_namespace, "broken"
+    doc = quickstart(name, str(tmp_path / "runs"), ray={"address": ray_head.address}, runPolicy={"backoffLimit": 1})
+    doc["spec"]["teacher"]["datasets"] = ["pubmedqa:/nonexistent/ori_pqal.json"]
+    kube.apply(doc)
+    st = wait_for_phase(kube, name, {"Failed"}, 600, ray_head)
+
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True"
+    # The stage's own error line from the Ray job's logs, with the attempt that gave up.
+    assert f"{kube.ns}-{name}-teacher-a2 failed" in failed["message"], failed["message"]
+    assert "/nonexistent/ori_pqal.json" in failed["message"] and "error: stage teacher" in failed["message"]
+    assert st["stages"][0]["state"] == "Failed" and st["stages"][0]["attempt"] == 2
+    assert [s["state"] for s in st["stages"][1:]] == ["Pending"] * 4
+    time.sleep(6)  # a few resyncs later: no third attempt
+    jobs = our_ray_jobs(ray_head, kube.ns, name)
+    assert sorted(jobs) == [f"{kube.ns}-{name}-teacher-a1", f"{kube.ns}-{name}-teacher-a2"]
+    assert {j["status"] for j in jobs.values()} == {"FAILED"}
+    events = wait_for(lambda: (e := kube.events(name)) and "JobFailed" in e and e, 20, "the JobFailed event")
+    assert {"StageStarted", "StageRetrying", "JobFailed"} <= set(events)
+
+
+def test_every_stage_ran_as_a_ray_job_and_succeeded(quickstart_e2e):
+    run, ns = quickstart_e2e, quickstart_e2e.kube.ns
+    st = run.status
+    assert [(s["name"], s["state"]) for s in st["stages"]] == [(s, "Succeeded") for s in STAGES]
+    for s in st["stages"]:
+        directory = run.artifact_root / s["name"]
+        assert s["artifactUri"] == artifacts.stage_uri(str(run.artifact_root.parent), run.name, s["name"])
+        assert s["artifactDigest"] == artifacts.verify(directory).digest  # the manifest the stage wrote
+        assert s["child"] == f"{ns}-{run.name}-{s['name']}-a1"
+    jobs = our_ray_jobs(run.ray, ns, run.name)
+    assert sorted(jobs) == sorted(f"{ns}-{run.name}-{s}-a1" for s in STAGES)  # one per stage, none duplicated
+    assert {j["status"] for j in jobs.values()} == {"SUCCEEDED"}
+    assert all(j["entrypoint"].startswith("python -m meddistill.jobs ") for j in jobs.values())
+    assert "Forbidden" not in run.operator.log()
+
+
+def test_status_holds_the_results_table(quickstart_e2e):
+    st = quickstart_e2e.status
+    on_disk = Results.model_validate(json.loads((quickstart_e2e.artifact_root / "evaluate" / "results.json").read_text()))
+    assert Results.model_validate(st["results"]) == on_disk
+    rows = {r.model: r for r in on_disk.rows}
+    assert set(rows) == {"teacher", "student", "quantized"} and all(r.n == 40 for r in rows.values())
+    assert st["accuracy"] == f"{rows['quantized'].accuracy * 100:.1f}%"
+    assert st["phase"] == "Serving" and st["currentStage"] == ""
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds["Ready"] == "True" and conds["Failed"] == "False"
+    table = quickstart_e2e.kube.cluster.kubectl("get", "mdj", "-n", quickstart_e2e.kube.ns).stdout
+    assert table.split("\n")[1].split()[:3] == ["quickstart", "Serving", st["accuracy"]]
+
+
+def test_openai_client_gets_a_pubmedqa_answer_from_the_endpoint_in_status(quickstart_e2e):
+    from openai import OpenAI
+
+    run, ns = quickstart_e2e, quickstart_e2e.kube.ns
+    assert run.endpoint == f"http://127.0.0.1:{run.ray.serve_port}/{ns}/{run.name}/v1"
+    assert run.status["serving"]["ready"] is True and run.status["serving"]["child"] == f"mdj-{ns}-{run.name}"
+    client = OpenAI(base_url=run.endpoint, api_key="none", timeout=120)
+    assert [m.id for m in client.models.list().data] == [run.model_name]
+
+    records = load_dataset("pubmedqa:@samples/pubmedqa/ori_pqal.json#test", limit=5).records
+    answers = []
+    for record in records:  # a few questions: a 12-step student does not always keep the format
+        reply = client.chat.completions.create(model=run.model_name, messages=build_messages(record),
+                                               max_tokens=8, temperature=0)
+        text = reply.choices[0].message.content
+        assert text and reply.usage.completion_tokens > 0
+        answers.append(extract_answer(text, record, record.options).answer)
+    assert any(a in ("yes", "no", "maybe") for a in answers), answers
+
+
+def test_zz_kubectl_delete_removes_the_serve_app_and_the_ray_jobs(quickstart_e2e):
+    """Last in the module: it takes the served model away."""
+    run, ns = quickstart_e2e, quickstart_e2e.kube.ns
+    app = f"mdj-{ns}-{run.name}"
+    assert app in run.ray.serve_apps()
+    run.kube.cluster.kubectl("delete", "mdj", run.name, "-n", ns, "--wait=true", "--timeout=30s")  # no finalizer
+    wait_for(lambda: app not in run.ray.serve_apps(), 120, f"the Serve app {app} to be removed", interval=1)
+    wait_for(lambda: not our_ray_jobs(run.ray, ns, run.name), 60, "the job's Ray job records to be deleted", interval=1)
