@@ -1,0 +1,145 @@
+"""The Ray cluster backend's render/observe halves and its garbage-collection decisions, without a cluster.
+
+The real Jobs API, Serve REST API and deletion are exercised end to end in tests/test_e2e_ray.py.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+import yaml
+
+from meddistill.operator import raybackend as rb
+from meddistill.operator.planner import Observed, Serve, StartStage, plan
+from meddistill.serve.config import IMPORT_PATH
+from meddistill.spec.models import MedDistillJob
+from tests.support.kube_cluster import REPO_ROOT
+
+
+def job(name: str = "qs", namespace: str = "team-a") -> MedDistillJob:
+    doc = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"] = {"name": name, "namespace": namespace}
+    doc["spec"]["ray"] = {"address": "http://head:8265"}
+    return MedDistillJob.model_validate(doc)
+
+
+def details(stage="teacher", attempt=1, status="RUNNING", **extra) -> dict:
+    meta = {rb.META_JOB: "team-a/qs", rb.META_UID: "u1", rb.META_STAGE: stage, rb.META_ATTEMPT: str(attempt)}
+    return {"submission_id": rb.submission_id("team-a", "qs", stage, attempt), "status": status, "metadata": meta,
+            "start_time": 1_700_000_000_000, "end_time": None, **extra}
+
+
+def test_submission_carries_the_job_document_names_and_resources():
+    j = job()
+    sub = rb.submission(j, "u1", StartStage("teacher", 2, "qs-teacher-a2"))
+    assert sub["entrypoint"] == "python -m meddistill.jobs teacher"
+    assert sub["submission_id"] == "team-a-qs-teacher-a2"
+    assert sub["metadata"] == {rb.META_JOB: "team-a/qs", rb.META_UID: "u1", rb.META_STAGE: "teacher", rb.META_ATTEMPT: "2"}
+    sent = json.loads(sub["runtime_env"]["env_vars"]["MEDDISTILL_JOB"])
+    assert MedDistillJob.model_validate(sent).spec == j.spec and sent["metadata"] == {"name": "qs", "namespace": "team-a"}
+    # Ray Train workers reserve the teacher's 2 CPUs; a driver reserving them too would deadlock 2 cores.
+    assert (sub["entrypoint_num_cpus"], sub["entrypoint_num_gpus"], sub["entrypoint_memory"]) == (0, 0, 0)
+    quant = rb.submission(j, "u1", StartStage("quantize", 1, "qs-quantize-a1"))
+    assert (quant["entrypoint_num_cpus"], quant["entrypoint_memory"]) == (2, 6 * 2**30)
+
+
+@pytest.mark.parametrize("status,state", [("PENDING", "Pending"), ("RUNNING", "Running"), ("SUCCEEDED", "Succeeded"),
+                                          ("FAILED", "Failed"), ("STOPPED", "Deleting")])
+def test_ray_job_status_maps_to_run_state(status, state):
+    run = rb.stage_run(details(status=status, attempt=3))
+    assert (run.stage, run.attempt, run.name, run.state) == ("teacher", 3, "team-a-qs-teacher-a3", state)
+    assert run.start_time == "2023-11-14T22:13:20Z"
+
+
+def test_failure_message_has_the_stage_error_and_a_short_tail():
+    logs = "loading\nTraceback (most recent call last):\n  File x\nFileNotFoundError: /nope\nerror: stage teacher: FileNotFoundError: /nope\n"
+    d = details(status="FAILED", error_type="JOB_ENTRYPOINT_COMMAND_ERROR",
+                message="Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n" + logs)
+    run = rb.stage_run(d, logs)
+    assert run.reason == "JOB_ENTRYPOINT_COMMAND_ERROR"
+    assert run.message.startswith("error: stage teacher: FileNotFoundError: /nope | Job entrypoint command failed with exit code 1 |")
+    assert "last available logs" not in run.message and run.message.count("error: stage teacher") == 1
+    assert len(rb.failure_message(d, "x" * 10_000)) <= rb.FAILURE_MESSAGE_CHARS + 3
+
+
+def test_a_job_that_is_not_a_stage_run_is_ignored():
+    assert rb.stage_run({"submission_id": "raysubmit_1", "status": "RUNNING", "metadata": {}}) is None
+
+
+def test_serve_application_is_the_rayservice_app_renamed_and_routed_per_job():
+    j = job()
+    app = rb.serve_application(j, Serve("qs", "/runs/qs/quantize"))
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("mdj-team-a-qs", "/team-a/qs", IMPORT_PATH)
+    assert app["args"]["model_source"] == "/runs/qs/quantize"
+    assert rb.job_of_route(app["route_prefix"]) == ("team-a", "qs")
+    observed = rb.serving_app("mdj-team-a-qs", {"status": "RUNNING", "deployed_app_config": app})
+    assert (observed.model_uri, observed.ready, observed.deleting) == ("/runs/qs/quantize", True, False)
+    assert rb.serving_app("x", {"status": "DELETING", "deployed_app_config": app}).deleting
+
+
+def test_deploy_config_changes_only_our_app_and_keeps_serves_http_options():
+    other = {"name": "someone-else", "route_prefix": "/other", "import_path": "x:y"}
+    mine = {"name": "mdj-team-a-qs", "route_prefix": "/team-a/qs", "import_path": IMPORT_PATH, "args": {"model_source": "old"}}
+    running = {"http_options": {"host": "127.0.0.1", "port": 8123}, "proxy_location": "HeadOnly",
+               "applications": {a["name"]: {"deployed_app_config": a} for a in (other, mine)}}
+    new = {**mine, "args": {"model_source": "new"}}
+    put = rb.deploy_config(running, put=[new])
+    assert put["applications"] == [other, new]
+    assert put["http_options"] == {"host": "127.0.0.1", "port": 8123} and put["proxy_location"] == "HeadOnly"
+    assert rb.deploy_config(running, remove={"mdj-team-a-qs"})["applications"] == [other]
+    assert rb.deploy_config({"applications": {}}, put=[new])["http_options"] == {"host": "0.0.0.0", "port": 8000}
+
+
+def test_deploy_config_refuses_to_drop_an_imperative_app():
+    running = {"applications": {"notebook": {"deployed_app_config": None}}}
+    with pytest.raises(rb.RayBackendError, match="'notebook'.*serve.run"):
+        rb.deploy_config(running, put=[{"name": "mdj-a-b"}])
+
+
+def test_ray_client_addresses_are_refused_with_the_fix():
+    with pytest.raises(rb.RayBackendError, match=r"spec.ray.address 'ray://head:10001'.*http://<head>:8265"):
+        rb.dashboard_address("ray://head:10001")
+
+
+def test_the_same_planner_starts_the_first_stage_on_ray():
+    p = plan(job(), Observed(), datetime.now(timezone.utc))
+    assert [type(c).__name__ for c in p.create] == ["StartStage"] and p.create[0].stage == "teacher"
+    assert rb.submission(job(), "u1", p.create[0])["submission_id"] == "team-a-qs-teacher-a1"
+
+
+class RecordingCluster(rb.RayCluster):
+    """Records what garbage collection removes instead of calling the cluster (the decisions are tested here)."""
+
+    def __init__(self):
+        super().__init__("http://head:8265")
+        self.stopped, self.removed_apps = [], set()
+
+    def stop_and_delete(self, sid):
+        self.stopped.append(sid)
+
+    def remove_apps(self, names):
+        self.removed_apps |= names
+
+
+def test_garbage_collection_removes_what_no_live_job_owns():
+    def run(job_key, uid, stage="teacher", status="RUNNING"):
+        ns, name = job_key.split("/")
+        return {"submission_id": rb.submission_id(ns, name, stage, 1), "status": status,
+                "metadata": {rb.META_JOB: job_key, rb.META_UID: uid, rb.META_STAGE: stage, rb.META_ATTEMPT: "1"}}
+
+    snapshot = rb.Snapshot(
+        runs=[run("a/live", "u1"), run("a/live", "u1", "distill", "STOPPED"), run("a/gone", "u2"),
+              run("a/renewed", "old-uid"), run("b/elsewhere", "u3")],
+        apps={"mdj-a-live": {"route_prefix": "/a/live"}, "mdj-a-gone": {"route_prefix": "/a/gone"},
+              "mdj-b-elsewhere": {"route_prefix": "/b/elsewhere"}},
+    )
+    live = {("a", "live"): "u1", ("a", "renewed"): "new-uid"}
+    c = RecordingCluster()
+    removed = c.collect_garbage(snapshot, live, namespace="a")  # an operator watching namespace a only
+    assert c.stopped == ["a-live-distill-a1", "a-gone-teacher-a1", "a-renewed-teacher-a1"]
+    assert c.removed_apps == {"mdj-a-gone"}
+    assert set(removed) == set(c.stopped) | c.removed_apps
+    c = RecordingCluster()
+    c.collect_garbage(snapshot, live, namespace=None)  # cluster-wide: b/elsewhere is gone too
+    assert "b-elsewhere-teacher-a1" in c.stopped and c.removed_apps == {"mdj-a-gone", "mdj-b-elsewhere"}
