@@ -1,6 +1,7 @@
 """Evaluation harness: metrics helpers, a tiny random model for structure, the real SmolLM2 on PubMedQA."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -85,8 +86,9 @@ def test_cli_eval_and_data(tiny_model_dir, tmp_path, capsys):
     assert main(["data", "pubmedqa:@samples/pubmedqa/ori_pqal.json#test", "--show", "1"]) == 0
     out = capsys.readouterr().out
     assert "records: 500" in out and "yes_no_maybe: 500" in out and '"question_type": "yes_no_maybe"' in out
-    assert main(["data", "medqa:tests/fixtures/data/medqa_malformed.jsonl"]) == 1
-    assert main(["data", "medqa:tests/fixtures/data/medqa_malformed.jsonl", "--lenient", "--show", "0"]) == 0
+    malformed = f"medqa:{Path(__file__).parent}/fixtures/data/medqa_malformed.jsonl"
+    assert main(["data", malformed]) == 1
+    assert main(["data", malformed, "--lenient", "--show", "0"]) == 0
     assert "skipped: 5" in capsys.readouterr().out
 
 
