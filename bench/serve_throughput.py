@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import threading
@@ -138,6 +139,8 @@ def main() -> None:
     from meddistill.serve.local import start
     from meddistill.spec.models import Serving
 
+    # Same scheduling priority as the in-process runs (Ray's default worker niceness is 15).
+    os.environ["RAY_worker_niceness"] = "0"
     ray.init(num_cpus=opts.threads, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

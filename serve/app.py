@@ -158,11 +158,14 @@ class MedDistillServer:
     async def _sse(self, kind: str, stream, first, started: float, chunk_body, include_usage: bool
                    ) -> AsyncIterator[bytes]:
         last, parts = first, [first.text]
-        yield P.sse(chunk_body(first.text, first.finish_reason, role=True))
-        if first.finish_reason is None:
-            async for last in stream:
-                parts.append(last.text)
-                yield P.sse(chunk_body(last.text, last.finish_reason))
+        try:
+            yield P.sse(chunk_body(first.text, first.finish_reason, role=True))
+            if first.finish_reason is None:
+                async for last in stream:
+                    parts.append(last.text)
+                    yield P.sse(chunk_body(last.text, last.finish_reason))
+        finally:
+            await stream.aclose()  # a client that disconnects frees its batch row now
         if include_usage:
             yield P.sse({**chunk_body("", None), "choices": [],
                          "usage": P.usage(last.prompt_tokens, last.completion_tokens)})
