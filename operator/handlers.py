@@ -12,8 +12,9 @@ No finalizer: kopf only adds one for deletion handlers, timers and daemons, and 
 none of them (the periodic resync is a plain asyncio task started at startup). Deleting a job
 therefore never waits for the operator; owner references let the garbage collector remove its
 KubeRay children, and for a Ray cluster the operator collects its own garbage (on the job's
-DELETED event, and level-triggered in every resync). kopf's own progress/diff-base annotations are not used either: `on.event` handlers are
-level-triggered and stateless, exactly what a pure planner wants.
+DELETED event, and level-triggered in every resync). kopf's own progress/diff-base annotations
+are not used either: `on.event` handlers are level-triggered and stateless, exactly what a pure
+planner wants.
 """
 
 from __future__ import annotations

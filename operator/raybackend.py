@@ -285,16 +285,15 @@ class RayCluster:
         client = self.client()
         try:
             client.stop_job(sid)
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            while str(client.get_job_status(sid)).rsplit(".", 1)[-1].upper() not in ("STOPPED", "SUCCEEDED", "FAILED"):
+                if time.monotonic() > deadline:
+                    return  # still stopping: the next garbage collection deletes the record
+                time.sleep(0.5)
+            client.delete_job(sid)
         except RuntimeError as e:
-            if "does not exist" in str(e):
-                return
-            raise
-        deadline = time.monotonic() + STOP_WAIT_SECONDS
-        while str(client.get_job_status(sid)).rsplit(".", 1)[-1].upper() not in ("STOPPED", "SUCCEEDED", "FAILED"):
-            if time.monotonic() > deadline:
-                return  # still stopping: the next garbage collection deletes the record
-            time.sleep(0.5)
-        client.delete_job(sid)
+            if "does not exist" not in str(e):  # gone already (a concurrent collection): done
+                raise RayBackendError(f"stopping Ray job {sid} on {self.address}: {e}") from None
         self._failure_logs.pop(sid, None)
 
     # ---- Serve REST API ----------------------------------------------------------------------
