@@ -2,7 +2,7 @@
 
 Each model is evaluated by meddistill.evaluation.evaluate in its own Ray task with a fresh
 worker process (max_calls=1), so its peak memory is its own and not the maximum of everything
-the process loaded before. Outputs in the artifact directory:
+the process loaded before; the tasks run one after another so their latencies are comparable. Outputs in the artifact directory:
   results.json   spec Results (by alias): per model x dataset rows (accuracy, Wilson 95% CI,
                  weight bytes, peak memory, latency, tokens/s) and the relative figures of the
                  quantized student vs the teacher (memory -x %, latency -y %, accuracy retention %)
@@ -138,10 +138,12 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         "quantized": str(ctx.input_dir("quantize")),
     }
     settings = {"limit": ev.limit, "batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "prompt_style": ev.prompt_style}
-    task = ray.remote(num_cpus=1, max_calls=1)(evaluate_model)
+    resources = spec.teacher.resources  # the largest model decides what a worker needs
+    task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker, max_calls=1)(evaluate_model)
     base_dir = str(ctx.base_dir) if ctx.base_dir else None
-    futures = {kind: task.remote(kind, sources[kind], ev.datasets, base_dir, settings, str(out)) for kind in ev.models}
-    rows = [result_row(kind, r) for kind in ev.models for r in ray.get(futures[kind])]
+    rows = []
+    for kind in ev.models:  # one after another: latencies measured side by side must not share the CPU
+        rows += [result_row(kind, r) for r in ray.get(task.remote(kind, sources[kind], ev.datasets, base_dir, settings, str(out)))]
     results = Results(rows=rows, report_uri=ctx.uri("evaluate"), **summarize(rows))
     (out / "results.json").write_text(json.dumps(results.model_dump(by_alias=True), indent=2))
     (out / "results.md").write_text("# MedDistill results\n\n" + markdown_table(results))
