@@ -3,7 +3,7 @@
 Same student (SmolLM2-135M pruned to --keep layers, LoRA r=16 on q/k/v/o), same batches, same
 loss code (meddistill.jobs.distill.batch_loss); the only difference is where the teacher's
 distribution comes from. The cache's one-off cost (the distill-data stage) is timed separately.
-Run: python bench/distill_throughput.py [--steps 6 --batch 4 --seq 256 --keep 20]
+Run: python bench/distill_throughput.py [--steps 6 --batch 4 --seq 256 --keep 24]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--keep", type=int, default=20)
+    parser.add_argument("--keep", type=int, default=24)
     parser.add_argument("--top-k", type=int, default=20)
     args = parser.parse_args()
 

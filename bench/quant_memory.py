@@ -1,6 +1,6 @@
 """Weight memory of the 4-bit (NF4, double quant) student vs 16-bit, measured side by side.
 
-  1. the quickstart student shape (SmolLM2-135M pruned to 20 layers): a real model, bf16 vs NF4
+  1. the quickstart student shape (SmolLM2-135M pruned to --keep layers, 24 in quickstart.yaml): a real model, bf16 vs NF4
      loaded through transformers + bitsandbytes, bytes counted tensor by tensor (including the
      4-bit quantization state: absmax and its own double-quant constants);
   2. a Qwen2.5-7B-shaped model, too large to hold twice here: built on the `meta` device and
@@ -83,14 +83,14 @@ def check_real_layers(shapes) -> None:
         del layer
 
 
-def real_quickstart_student() -> None:
+def real_quickstart_student(keep: int) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from meddistill.jobs.student import keep_layer_indices, prune_layers
     from meddistill.modelsource import load_model
 
     model, tok = load_model("builtin:smollm2-135m-instruct", dtype="bfloat16")
-    prune_layers(model, keep_layer_indices(model.config.num_hidden_layers, 20, "uniform"))
+    prune_layers(model, keep_layer_indices(model.config.num_hidden_layers, keep, "uniform"))
     b16 = model_bytes(model)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -98,7 +98,7 @@ def real_quickstart_student() -> None:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"]))
     b4 = model_bytes(q)
-    print(f"quickstart student (SmolLM2-135M, 20 layers), real: bf16 {b16 / 2**20:.1f} MiB -> NF4 {b4 / 2**20:.1f} MiB: "
+    print(f"quickstart student (SmolLM2-135M, {keep} layers), real: bf16 {b16 / 2**20:.1f} MiB -> NF4 {b4 / 2**20:.1f} MiB: "
           f"ratio {b4 / b16:.3f} (-{100 * (1 - b4 / b16):.1f}%)  [tied 49k x 576 embedding stays 16-bit]")
     cfg16, cfg4 = analytic(model.config)
     print(f"  analytic for the same config: ratio {cfg4 / cfg16:.3f}")
@@ -107,10 +107,11 @@ def real_quickstart_student() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-real", action="store_true", help="skip the real SmolLM2 load")
+    parser.add_argument("--keep", type=int, default=24, help="student layers (examples/quickstart.yaml: 24)")
     args = parser.parse_args()
     started = time.time()
     if not args.skip_real:
-        real_quickstart_student()
+        real_quickstart_student(args.keep)
     from transformers import Qwen2Config
 
     qwen7b = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
