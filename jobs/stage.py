@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meddistill.artifacts import ArtifactStore, stage_uri, verify, write_manifest
@@ -148,6 +148,3 @@ def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> 
     log.info("stage %s done in %.1fs: %s", stage, wall, store.uri)
     return StageResult(stage, store.uri, manifest.digest, metrics, wall)
 
-
-def result_as_dict(result: StageResult) -> dict:
-    return asdict(result)
