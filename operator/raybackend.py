@@ -334,7 +334,8 @@ class RayCluster:
     def remove_apps(self, names: set[str]) -> None:
         with self._serve_lock:
             details = self.serve_details()
-            if names & set(details.get("applications") or {}):
+            present = {n for n, a in (details.get("applications") or {}).items() if a.get("status") != "DELETING"}
+            if names & present:  # an app already being deleted needs no second PUT
                 self._put_serve_config(deploy_config(details, remove=names))
 
     def endpoint(self, namespace: str, name: str) -> str:

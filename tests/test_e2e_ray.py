@@ -80,7 +80,7 @@ def test_status_holds_the_results_table(quickstart_e2e):
     assert st["phase"] == "Serving" and st["currentStage"] == ""
     conds = {c["type"]: c["status"] for c in st["conditions"]}
     assert conds["Ready"] == "True" and conds["Failed"] == "False"
-    table = quickstart_e2e.kube.cluster.kubectl("get", "mdj", "-n", quickstart_e2e.kube.ns).stdout
+    table = quickstart_e2e.kube.cluster.kubectl("get", "mdj", quickstart_e2e.name, "-n", quickstart_e2e.kube.ns).stdout
     assert table.split("\n")[1].split()[:3] == ["quickstart", "Serving", st["accuracy"]]
 
 
