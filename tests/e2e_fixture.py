@@ -14,12 +14,14 @@ Fixtures
 
 The Ray head is not stopped with `ray stop`: that kills every Ray process of the user on the machine
 (other test sessions' clusters included); its own process group is terminated instead.
+Set MEDDISTILL_KEEP_RAY_TMP=1 to keep the head's temp dir (Ray's session logs) for debugging.
 """
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +130,8 @@ class RayHead:
         except ProcessLookupError:
             pass
         self.proc = None
+        if not os.environ.get("MEDDISTILL_KEEP_RAY_TMP"):  # session logs, spilled objects: large
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @contextmanager
