@@ -2,5 +2,6 @@
 
 pytest_plugins = [
     "tests.support.kube_fixtures",  # kube_cluster: real etcd + kube-apiserver + kube-controller-manager
-    "tests.pipeline_fixture",  # tiny models/jobs for unit speed, and the one real quickstart run
+    "tests.pipeline_fixture",  # tiny models/jobs for unit speed
+    "tests.e2e_fixture",  # the one real quickstart pipeline: kubectl apply -> operator -> Ray -> Serving
 ]

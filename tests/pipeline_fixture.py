@@ -6,22 +6,17 @@ Fixtures
   tiny_model_dir   a 2-layer random Llama with SmolLM2's real tokenizer, saved once per session
   tiny_data_dir    small labelled medical QA files (yes/no/maybe + multiple choice), jsonl
   tiny_job         factory: a MedDistillJob over both, artifacts in a temp dir, overrides merged
-  quickstart_run   the whole examples/quickstart.yaml run once (--no-serve) in a temp dir;
-                   returns the artifact root (<tmp>/runs/quickstart). Minutes: marked slow users.
+  quickstart_run   the artifact root (<tmp>/runs/quickstart) of the session's one real quickstart
+                   pipeline run (tests/e2e_fixture.py). Minutes: marked slow users.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-QUICKSTART = REPO / "examples" / "quickstart.yaml"
 
 _FACTS = [
     ("Does aspirin reduce the risk of myocardial infarction in secondary prevention?", "yes"),
@@ -141,18 +136,12 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def quickstart_run(tmp_path_factory) -> Path:
-    """Run `meddistill run examples/quickstart.yaml --no-serve` once; the artifact root path."""
-    workdir = tmp_path_factory.mktemp("quickstart")
-    # RAY_ADDRESS=local: its own Ray, not the in-process tests' cluster (`auto` would find that one)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
-    log_path = workdir / "run.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "meddistill.cli", "run", str(QUICKSTART), "--no-serve"],
-            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=30 * 60,
-        )
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-4000:]
-        pytest.fail(f"quickstart run failed (exit {proc.returncode}); log tail:\n{tail}")
-    return workdir / "runs" / "quickstart"
+def quickstart_run(quickstart_e2e) -> Path:
+    """The artifact root of the session's one real quickstart pipeline.
+
+    CI runs the full pipeline once: the end-to-end fixture (tests/e2e_fixture.py) drives it through
+    the operator on a real Ray head, and every stage there is the same entrypoint `meddistill run`
+    calls (`python -m meddistill.jobs STAGE`), writing the same layout. `meddistill run` itself is
+    covered end to end on a tiny job by tests/test_run_resume.py.
+    """
+    return quickstart_e2e.artifact_root
