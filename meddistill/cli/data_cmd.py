@@ -11,7 +11,7 @@ from collections import Counter
 def register(subparsers, summary: str) -> None:
     p = subparsers.add_parser(
         "data",
-        help=summary.replace("%", "%%"),  # argparse %-formats help strings
+        help=summary,
         description="Load a dataset reference FORMAT:PATH[#SPLIT] and print the record count, the "
         "question-type breakdown, skipped records with their reasons (--lenient) and the first "
         "records normalized as JSON. Exit code 1 when the data cannot be loaded.",

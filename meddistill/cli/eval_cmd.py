@@ -9,7 +9,7 @@ import sys
 def register(subparsers, summary: str) -> None:
     p = subparsers.add_parser(
         "eval",
-        help=summary.replace("%", "%%"),  # argparse %-formats help strings
+        help=summary,
         description="Evaluate a model on a medical QA dataset with batched greedy generation: accuracy "
         "with a Wilson 95%% CI, per question type, unparsed-answer rate (counted wrong), token F1 "
         "for open questions, latency, tokens/s and peak memory. Writes eval.json and eval.md "
