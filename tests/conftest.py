@@ -5,3 +5,14 @@ pytest_plugins = [
     "tests.pipeline_fixture",  # tiny models/jobs for unit speed
     "tests.e2e_fixture",  # the one real quickstart pipeline: kubectl apply -> operator -> Ray -> Serving
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the end-to-end tests last: their Ray head lives until the session ends, and Ray's own
+    helpers refuse to pick between two local Ray instances, so it must not overlap the tests
+    that start a private local Ray."""
+    def key(item):
+        uses_ray_head = "ray_head" in getattr(item, "fixturenames", ())
+        return (uses_ray_head, uses_ray_head and "test_zz_" in item.name)  # the delete test ends the run
+
+    items.sort(key=key)
