@@ -1,6 +1,5 @@
 """Model sources: builtin GGUF conversion cached and reused, local dirs, clear errors for bad sources."""
 import json
-import os
 import time
 from pathlib import Path
 
@@ -113,9 +112,8 @@ def test_weight_bytes_counts_real_storage():
     assert model_weight_bytes(m) == (100 + 10) * 2 + 8
 
 
-@pytest.mark.skipif(os.environ.get("MEDDISTILL_TEST_GEMMA") != "1",
-                    reason="Gemma GGUF conversion takes ~1-2 min; set MEDDISTILL_TEST_GEMMA=1")
 def test_builtin_gemma_has_another_tokenizer():
+    # The GGUF is converted once per machine (cached by hash; the cross-tokenizer test shares it).
     from meddistill.modelsource import load_tokenizer
 
     tok = load_tokenizer("builtin:gemma3-270m")
