@@ -264,7 +264,8 @@ def test_quickstart_pipeline_to_serving(kube, operator, tmp_path):
     assert worker["replicas"] == 1
     container = worker["template"]["spec"]["containers"][0]
     assert container["image"] == job["spec"]["image"]
-    assert container["resources"]["limits"] == {"cpu": "1", "memory": "6Gi"}
+    resources = job["spec"]["teacher"]["resources"]  # the quickstart's teacher workers, as applied
+    assert container["resources"]["limits"] == {"cpu": str(resources["cpusPerWorker"]), "memory": resources["memory"]}
     assert "finalizers" not in job["metadata"]  # deleting never waits for the operator
 
     digests = {}
