@@ -18,7 +18,8 @@ def test_helm_lint_is_clean(kube_cluster):
 
 
 @pytest.mark.parametrize("values", [[], ["rbac.scope=namespace", "watchNamespace=team-a", "artifactClaims={models}",
-                                         "artifactSecretName=s3-creds", "logLevel=debug"]])
+                                         "artifactSecretName=s3-creds", "logLevel=debug",
+                                         "ray.address=http://ray-head.ray.svc:8265", "ray.authTokenSecret.name=ray-token"]])
 def test_template_passes_server_dry_run(kube_cluster, values):
     install_crd(kube_cluster)
     kube_cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
@@ -38,6 +39,9 @@ def test_template_passes_server_dry_run(kube_cluster, values):
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["resources"]["limits"]
     if values:
         assert "--namespace=team-a" in c["args"] and c["args"][0] == "--verbose"
+        assert "--ray-address=http://ray-head.ray.svc:8265" in c["args"]
+        token = next(e for e in c["env"] if e["name"] == "RAY_AUTH_TOKEN")
+        assert token["valueFrom"]["secretKeyRef"] == {"name": "ray-token", "key": "token"}
         assert {"name": "artifacts-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in c["volumeMounts"]
 
 
