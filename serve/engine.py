@@ -223,7 +223,7 @@ class TransformersEngine:
         offset = rows.start
         tokens = self._sample(logits, [self._running[i].params for i in rows])
         self._last[offset:offset + len(tokens)] = tokens
-        done = []
+        done, outbox = [], {}
         for i, token in zip(rows, tokens.tolist()):
             req = self._running[i]
             if req.cancelled:
@@ -247,9 +247,13 @@ class TransformersEngine:
             delta, req.text = text[len(req.text):], text
             chunk = Chunk(delta, len(req.prompt_ids), len(req.generated), finish)
             if delta or finish:
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, chunk)
+                outbox.setdefault(req.loop, []).append((req.queue, chunk))
             if finish:
                 done.append(i)
+        # One wake-up per event loop and step, not one per row: the loop's thread competes with
+        # this one for the GIL, which costs decode speed (most visible on GPU, where a step is short).
+        for loop, items in outbox.items():
+            loop.call_soon_threadsafe(_deliver, items)
         if done:
             self._leave(done)
 
@@ -281,6 +285,11 @@ class TransformersEngine:
                     probs[order[cut]] = 0
                 tokens[i] = torch.multinomial(probs / probs.sum(), 1)[0]
         return tokens
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Chunk]]) -> None:
+    for queue, chunk in items:
+        queue.put_nowait(chunk)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
