@@ -132,20 +132,48 @@ def _forbidden(e: ApiException, verb: str, what: str) -> None:
                   "(check the chart's ClusterRole/Role): %s", verb, what, e.body)
 
 
+_secret_warned: dict[tuple[str, str], str] = {}  # (ns, name) -> the SecretUnavailable message last posted
+
+
+def _read_secret(namespace: str, name: str, field: str) -> dict[str, str]:
+    import base64
+
+    try:
+        secret = client.CoreV1Api().read_namespaced_secret(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            raise raybackend.SecretUnavailable(
+                f"Secret {namespace}/{name} (named by {field}) does not exist: create it in the job's namespace, "
+                f"e.g. kubectl -n {namespace} create secret generic {name} --from-literal=...") from None
+        if e.status == 403:
+            raise raybackend.SecretUnavailable(
+                f"the operator may not read Secret {namespace}/{name} (named by {field}), which a job on a Ray cluster "
+                f"needs: install the chart with ray.readSecrets=true (or set ray.address)") from None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def secret_env(job: MedDistillJob, serving: bool) -> dict[str, str]:
+    """What the job's Secrets give a stage (or the Serve app) on a Ray cluster; values never logged."""
+    refs = raybackend.secret_refs(job, serving)
+    secrets = {name: _read_secret(job.metadata.namespace, name, field) for field, name in refs.items()}
+    return raybackend.secret_env(job, secrets, serving)
+
+
 def apply_on_ray(ray: raybackend.RayCluster, job: MedDistillJob, uid: str, p: Plan) -> None:
     ns, name = job.metadata.namespace, job.metadata.name
     for item in p.create:
         if isinstance(item, StartStage):
             sid = raybackend.submission_id(ns, name, item.stage, item.attempt)
-            if ray.submit(job, uid, item):
+            if ray.submit(job, uid, item, secret_env(job, serving=False)):
                 metrics.CHILDREN_CREATED.labels("rayjobs-api").inc()
                 log.info("submitted Ray job %s to %s", sid, ray.address)
         else:
-            ray.deploy(job, item)
+            ray.deploy(job, item, secret_env(job, serving=True))
             metrics.CHILDREN_CREATED.labels("serve-apps").inc()
             log.info("deployed Serve app %s on %s", raybackend.app_name(ns, name), ray.address)
     for item in p.update:
-        ray.deploy(job, item)
+        ray.deploy(job, item, secret_env(job, serving=True))
         log.info("updated Serve app %s to model %s", raybackend.app_name(ns, name), item.model_uri)
     for item in p.delete:
         if item.kind == "stage":
@@ -269,7 +297,14 @@ def _reconcile(namespace: str, name: str) -> None:
         # from their manifests) instead of failing the job.
         log.warning("%s/%s: ignoring an unreadable status: %s", namespace, name, e)
     p = plan(job, observe(job, meta["uid"]), datetime.now(timezone.utc))
-    apply(job, meta["uid"], p)
+    try:
+        apply(job, meta["uid"], p)
+        _secret_warned.pop((namespace, name), None)
+    except raybackend.SecretUnavailable as e:  # the user's to fix: say so where they look (kubectl describe)
+        if _secret_warned.get((namespace, name)) != str(e):  # once per distinct problem, not every resync
+            post_event(body, "Warning", "SecretUnavailable", str(e))
+            _secret_warned[(namespace, name)] = str(e)
+        raise
     ray = ray_cluster(job)
     if ray is not None and p.status.get("serving"):
         # The planner names the KubeRay Service; on a Ray cluster the app has its own route.

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from meddistill.serve.config import render_serve_config_v2
+from meddistill.serve.config import TOKEN_ENV, render_serve_config_v2
 from meddistill.spec.models import MedDistillJob
 
 from .kuberay import job_document, stage_resources
@@ -51,6 +51,10 @@ FAILURE_MESSAGE_CHARS = 1500
 
 class RayBackendError(RuntimeError):
     """The Ray cluster refused or cannot do what the plan asks (the message says how to fix it)."""
+
+
+class SecretUnavailable(RayBackendError):
+    """A Secret the job names is missing, unreadable or lacks its key (the message names field and fix)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,8 +103,38 @@ def _memory_bytes(quantity: str) -> int:
     return int(float(quantity))
 
 
-def submission(job: MedDistillJob, uid: str, start: StartStage) -> dict:
-    """Keyword arguments of `JobSubmissionClient.submit_job` for one stage attempt."""
+def secret_refs(job: MedDistillJob, serving: bool) -> dict[str, str]:
+    """{spec field: Secret name} whose values a run on a Ray cluster needs (no pod to mount them in)."""
+    refs = {}
+    if job.spec.artifacts.secret_name:
+        refs["spec.artifacts.secretName"] = job.spec.artifacts.secret_name
+    if serving and job.spec.serving.auth is not None:
+        refs["spec.serving.auth.secretName"] = job.spec.serving.auth.secret_name
+    return refs
+
+
+def secret_env(job: MedDistillJob, secrets: dict[str, dict[str, str]], serving: bool) -> dict[str, str]:
+    """Environment a stage (serving=False) or the Serve app (True) gets from the job's Secrets.
+
+    `secrets` maps a Secret's name to its decoded data. As on KubeRay: every key of
+    artifacts.secretName (envFrom), and for serving the bearer token under $MEDDISTILL_SERVE_TOKEN.
+    """
+    env = {}
+    if job.spec.artifacts.secret_name:
+        env.update(secrets[job.spec.artifacts.secret_name])
+    auth = job.spec.serving.auth if serving else None
+    if auth is not None:
+        data = secrets[auth.secret_name]
+        if not data.get(auth.key, "").strip():
+            raise SecretUnavailable(
+                f"Secret {auth.secret_name!r} has no non-empty key {auth.key!r} (spec.serving.auth.key; it has: "
+                f"{', '.join(sorted(data)) or 'no keys'}): add the token under that key or point spec.serving.auth.key at one")
+        env[TOKEN_ENV] = data[auth.key].strip()
+    return env
+
+
+def submission(job: MedDistillJob, uid: str, start: StartStage, env: dict[str, str] | None = None) -> dict:
+    """Keyword arguments of `JobSubmissionClient.submit_job` for one stage attempt (env: secret_env)."""
     ns, name = job.metadata.namespace or "default", job.metadata.name
     res = stage_resources(job, start.stage)
     works = start.stage in DRIVER_DOES_THE_WORK
@@ -108,7 +142,7 @@ def submission(job: MedDistillJob, uid: str, start: StartStage) -> dict:
         # The same entrypoint and job document the KubeRay RayJob gets (and `meddistill run` calls).
         "entrypoint": f"python -m meddistill.jobs {start.stage}",
         "submission_id": submission_id(ns, name, start.stage, start.attempt),
-        "runtime_env": {"env_vars": {"MEDDISTILL_JOB": job_document(job)}},
+        "runtime_env": {"env_vars": {**(env or {}), "MEDDISTILL_JOB": job_document(job)}},
         "metadata": {META_JOB: f"{ns}/{name}", META_UID: uid, META_STAGE: start.stage, META_ATTEMPT: str(start.attempt)},
         "entrypoint_num_cpus": res.cpus_per_worker if works else 0,
         "entrypoint_num_gpus": res.gpus_per_worker if works else 0,
@@ -116,11 +150,19 @@ def submission(job: MedDistillJob, uid: str, start: StartStage) -> dict:
     }
 
 
-def serve_application(job: MedDistillJob, serve: Serve) -> dict:
-    """Our app in a Serve deploy config: the RayService's serveConfigV2 app, renamed and routed per job."""
+def serve_application(job: MedDistillJob, serve: Serve, env: dict[str, str] | None = None) -> dict:
+    """Our app in a Serve deploy config: the RayService's serveConfigV2 app, renamed and routed per job.
+
+    env (secret_env) goes into the app's runtime_env: what a RayService pod gets from its Secrets.
+    """
     ns, name = job.metadata.namespace or "default", job.metadata.name
     app = yaml.safe_load(render_serve_config_v2(job, serve.model_uri))["applications"][0]
-    return {**app, "name": app_name(ns, name), "route_prefix": route_prefix(ns, name)}
+    app = {**app, "name": app_name(ns, name), "route_prefix": route_prefix(ns, name)}
+    if env:
+        runtime_env = dict(app.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env}
+        app["runtime_env"] = runtime_env
+    return app
 
 
 def deploy_config(details: dict, put: list[dict] = (), remove: set[str] = frozenset()) -> dict:
@@ -269,9 +311,9 @@ class RayCluster:
                 return f"(logs unavailable: {e})"
         return self._failure_logs[sid]
 
-    def submit(self, job: MedDistillJob, uid: str, start: StartStage) -> bool:
+    def submit(self, job: MedDistillJob, uid: str, start: StartStage, env: dict[str, str] | None = None) -> bool:
         """Submit one stage attempt; False when it exists already (a restart found it)."""
-        kwargs = submission(job, uid, start)
+        kwargs = submission(job, uid, start, env)
         try:
             self.client().submit_job(**kwargs)
         except RuntimeError as e:
@@ -326,10 +368,10 @@ class RayCluster:
         app = apps.get(app_name(namespace, name))
         return serving_app(app_name(namespace, name), app) if app else None
 
-    def deploy(self, job: MedDistillJob, serve: Serve) -> None:
+    def deploy(self, job: MedDistillJob, serve: Serve, env: dict[str, str] | None = None) -> None:
         """Create our app, or point it at a new model in place (other apps are left as they are)."""
         with self._serve_lock:
-            self._put_serve_config(deploy_config(self.serve_details(), put=[serve_application(job, serve)]))
+            self._put_serve_config(deploy_config(self.serve_details(), put=[serve_application(job, serve, env)]))
 
     def remove_apps(self, names: set[str]) -> None:
         with self._serve_lock:

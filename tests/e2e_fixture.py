@@ -8,7 +8,8 @@ Fixtures
   ray_operator    `meddistill operator` as a real process with the chart's RBAC (ServiceAccount
                   kubeconfig) against the real kube-apiserver, with the Ray token in its env
   quickstart_e2e  `kubectl apply` of examples/quickstart.yaml pointed at `ray_head` (spec.ray.address)
-                  with an absolute artifacts.uri; waits until the job reads Serving. Returns an
+                  with an absolute artifacts.uri and serving.auth from a Secret; waits until the job
+                  reads Serving. Returns an
                   E2ERun: artifact_root (<tmp>/runs/quickstart, the same layout `meddistill run`
                   writes), the final status, the endpoint, wall time. ~10-20 minutes on 2 cores.
 
@@ -157,6 +158,7 @@ class E2ERun:
     ray: RayHead
     operator: OperatorProcess
     name: str = "quickstart"
+    token: str = ""  # the endpoint's bearer token (spec.serving.auth's Secret)
 
 
 def wait_for_phase(kube: Kube, name: str, phases: set[str], timeout: float, ray: RayHead | None = None) -> dict:
@@ -186,7 +188,7 @@ def ray_head(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_operator(kube_cluster, ray_head, tmp_path_factory):
-    install_operator_prereqs(kube_cluster)
+    install_operator_prereqs(kube_cluster, values=["ray.readSecrets=true"])  # jobs name spec.ray.address
     op = OperatorProcess(kube_cluster, tmp_path_factory.mktemp("ray-operator") / "operator.log")
     with _environ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_head.token}):
         op.start()
@@ -207,13 +209,18 @@ def quickstart_e2e(e2e_namespace, ray_head, ray_operator, tmp_path_factory) -> E
     kube, name = e2e_namespace, "quickstart"
     runs = tmp_path_factory.mktemp("e2e") / "runs"  # absolute: the stages run in Ray's own working dir
     started = time.monotonic()
-    kube.apply(quickstart(name, str(runs), ray={"address": ray_head.address}))
+    # serving.auth on: the operator hands the Secret's token to the Serve app (no pod env on a Ray cluster).
+    token = secrets.token_urlsafe(24)
+    kube.cluster.kubectl("-n", kube.ns, "create", "secret", "generic", "quickstart-serve-token", f"--from-literal=token={token}")
+    doc = quickstart(name, str(runs), ray={"address": ray_head.address})
+    doc["spec"]["serving"]["auth"] = {"secretName": "quickstart-serve-token"}
+    kube.apply(doc)
     status = wait_for_phase(kube, name, {"Serving"}, PIPELINE_TIMEOUT_S, ray_head)
     wall = time.monotonic() - started
     print(f"[e2e] quickstart on Ray: apply -> Serving in {wall:.0f}s", file=sys.stderr, flush=True)
     return E2ERun(artifact_root=runs / name, status=status, endpoint=status["serving"]["endpoint"],
                   model_name=status["serving"]["modelName"], wall_s=wall, kube=kube, ray=ray_head,
-                  operator=ray_operator, name=name)
+                  operator=ray_operator, name=name, token=token)
 
 
 __all__ = ["E2ERun", "RayHead", "REPO_ROOT", "wait_for_phase"]

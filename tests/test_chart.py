@@ -32,6 +32,9 @@ def test_template_passes_server_dry_run(kube_cluster, values):
     out = kube_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered).stdout
     assert "(server dry run)" in out
 
+    role = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == want_role)
+    # Secrets are read only for the Ray-cluster backend (ray.address here), never for KubeRay alone.
+    assert any("secrets" in r["resources"] for r in role["rules"]) == bool(values)
     deploy = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
     pod = deploy["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -43,6 +46,13 @@ def test_template_passes_server_dry_run(kube_cluster, values):
         token = next(e for e in c["env"] if e["name"] == "RAY_AUTH_TOKEN")
         assert token["valueFrom"]["secretKeyRef"] == {"name": "ray-token", "key": "token"}
         assert {"name": "artifacts-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in c["volumeMounts"]
+
+
+def test_read_secrets_grants_get_on_secrets_and_nothing_more(kube_cluster):
+    rendered = kube_cluster.helm("template", "x", str(CHART), "--set", "ray.readSecrets=true",
+                                 "--show-only", "templates/rbac.yaml").stdout
+    role = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ClusterRole")
+    assert [r["verbs"] for r in role["rules"] if "secrets" in r["resources"]] == [["get"]]
 
 
 def test_values_schema_refuses_bad_scope(kube_cluster):

@@ -54,6 +54,24 @@ def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace
     assert {"StageStarted", "StageRetrying", "JobFailed"} <= set(events)
 
 
+def test_a_missing_secret_is_an_event_then_the_stage_gets_its_keys(e2e_namespace, ray_head, tmp_path):
+    kube, name = e2e_namespace, "secrets"
+    doc = quickstart(name, str(tmp_path / "runs"), ray={"address": ray_head.address}, runPolicy={"backoffLimit": 0})
+    doc["spec"]["artifacts"]["secretName"] = "stage-env"
+    doc["spec"]["teacher"]["datasets"] = ["pubmedqa:/nonexistent/ori_pqal.json"]  # fails at once: no CPU spent
+    kube.apply(doc)
+    wait_for(lambda: "SecretUnavailable" in kube.events(name), 30, "the SecretUnavailable event")
+    assert not our_ray_jobs(ray_head, kube.ns, name)  # nothing is submitted without its Secret
+
+    kube.cluster.kubectl("-n", kube.ns, "create", "secret", "generic", "stage-env", "--from-literal=MEDDISTILL_TEST_MARKER=m4rk")
+    sid = f"{kube.ns}-{name}-teacher-a1"
+    wait_for(lambda: sid in our_ray_jobs(ray_head, kube.ns, name), 30, f"Ray job {sid}")
+    env = ray_head.get(f"/api/jobs/{sid}")["runtime_env"]["env_vars"]
+    assert env["MEDDISTILL_TEST_MARKER"] == "m4rk" and "MEDDISTILL_JOB" in env
+    assert kube.events(name).count("SecretUnavailable") == 1  # posted once, not every resync
+    kube.cluster.kubectl("-n", kube.ns, "delete", "mdj", name)
+
+
 def test_every_stage_ran_as_a_ray_job_and_succeeded(quickstart_e2e):
     run, ns = quickstart_e2e, quickstart_e2e.kube.ns
     st = run.status
@@ -68,6 +86,7 @@ def test_every_stage_ran_as_a_ray_job_and_succeeded(quickstart_e2e):
     assert {j["status"] for j in jobs.values()} == {"SUCCEEDED"}
     assert all(j["entrypoint"].startswith("python -m meddistill.jobs ") for j in jobs.values())
     assert "Forbidden" not in run.operator.log()
+    assert run.token not in run.operator.log()  # Secret values are passed on, never logged
 
 
 def test_status_holds_the_results_table(quickstart_e2e):
@@ -85,12 +104,15 @@ def test_status_holds_the_results_table(quickstart_e2e):
 
 
 def test_openai_client_gets_a_pubmedqa_answer_from_the_endpoint_in_status(quickstart_e2e):
-    from openai import OpenAI
+    from openai import AuthenticationError, OpenAI
 
     run, ns = quickstart_e2e, quickstart_e2e.kube.ns
     assert run.endpoint == f"http://127.0.0.1:{run.ray.serve_port}/{ns}/{run.name}/v1"
     assert run.status["serving"]["ready"] is True and run.status["serving"]["child"] == f"mdj-{ns}-{run.name}"
-    client = OpenAI(base_url=run.endpoint, api_key="none", timeout=120)
+    # serving.auth: the token from the job's Secret, passed on by the operator, is required.
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=run.endpoint, api_key="not-the-token", max_retries=0, timeout=60).models.list()
+    client = OpenAI(base_url=run.endpoint, api_key=run.token, timeout=120)
     assert [m.id for m in client.models.list().data] == [run.model_name]
 
     records = load_dataset("pubmedqa:@samples/pubmedqa/ori_pqal.json#test", limit=5).records

@@ -143,3 +143,28 @@ def test_garbage_collection_removes_what_no_live_job_owns():
     c = RecordingCluster()
     c.collect_garbage(snapshot, live, namespace=None)  # cluster-wide: b/elsewhere is gone too
     assert "b-elsewhere-teacher-a1" in c.stopped and c.removed_apps == {"mdj-a-gone", "mdj-b-elsewhere"}
+
+
+def test_secrets_reach_stages_and_the_serve_app_as_kuberay_pods_get_them():
+    doc = job().model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["artifacts"] = {"uri": "s3://bucket/runs", "secretName": "s3-creds"}
+    doc["spec"]["serving"]["auth"] = {"secretName": "serve-token", "key": "token"}
+    j = MedDistillJob.model_validate(doc)
+    s3 = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "shh"}
+    secrets = {"s3-creds": s3, "serve-token": {"token": "t0k3n\n"}}
+
+    assert rb.secret_refs(j, serving=False) == {"spec.artifacts.secretName": "s3-creds"}
+    assert rb.secret_refs(j, serving=True) == {"spec.artifacts.secretName": "s3-creds",
+                                               "spec.serving.auth.secretName": "serve-token"}
+    stage_env = rb.secret_env(j, secrets, serving=False)
+    assert stage_env == s3  # every key, as envFrom; never the serving token
+    sub = rb.submission(j, "u1", StartStage("teacher", 1, "qs-teacher-a1"), stage_env)
+    assert sub["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "shh" and "MEDDISTILL_JOB" in sub["runtime_env"]["env_vars"]
+
+    app = rb.serve_application(j, Serve("qs", "s3://bucket/runs/qs/quantize"), rb.secret_env(j, secrets, serving=True))
+    assert app["runtime_env"]["env_vars"] == {**s3, "MEDDISTILL_SERVE_TOKEN": "t0k3n"}
+    assert app["args"]["require_auth"] is True
+    assert "runtime_env" not in rb.serve_application(job(), Serve("qs", "/m"), {})
+
+    with pytest.raises(rb.SecretUnavailable, match=r"no non-empty key 'token'.*spec.serving.auth.key.*it has: other"):
+        rb.secret_env(j, {**secrets, "serve-token": {"other": "x"}}, serving=True)
