@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def _cache_root() -> Path:
@@ -145,19 +147,31 @@ class ArtifactStore:
         for p in sorted(files, key=lambda p: p.name == MANIFEST):
             s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(directory)}")
 
-    def fetch(self) -> Path | None:
-        """A local copy of the stage directory if its manifest exists (downloaded for s3)."""
+    def fetch(self, only: Iterable[str] | None = None) -> Path | None:
+        """A local copy of the stage directory if its manifest exists (downloaded for s3).
+
+        only: besides the manifest, just these files (the operator reads results.json, never a
+        model's weights). A file whose local copy already has the manifest's sha256 is not
+        downloaded again, so re-checking a finished 70B stage costs hashing, not a transfer.
+        """
         if self.local is not None:
             return self.local if (self.local / MANIFEST).is_file() else None
         s3, (bucket, prefix) = self._s3(), self._bucket_prefix()
         target = self.working_dir()
         try:
             s3.download_file(bucket, f"{prefix}/{MANIFEST}", str(target / MANIFEST))
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - no manifest (404) means 'not complete'; say why otherwise
+            if "404" not in str(e) and "Not Found" not in str(e):
+                log.warning("%s/%s: %s", self.uri, MANIFEST, e)
+            (target / MANIFEST).unlink(missing_ok=True)  # never leave a stale manifest claiming 'complete'
             return None
-        for rel in json.loads((target / MANIFEST).read_text())["files"]:
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, f"{prefix}/{rel}", str(target / rel))
+        wanted = None if only is None else set(only)
+        for rel, digest in json.loads((target / MANIFEST).read_text())["files"].items():
+            path = target / rel
+            if (wanted is not None and rel not in wanted) or (path.is_file() and sha256_file(path) == digest):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, f"{prefix}/{rel}", str(path))
         return target
 
     def clear(self) -> None:

@@ -76,7 +76,8 @@ def _custom() -> client.CustomObjectsApi:
 def _read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
     """The stage's manifest (and results.json for evaluate) through the artifact store."""
     uri = artifacts.stage_uri(job.spec.artifacts.uri, job.metadata.name, stage)
-    directory = artifacts.ArtifactStore(uri).fetch()
+    # Only the manifest (and the results table): never a stage's model weights into the operator.
+    directory = artifacts.ArtifactStore(uri).fetch(only={"results.json"} if stage == "evaluate" else set())
     if directory is None:
         return None
     manifest = artifacts.read_manifest(directory)
