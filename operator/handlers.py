@@ -20,6 +20,7 @@ planner wants.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import threading
 import time
@@ -35,7 +36,7 @@ from meddistill import artifacts
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
 
 from . import kuberay, metrics, raybackend
-from .planner import ArtifactRecord, DeleteChild, Observed, Plan, Serve, StageRun, StartStage, plan, rfc3339
+from .planner import ArtifactRecord, Observed, Plan, StageRun, StartStage, plan, rfc3339
 
 log = logging.getLogger("meddistill.operator")
 
@@ -137,8 +138,6 @@ _secret_warned: dict[tuple[str, str], str] = {}  # (ns, name) -> the SecretUnava
 
 
 def _read_secret(namespace: str, name: str, field: str) -> dict[str, str]:
-    import base64
-
     try:
         secret = client.CoreV1Api().read_namespaced_secret(name, namespace)
     except ApiException as e:
