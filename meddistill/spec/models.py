@@ -251,15 +251,18 @@ class Quantization(SpecModel):
 
 
 class Evaluation(SpecModel):
-    """Medical QA evaluation of teacher, student and quantized student (the paper's table)."""
+    """Medical QA evaluation of the base model, teacher, student and quantized student (the paper's table)."""
 
     datasets: list[str] = Field(..., min_length=1, description="Evaluation sets as dataset references, e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#test.")
-    limit: int = Field(0, ge=0, description="Questions per dataset (0 = all).")
+    limit: int = Field(0, ge=0, description="Questions per dataset (0 = all): a seeded sample stratified by label, then questions seen in training are excluded.")
+    seed: int = Field(0, description="Seed of the evaluation sample (evaluation.limit).")
     batch_size: int = Field(8, ge=1, le=1024, description="Generation batch size.")
     max_new_tokens: int = Field(32, ge=1, le=32768, description="Tokens generated per answer.")
     prompt_style: Literal["plain", "r1"] = Field("plain", description="Prompt style for evaluation.")
-    models: list[Literal["teacher", "student", "quantized"]] = Field(
-        default=["teacher", "student", "quantized"], min_length=1, description="Which models to evaluate."
+    models: list[Literal["base", "teacher", "student", "quantized"]] = Field(
+        default=["base", "teacher", "student", "quantized"],
+        min_length=1,
+        description="Which models to evaluate: base (teacher.model before fine-tuning), teacher, student (merged, 16-bit), quantized.",
     )
 
     @field_validator("datasets")
@@ -396,28 +399,80 @@ class StageStatus(SpecModel):
 
 
 class ResultRow(SpecModel):
-    """One row of the paper's table."""
+    """One row of the paper's table: one model on one dataset."""
 
-    model: str = Field(..., description="teacher, student or quantized.")
+    model: str = Field(..., description="base, teacher, student or quantized.")
     dataset: str = Field("", description="Evaluation set.")
     accuracy: float = Field(0.0, description="Accuracy in [0, 1].")
     ci_low: float = Field(0.0, description="95% Wilson interval, lower bound.")
     ci_high: float = Field(0.0, description="95% Wilson interval, upper bound.")
-    n: int = Field(0, description="Questions evaluated.")
+    n: int = Field(0, description="Questions scored (after exclusions).")
+    excluded: int = Field(0, description="Sampled questions left out because they occur in the training data.")
     unparsed_rate: float = Field(0.0, description="Share of answers that could not be parsed (counted wrong).")
-    weight_bytes: int = Field(0, description="Bytes of weights.")
+    scoring: str = Field("generative", description="generative (answer extracted from generated text) or loglik (most likely option).")
+    dtype: str = Field("", description="Dtype the model was evaluated in (bfloat16, float32, or the quantization, e.g. nf4).")
+    weight_bytes: int = Field(0, description="Bytes of weights, quantization state included.")
     peak_memory_bytes: int = Field(0, description="Peak memory while evaluating.")
-    latency_ms: float = Field(0.0, description="Mean latency per question (ms).")
-    tokens_per_second: float = Field(0.0, description="Generated tokens per second.")
+    latency_ms: float = Field(0.0, description="Generation time per question at the evaluation batch size (ms), amortized.")
+    latency_b1_ms: float | None = Field(None, description="Latency per question at batch size 1 after warm-up (ms).")
+    ms_per_token: float | None = Field(None, description="Time per generated token at batch size 1 (ms).")
+    tokens_per_second: float = Field(0.0, description="Throughput: generated tokens per second at the evaluation batch size.")
+    open_f1: float | None = Field(None, description="Open questions: mean token F1 against the reference answers.")
+    open_rouge_l: float | None = Field(None, description="Open questions: mean ROUGE-L F against the reference answers.")
+    repetition_mean: float | None = Field(None, description="Mean share of repeated 4-grams in the answers.")
+    repetitive_n: int | None = Field(None, description="Answers counted as repetitive.")
+    keyword_hits: int | None = Field(None, description="Expected keywords found in open answers.")
+    keyword_n: int | None = Field(None, description="Expected keywords asked for.")
+
+
+class Comparison(SpecModel):
+    """Model b against model a on the same questions (paired by question id)."""
+
+    a: str = Field(..., description="Reference model, e.g. teacher.")
+    b: str = Field(..., description="Compared model, e.g. student.")
+    dataset: str = Field("", description="Evaluation set; empty = all datasets pooled.")
+    n: int = Field(0, description="Questions both models were scored on.")
+    delta_pct_points: float = Field(0.0, description="Accuracy of b minus accuracy of a, in percentage points.")
+    ci_low: float = Field(0.0, description="95% paired-bootstrap interval of the difference, lower bound (points).")
+    ci_high: float = Field(0.0, description="95% paired-bootstrap interval of the difference, upper bound (points).")
+    only_a_correct: int = Field(0, description="Discordant questions only a answered correctly.")
+    only_b_correct: int = Field(0, description="Discordant questions only b answered correctly.")
+    p_value: float = Field(1.0, description="McNemar exact test, two-sided.")
+    verdict: str = Field("", description="The result in plain words.")
+
+
+class Reductions(SpecModel):
+    """Footprint of the quantized student relative to another model (positive = smaller / faster)."""
+
+    baseline: str = Field("", description="The model compared against, with its dtype.")
+    memory_reduction_pct: float | None = Field(None, description="Weight bytes, quantization state counted.")
+    peak_memory_reduction_pct: float | None = Field(None, description="Peak memory while evaluating.")
+    latency_reduction_pct: float | None = Field(None, description="Latency per question at batch size 1.")
+    per_token_latency_reduction_pct: float | None = Field(None, description="Time per generated token at batch size 1.")
+
+
+class ExcludedQuestions(SpecModel):
+    """Evaluation questions left out of scoring because the training data contains them."""
+
+    dataset: str = Field(..., description="Evaluation set.")
+    count: int = Field(0, description="How many sampled questions were excluded.")
+    ids: list[str] = Field(default_factory=list, description="Their record ids.")
 
 
 class Results(SpecModel):
     """The paper's table for this job."""
 
-    rows: list[ResultRow] = Field(default_factory=list, description="Per-model rows.")
-    memory_reduction_pct: float | None = Field(None, description="Weight memory of the quantized student vs the teacher, -x%.")
-    latency_reduction_pct: float | None = Field(None, description="Latency of the quantized student vs the teacher, -y%.")
-    accuracy_retention_pct: float | None = Field(None, description="Quantized student accuracy as % of the teacher's.")
+    rows: list[ResultRow] = Field(default_factory=list, description="Per model x dataset rows.")
+    comparisons: list[Comparison] = Field(default_factory=list, description="teacher - base, student - teacher, quantized - student, paired.")
+    excluded: list[ExcludedQuestions] = Field(default_factory=list, description="Per dataset: questions excluded as seen in training.")
+    memory_reduction_pct: float | None = Field(None, description="The paper's comparison: weight memory of the quantized student vs the 16-bit student, -x%.")
+    peak_memory_reduction_pct: float | None = Field(None, description="Peak memory of the quantized student vs the 16-bit student, -x%.")
+    latency_reduction_pct: float | None = Field(None, description="Batch-1 latency per question of the quantized student vs the 16-bit student, -y%.")
+    per_token_latency_reduction_pct: float | None = Field(None, description="Batch-1 time per token of the quantized student vs the 16-bit student, -y%.")
+    accuracy_retention_pct: float | None = Field(None, description="Quantized student accuracy as % of the 16-bit student's (all datasets pooled).")
+    retention_ci_low: float | None = Field(None, description="95% paired-bootstrap interval of the retention, lower bound (%).")
+    retention_ci_high: float | None = Field(None, description="95% paired-bootstrap interval of the retention, upper bound (%).")
+    teacher_vs_quantized: Reductions | None = Field(None, description="Second line: the quantized student's footprint vs the teacher.")
     report_uri: str = Field("", description="Where the JSON/markdown/PNG report is.")
 
 
