@@ -99,7 +99,7 @@ def build_student(base: str, lora):
 
 def distill_loop(config: dict) -> None:
     """One Ray Train worker: LoRA student (DDP across workers), resume, step, checkpoint, save."""
-    tc.worker_setup()
+    tc.worker_setup(config)  # config: out_dir + total_steps for the progress file
     import ray.train
     import ray.train.torch
     import torch

@@ -2,7 +2,9 @@
 
 `run_stage(ctx, stage)` is the single code path behind `python -m meddistill.jobs STAGE` and
 `meddistill run`: connect to Ray, call the stage recipe's `run(ctx, out_dir)`, write the manifest
-last, publish (s3), and return a StageResult whose JSON is the entrypoint's final line.
+last (with the stage's fingerprint), publish (s3), and return a StageResult whose JSON is the
+entrypoint's final line. `existing_result` skips a stage only when its artifact verifies AND its
+fingerprint (DEPENDS_ON below) still matches the spec and its inputs' current digests.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meddistill.artifacts import ArtifactStore, stage_uri, verify, write_manifest
+from meddistill.artifacts import ArtifactStore, read_manifest, sha256_json, stage_uri, verify, write_manifest
 from meddistill.spec.models import STAGES, MedDistillJob, pipeline_stages
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,19 @@ RECIPES = {  # stage -> module under meddistill.jobs exposing run(ctx, out_dir) 
     "distill": "distill",
     "quantize": "quantize",
     "evaluate": "evaluate",
+}
+
+# What each stage's artifact is a function of: spec sections (camelCase paths under spec) and the
+# stages whose artifacts it reads. A change to any of them makes the artifact stale; a stale stage
+# re-runs, gets a new digest, and so every stage reading it re-runs too.
+DEPENDS_ON: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    #  stage          spec sections                                            input stages
+    "teacher":      (("teacher", "evaluation.datasets"),                       ()),  # eval sets: decontamination
+    "distill-data": (("distillation", "student.training.maxSamples", "student.training.maxSeqLength",
+                      "student.training.seed", "teacher.promptStyle"),         ("teacher",)),
+    "distill":      (("student", "distillation"),                              ("teacher", "distill-data")),
+    "quantize":     (("quantization",),                                        ("distill",)),
+    "evaluate":     (("evaluation",),                                          ("teacher", "distill", "quantize")),
 }
 
 
@@ -116,13 +131,64 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
-def existing_result(ctx: StageContext, stage: str) -> StageResult | None:
-    """The result of a stage whose artifact already verifies (so a re-run can skip it)."""
+def spec_fingerprint(ctx: StageContext, stage: str) -> dict[str, str]:
+    """sha256 of each spec section the stage depends on, keyed by its path (`spec.distillation`)."""
+    spec = ctx.spec.model_dump(mode="json", by_alias=True)
+    hashes = {}
+    for path in DEPENDS_ON[stage][0]:
+        value = spec
+        for key in path.split("."):
+            if not isinstance(value, dict) or key not in value:  # a DEPENDS_ON typo must not hash None forever
+                raise KeyError(f"DEPENDS_ON[{stage!r}]: spec.{path} is not a spec field (camelCase path)")
+            value = value[key]
+        hashes[f"spec.{path}"] = sha256_json(value)
+    return hashes
+
+
+def input_digests(ctx: StageContext, stage: str) -> dict[str, str]:
+    """The current artifact digest of each input stage of this job ("" where there is none yet)."""
+    digests = {}
+    for name in DEPENDS_ON[stage][1]:
+        if name not in pipeline_stages(ctx.spec):
+            continue  # distill-data exists only with teacherCache: cached
+        directory = ArtifactStore(ctx.uri(name)).fetch(only=())
+        manifest = read_manifest(directory) if directory is not None else None
+        digests[name] = manifest.digest if manifest is not None else ""
+    return digests
+
+
+def why_stale(ctx: StageContext, stage: str, manifest) -> str | None:
+    """Why an artifact that verifies no longer matches the spec or its inputs; None when it does."""
+    if not manifest.fingerprint:
+        return "its artifact predates stage fingerprints"
+    now = spec_fingerprint(ctx, stage)
+    changed = [path for path in now if manifest.fingerprint.get(path) != now[path]]
+    if changed:
+        return f"{', '.join(changed)} changed since the artifact was made"
+    inputs = input_digests(ctx, stage)
+    changed = [name for name in inputs if manifest.inputs.get(name) != inputs[name]]
+    if changed:
+        return f"input {', '.join(changed)} changed since the artifact was made"
+    return None
+
+
+def check_existing(ctx: StageContext, stage: str) -> tuple[StageResult | None, str]:
+    """(the finished result to reuse, "") or (None, why the stage must run)."""
     directory = ArtifactStore(ctx.uri(stage)).fetch()
-    manifest = verify(directory) if directory is not None else None
+    if directory is None:
+        return None, "no artifact yet"
+    manifest = verify(directory)
     if manifest is None:
-        return None
-    return StageResult(stage, ctx.uri(stage), manifest.digest, manifest.metrics, skipped=True)
+        return None, "its artifact is incomplete or its files changed"
+    reason = why_stale(ctx, stage, manifest)
+    if reason:
+        return None, reason
+    return StageResult(stage, ctx.uri(stage), manifest.digest, manifest.metrics, skipped=True), ""
+
+
+def existing_result(ctx: StageContext, stage: str) -> StageResult | None:
+    """The result of a stage whose artifact verifies and is up to date (so a re-run can skip it)."""
+    return check_existing(ctx, stage)[0]
 
 
 def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> StageResult:
@@ -135,6 +201,7 @@ def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> 
             f"{ctx.spec.distillation.teacher_cache!r} (distill-data runs only with teacherCache: cached)"
         )
     connect_ray(ray_address)
+    inputs = input_digests(ctx, stage)  # before running: the artifacts the recipe is about to read
     store = ArtifactStore(ctx.uri(stage))
     out = store.working_dir()
     (out / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it writes a new one
@@ -143,7 +210,8 @@ def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> 
     output: StageOutput = recipe.run(ctx, out)
     wall = time.time() - started
     metrics = {**output.metrics, "wall_s": round(wall, 2)}
-    manifest = write_manifest(out, stage=stage, config=output.config, data_digest=output.data_digest, metrics=metrics)
+    manifest = write_manifest(out, stage=stage, config=output.config, data_digest=output.data_digest, metrics=metrics,
+                              fingerprint=spec_fingerprint(ctx, stage), inputs=inputs)
     store.publish(out)
     log.info("stage %s done in %.1fs: %s", stage, wall, store.uri)
     return StageResult(stage, store.uri, manifest.digest, metrics, wall)

@@ -78,7 +78,7 @@ def _build_model(config: dict):
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, resume, step, checkpoint, save."""
-    tc.worker_setup()
+    tc.worker_setup(config)  # config: out_dir + total_steps for the progress file
     import deepspeed
     import ray.train
     import torch

@@ -4,13 +4,21 @@ Checkpoints go through `ray.train.report(..., checkpoint=...)` into RunConfig(st
 <artifact dir>/ray_train, name=<job>-<stage>): a worker restarted by FailureConfig, or a fresh
 trainer started later on the same storage and name, gets the latest one from
 `ray.train.get_checkpoint()` and resumes at its step.
+
+Progress: rank 0 also appends {"step", "total", "loss", "time"} to <artifact dir>/progress.jsonl
+on every report, which `meddistill run` polls to draw its progress bar (Ray Train's own metrics
+reach the driver only when fit() returns). The manifest never lists that file.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
+
+from meddistill.artifacts import PROGRESS
 
 CRASH_ENV = "MEDDISTILL_CRASH_AFTER_STEP"  # fault injection for tests: rank 0 dies once after step N
 
@@ -62,18 +70,41 @@ def torch_config(resources):
     return TorchConfig(backend="nccl" if resources.gpus_per_worker > 0 else "gloo")
 
 
-def worker_setup() -> None:
-    """Inside a worker: DeepSpeed must be told it runs on CPU before it is imported."""
+_progress: tuple[Path, int] | None = None  # (progress file, total steps) on rank 0 of a training run
+
+
+def worker_setup(config: dict | None = None) -> None:
+    """Inside a worker: DeepSpeed must be told it runs on CPU before it is imported; rank 0 of a
+    run whose config names out_dir and total_steps writes the progress file."""
+    global _progress
+    import ray.train
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _progress = None
+    if config and config.get("out_dir") and ray.train.get_context().get_world_rank() == 0:
+        _progress = (Path(config["out_dir"]) / PROGRESS, int(config.get("total_steps") or 0))
+
+
+def write_progress(metrics: dict) -> None:
+    """One JSON line per optimizer step; best effort (a full or read-only disk must not fail training)."""
+    if _progress is None or "step" not in metrics:
+        return
+    path, total = _progress
+    line = {"step": metrics["step"], "total": total, "loss": metrics.get("loss"), "time": time.time()}
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError:
+        pass
 
 
 def report(metrics: dict, save=None) -> None:
     """Report metrics; with `save(dir)` also a checkpoint (every rank calls this: it is collective)."""
     import ray.train
 
+    write_progress(metrics)
     if save is None:
         ray.train.report(metrics)
         return

@@ -1,9 +1,11 @@
 """The artifact store: where each stage's output lives, and its manifest.
 
 Layout (the same for every store): `<spec.artifacts.uri>/<job name>/<stage>/` holds the stage's
-files plus `manifest.json` (config, data digest, metrics, sha256 of every file). The manifest's
-own sha256 is the stage's *artifact digest*: the operator records it in status, `meddistill run`
-skips a stage whose manifest verifies, and the next stage reads the files it lists.
+files plus `manifest.json` (config, data digest, metrics, sha256 of every file, and the stage's
+fingerprint: hashes of the spec sections it depends on and the digests of its input stages). The
+manifest's own sha256 is the stage's *artifact digest*: the operator records it in status,
+`meddistill run` skips a stage whose manifest verifies and whose fingerprint matches the spec, and
+the next stage reads the files it lists.
 
 Stores: a local path; `pvc://CLAIM/PATH` (a PersistentVolumeClaim mounted at
 `$MEDDISTILL_PVC_ROOT/CLAIM`, default `/mnt/pvc/CLAIM`, in every pod); `s3://BUCKET/PREFIX`
@@ -19,11 +21,12 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.jsonl"  # live training progress (train_common.report); scratch, never part of an artifact
 log = logging.getLogger(__name__)
 
 
@@ -69,21 +72,25 @@ class Manifest:
     data_digest: str
     metrics: dict
     created: float
+    fingerprint: dict[str, str] = field(default_factory=dict)  # spec section path -> sha256 of its value
+    inputs: dict[str, str] = field(default_factory=dict)  # input stage -> its artifact digest when this one ran
     digest: str = ""  # sha256 of the manifest file itself
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "digest"}
 
 
-def write_manifest(directory: Path, *, stage: str, config: dict, data_digest: str = "", metrics: dict | None = None) -> Manifest:
+def write_manifest(directory: Path, *, stage: str, config: dict, data_digest: str = "", metrics: dict | None = None,
+                   fingerprint: dict[str, str] | None = None, inputs: dict[str, str] | None = None) -> Manifest:
     """Hash every file in `directory` and write manifest.json last (its presence means 'complete')."""
     directory = Path(directory)
+    (directory / PROGRESS).unlink(missing_ok=True)  # scratch of the run that just finished
     files = {
         str(p.relative_to(directory)): sha256_file(p)
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, PROGRESS)
     }
-    manifest = Manifest(stage, files, config, data_digest, metrics or {}, time.time())
+    manifest = Manifest(stage, files, config, data_digest, metrics or {}, time.time(), fingerprint or {}, inputs or {})
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True, default=str))
     os.replace(tmp, directory / MANIFEST)  # atomic: a crash never leaves a half manifest
@@ -96,7 +103,9 @@ def read_manifest(directory: Path) -> Manifest | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return Manifest(**data, digest=sha256_file(path))
+    known = {f.name for f in fields(Manifest)} - {"digest"}
+    # Keys a newer writer added are ignored, so an older reader (an operator) still reads the manifest.
+    return Manifest(**{k: v for k, v in data.items() if k in known}, digest=sha256_file(path))
 
 
 def verify(directory: Path) -> Manifest | None:
