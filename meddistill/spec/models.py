@@ -239,6 +239,10 @@ class Distillation(SpecModel):
         "cached", description="cached: teacher outputs computed once in their own stage; online: teacher runs beside the student."
     )
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Generation length for sequence mode.")
+    similarity_threshold: float = Field(
+        0.3, ge=0, le=1,
+        description="Sequence mode, open questions: keep the teacher's answer when its token F1 or ROUGE-L against the reference is at least this (closed questions need the exact label).",
+    )
 
 
 class Quantization(SpecModel):
