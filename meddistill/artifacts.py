@@ -27,6 +27,9 @@ from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.jsonl"  # live training progress (train_common.report); scratch, never part of an artifact
+# Where pods mount a pvc:// store's claim (PVC_ROOT/CLAIM): the operator mounts it there and sets
+# PVC_ROOT_ENV; stages and serving replicas resolve pvc:// URIs through local_path with the same value.
+PVC_ROOT, PVC_ROOT_ENV = "/mnt/pvc", "MEDDISTILL_PVC_ROOT"
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +48,7 @@ def local_path(uri: str, base_dir: str | os.PathLike | None = None) -> Path | No
         return None
     if uri.startswith("pvc://"):
         claim, _, rest = uri[len("pvc://"):].partition("/")
-        return Path(os.environ.get("MEDDISTILL_PVC_ROOT", "/mnt/pvc")) / claim / rest
+        return Path(os.environ.get(PVC_ROOT_ENV) or PVC_ROOT) / claim / rest
     path = Path(uri).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
