@@ -4,9 +4,14 @@
 
 KD is KL(teacher || student) at temperature T, computed from
   - the full teacher logits (`kl_full`, online teacher), or
-  - the teacher's cached top-k log-probs (`kl_topk`): the teacher distribution is renormalised
-    over its top-k ids, the student's log-probs are the full-vocabulary ones gathered at those
-    ids. With k = vocab it equals `kl_full`; the gap shrinks with the teacher's tail mass.
+  - the teacher's cached top-k (`kl_topk`) over k+1 buckets: its k most likely tokens and one
+    "rest" bucket holding the tempered mass of all the others. The cache stores, per answer
+    position and at the training temperature T, the teacher's log-probs at its top-k ids and the
+    log of its tail mass (`topk_teacher`); the student's buckets are its own tempered log-probs at
+    the same ids and its own tail mass. A student equal to its teacher gets KD = 0 (up to the
+    cache's fp16 rounding), and by the data-processing inequality the bucketed KL never exceeds
+    the full one. Because the buckets are tempered, a cache is only valid for the T it was made
+    at (the distill-data manifest records it; the distill stage refuses a mismatch).
 Cross-tokenizer: `uld` (Boizard et al. 2024, Universal Logit Distillation): the L1 distance
 between the sorted probability vectors of teacher and student, which needs no shared vocabulary.
 """
@@ -14,6 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# Log-mass floor for an empty tail (k = vocabulary): finite, so no inf - inf = nan and fp16-safe.
+EMPTY_TAIL = -1e4
 
 
 def answer_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -33,18 +41,30 @@ def kl_full(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def topk_teacher(teacher: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the cache stores per answer position: (top-k ids int32, their log-probs at T=1, fp16)."""
-    logprobs = F.log_softmax(teacher.float(), dim=-1)
-    values, ids = logprobs.topk(k, dim=-1)
-    return ids.to(torch.int32), values.to(torch.float16)
+def bucket_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, k+1] log-probs at temperature T of the k tokens `ids`, then of all other tokens together."""
+    scaled = logits.float() / temperature
+    total = scaled.logsumexp(-1, keepdim=True)
+    at_ids = scaled.gather(-1, ids.long()) - total
+    # The tail as its own log-sum-exp, not log(1 - sum): exact even when the top k hold ~all mass.
+    tail = scaled.scatter(-1, ids.long(), EMPTY_TAIL).logsumexp(-1, keepdim=True) - total
+    return torch.cat([at_ids, tail.clamp(min=EMPTY_TAIL)], dim=-1)
 
 
-def kl_topk(student: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL to a cached teacher: its top-k log-probs tempered and renormalised over the k ids."""
-    t = F.log_softmax(topk_logprobs.float() / temperature, dim=-1)  # renormalise over the k ids
-    s = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, topk_ids.long())
-    return (t.exp() * (t - s)).sum(-1).mean()
+def topk_teacher(teacher: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cache stores per answer position: the top-k ids (int32) and the k+1 bucket
+    log-probs at temperature T (fp16): the k ids' log-probs, then the log of the tail mass."""
+    ids = teacher.float().topk(k, dim=-1).indices  # same order at every T > 0
+    return ids.to(torch.int32), bucket_logprobs(teacher, ids, temperature).to(torch.float16)
+
+
+def kl_topk(student: torch.Tensor, topk_ids: torch.Tensor, teacher_buckets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over rows of KL(teacher || student) over the k+1 buckets (top-k ids + the rest)."""
+    # Renormalising the fp16 buckets keeps KL >= 0 and makes rounding a second-order error.
+    t = F.log_softmax(teacher_buckets.float(), dim=-1)
+    s = bucket_logprobs(student, topk_ids, temperature)
+    p = t.exp()
+    return torch.where(p > 0, p * (t - s), torch.zeros_like(p)).sum(-1).mean()
 
 
 def uld(student: torch.Tensor, teacher_sorted_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
