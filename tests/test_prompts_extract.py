@@ -1,8 +1,10 @@
 """Answer extraction edge cases: think blocks, letters, yes/no/maybe, option text, garbage."""
+import copy
+
 import pytest
 
 from meddistill.data import MedicalRecord
-from meddistill.prompts import extract_answer
+from meddistill.prompts import TRUNCATED, extract_answer, prompt_prefills_think
 
 OPTIONS = {"A": "Aspirin", "B": "Aspirin and heparin", "C": "Warfarin", "D": "Report the physician to the ethics committee"}
 MC = MedicalRecord("m", "Which drug?", OPTIONS, None, "B", "multiple_choice", "t")
@@ -36,7 +38,7 @@ def test_multiple_choice(text, expected):
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ("<think>Let me consider each option carefully", "unclosed <think>"),
+        ("<think>Let me consider each option carefully", "truncated"),
         ("", "empty output"),
         ("<think>done</think>", "empty answer after the reasoning"),
         ("I am not sure, it could be anything.", "no option letter"),
@@ -90,3 +92,46 @@ def test_question_type_with_explicit_options():
     got = extract_answer("Final answer: B", "multiple_choice", options={"A": "x", "B": "y"})
     assert got.answer == "B"
     assert extract_answer("Final answer: C", "multiple_choice", options={"A": "x", "B": "y"}).answer is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>Option A is tempting. The answer is B because heparin",  # cut off mid-reasoning
+        "Final answer: C\n<think>on second thought, A",  # a letter before an unclosed block: still cut off
+        "<think>yes or no? The answer is yes",
+    ],
+)
+def test_unclosed_think_is_truncated_never_mined(text):
+    got = extract_answer(text, MC)
+    assert got.answer is None and got.reason == TRUNCATED and got.final_text == ""
+
+
+def test_prefilled_think_without_close_is_truncated():
+    """An R1 template opened <think> in the prompt: the generation has no tags until </think>."""
+    cut = "Heparin matters here, so the answer is B and not A"
+    assert extract_answer(cut, MC).answer == "B"  # without the flag this reads as a plain answer
+    got = extract_answer(cut, MC, prefilled_think=True)
+    assert got.answer is None and got.reason == TRUNCATED and got.reasoning == cut
+    done = extract_answer("A is wrong; heparin is needed.\n</think>\n\nFinal answer: B", MC, prefilled_think=True)
+    assert done.answer == "B" and done.reasoning == "A is wrong; heparin is needed." and done.reason is None
+    assert extract_answer("yes, clearly", "yes_no_maybe", prefilled_think=True).reason == TRUNCATED
+
+
+R1_TEMPLATE = (  # the shape of DeepSeek-R1(-Distill)'s template: the generation prompt opens <think>
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
+)
+
+
+def test_prompt_prefills_think_reads_the_chat_template():
+    from meddistill.modelsource import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin:smollm2-135m-instruct")
+    assert not prompt_prefills_think(tokenizer)
+    r1 = copy.deepcopy(tokenizer)
+    r1.chat_template = R1_TEMPLATE
+    assert prompt_prefills_think(r1) and prompt_prefills_think(r1, style="plain")
+    r1.chat_template = R1_TEMPLATE.replace("<think>\n", "<think>\n</think>\n\n")  # opened and closed: no prefill
+    assert not prompt_prefills_think(r1)
+    assert not prompt_prefills_think(None)  # no template: the plain-text fallback never opens <think>

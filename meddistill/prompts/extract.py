@@ -1,7 +1,9 @@
 """Read the final answer out of a model's generated text. Never raises.
 
-Order: split off <think> reasoning (closed, unclosed, or closed without an opening tag when the
-prompt pre-filled it); then try, on the text after the reasoning, the template's final-line
+Order: split off <think> reasoning (closed, or closed without an opening tag when the prompt
+pre-filled it); a generation that ended inside its reasoning (an unclosed <think>, or no </think>
+when the prompt pre-filled <think>) is answer=None, reason="truncated", never mined for a letter
+(the reasoning mentions every option); then try, on the text after the reasoning, the template's final-line
 pattern, "the answer is ..." phrasings, a bare label, and (multiple choice) an option's text
 quoted verbatim. Anything else is answer=None with a human-readable reason, which callers log
 and count as wrong.
@@ -26,6 +28,7 @@ _ANSWER_LETTER = re.compile(r"(?i:answer)" + _LETTER_AFTER)
 _OPTION_LETTER = re.compile(r"(?i:option|choice)" + _LETTER_AFTER)
 _LEADING_LETTER = re.compile(r"^\W{0,3}([A-E])(?:\s*[\)\].:*]|\s*$|\s+-\s)")
 _LABEL_WORD = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
+TRUNCATED = "truncated"  # Extraction.reason of a generation cut off inside its <think> block
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,12 @@ class Extraction:
     reason: str | None  # why answer is None (or how a fallback matched); None for a clean parse
 
 
-def split_reasoning(text: str) -> tuple[str | None, str, bool]:
-    """(reasoning, final_text, think_unclosed) for a generation."""
+def split_reasoning(text: str, prefilled_think: bool = False) -> tuple[str | None, str, bool]:
+    """(reasoning, final_text, think_unclosed) for a generation.
+
+    `prefilled_think`: the prompt ended with an open <think> (R1 chat templates), so the whole
+    generation is reasoning until a </think>.
+    """
     opened = _THINK_OPEN.search(text)
     closes = list(_THINK_CLOSE.finditer(text))
     if closes:
@@ -46,6 +53,8 @@ def split_reasoning(text: str) -> tuple[str | None, str, bool]:
         return text[start:last.start()].strip(), text[last.end():].strip(), False
     if opened:
         return text[opened.end():].strip(), text[:opened.start()].strip(), True
+    if prefilled_think:
+        return text.strip(), "", True
     return None, text.strip(), False
 
 
@@ -53,23 +62,28 @@ def extract_answer(
     text: str,
     record_or_question_type: "MedicalRecord | str",
     options: dict[str, str] | None = None,
+    *,
+    prefilled_think: bool = False,
 ) -> Extraction:
-    """Parse the final answer of `text` for a record (or a bare question type)."""
+    """Parse the final answer of `text` for a record (or a bare question type).
+
+    `prefilled_think`: the prompt already opened <think> (see render.prompt_prefills_think).
+    """
     try:
         if isinstance(record_or_question_type, MedicalRecord):
             question_type = record_or_question_type.question_type
             options = options if options is not None else record_or_question_type.options
         else:
             question_type = str(record_or_question_type)
-        return _extract(text or "", question_type, options)
+        return _extract(text or "", question_type, options, prefilled_think)
     except Exception as err:  # noqa: BLE001 - extraction must never break an evaluation run
         return Extraction(None, None, str(text or "").strip(), f"extractor error: {type(err).__name__}: {err}")
 
 
-def _extract(text: str, question_type: str, options: dict[str, str] | None) -> Extraction:
-    reasoning, final_text, unclosed = split_reasoning(text)
-    if unclosed and not final_text:
-        return Extraction(None, reasoning, "", "unclosed <think> block: generation ended inside the reasoning")
+def _extract(text: str, question_type: str, options: dict[str, str] | None, prefilled_think: bool) -> Extraction:
+    reasoning, final_text, unclosed = split_reasoning(text, prefilled_think)
+    if unclosed:
+        return Extraction(None, reasoning, "", TRUNCATED)
     if not final_text:
         return Extraction(None, reasoning, "", "empty answer after the reasoning" if reasoning else "empty output")
     by_template = _match_template(final_text, question_type, options)
@@ -172,4 +186,4 @@ def _clip(text: str, n: int = 80) -> str:
 
 
 # YES_NO_MAYBE is re-exported for callers that check labels next to extraction.
-__all__ = ["Extraction", "extract_answer", "split_reasoning", "YES_NO_MAYBE"]
+__all__ = ["TRUNCATED", "Extraction", "extract_answer", "split_reasoning", "YES_NO_MAYBE"]

@@ -95,6 +95,20 @@ def render_prompt(record: MedicalRecord, tokenizer: Any, style: str = "plain") -
         return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
 
 
+def ends_with_open_think(prompt: str) -> bool:
+    """True when the prompt's last <think> is not closed: the model continues inside its reasoning."""
+    lowered = prompt.lower()
+    return lowered.rfind("<think>") > lowered.rfind("</think>")
+
+
+def prompt_prefills_think(tokenizer: Any, style: str = "r1") -> bool:
+    """Whether the tokenizer's chat template opens <think> itself (DeepSeek-R1 and its distilled
+    models end the generation prompt with "<think>\n"), so generations have no opening tag and an
+    answer without </think> was cut off. Checked on a rendered probe prompt."""
+    probe = MedicalRecord("probe", "Is this a probe?", None, None, None, "open", "probe")
+    return ends_with_open_think(render_prompt(probe, tokenizer, style))
+
+
 def render_fallback(messages: list[dict[str, str]]) -> str:
     """A neutral text prompt for tokenizers that carry no chat template."""
     parts = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
