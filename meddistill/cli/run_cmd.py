@@ -110,21 +110,28 @@ def print_summary(ctx, results, wall: float) -> None:
     path = local_path(ctx.uri("evaluate"))
     if path is None or not (path / "results.json").is_file():
         return
+    from meddistill.jobs.results_table import (
+        COMPARISON_COLUMNS, ROW_COLUMNS, comparison_cells, excluded_lines, paper_line, row_cells, teacher_line,
+    )
     from meddistill.spec.models import Results
 
     res = Results.model_validate(json.loads((path / "results.json").read_text()))
     t = Table(title="results (the paper's table)")
-    for col in ("model", "dataset", "accuracy (95% CI)", "n", "weights MB", "peak MB", "latency ms/q"):
+    for col in ROW_COLUMNS:
         t.add_column(col)
     for row in res.rows:
-        t.add_row(row.model, row.dataset, f"{100 * row.accuracy:.1f}% ({100 * row.ci_low:.1f}-{100 * row.ci_high:.1f})",
-                  str(row.n), f"{row.weight_bytes / 2**20:.1f}", f"{row.peak_memory_bytes / 2**20:.0f}", f"{row.latency_ms:.0f}")
+        t.add_row(*row_cells(row))
     console.print(t)
-
-    def pct(v):
-        return "n/a" if v is None else f"{v:.1f}%"
-    console.print(f"quantized student vs teacher: memory -{pct(res.memory_reduction_pct)}, latency -{pct(res.latency_reduction_pct)}, "
-                  f"accuracy retention {pct(res.accuracy_retention_pct)}; report: {path}")
+    if res.comparisons:
+        c = Table(title="paired comparisons (same questions)")
+        for col in COMPARISON_COLUMNS:
+            c.add_column(col)
+        for comparison in res.comparisons:
+            c.add_row(*comparison_cells(comparison))
+        console.print(c)
+    for line in [paper_line(res), teacher_line(res), *excluded_lines(res), f"report: {path}"]:
+        if line:
+            console.print(line, markup=False, highlight=False)
 
 
 def serve(ctx) -> int:
