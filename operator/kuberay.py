@@ -12,18 +12,23 @@ import json
 
 import yaml
 
+from meddistill.artifacts import PVC_ROOT, PVC_ROOT_ENV
 from meddistill.serve.config import ray_cluster_hints, render_serve_config_v2
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
 
 from .planner import Serve, ServingApp, StageRun, StartStage
+from .sizing import entrypoint_resources, stage_resources
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 RAYJOBS, RAYSERVICES = "rayjobs", "rayservices"
 LABEL_JOB, LABEL_STAGE, LABEL_ATTEMPT = "meddistill.io/job", "meddistill.io/stage", "meddistill.io/attempt"
 ANNOTATION_MODEL = "meddistill.io/model-uri"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-PVC_ROOT = "/mnt/pvc"
 HEAD_RESOURCES = {"cpu": "1", "memory": "2Gi"}  # the head only schedules: workers do the work
+# A custom Ray resource only stage workers advertise: every stage driver asks for it, so Ray never
+# places a driver on the head (which has 0 CPUs for Ray and 2Gi), even a coordinating one that
+# reserves no CPU. The Ray-cluster backend cannot do this (it does not start that cluster's nodes).
+DRIVER_RESOURCE = "meddistill_stage_driver"
 
 
 def _labels(job: MedDistillJob, component: str) -> dict[str, str]:
@@ -49,18 +54,6 @@ def job_document(job: MedDistillJob) -> str:
     return json.dumps(doc, sort_keys=True)
 
 
-def stage_resources(job: MedDistillJob, stage: str) -> Resources:
-    """Which section's resources a stage runs with."""
-    spec = job.spec
-    if stage in ("teacher", "distill-data"):
-        return spec.teacher.resources
-    if stage == "distill":
-        return spec.student.resources
-    # quantize and evaluate load one model at a time on one worker (evaluate loads the teacher too).
-    t = spec.teacher.resources
-    return Resources(workers=1, gpus_per_worker=t.gpus_per_worker, cpus_per_worker=t.cpus_per_worker, memory=t.memory)
-
-
 def _storage(job: MedDistillJob) -> tuple[list[dict], list[dict], list[dict]]:
     """(volumes, volumeMounts, envFrom) giving pods the artifact store."""
     uri, volumes, mounts, env_from = job.spec.artifacts.uri, [], [], []
@@ -79,7 +72,7 @@ def _container(job: MedDistillJob, name: str, cpus: int, memory: str, gpus: int)
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
     c = {"name": name, "image": job.spec.image, "resources": {"requests": dict(limits), "limits": limits},
-         "env": [{"name": "MEDDISTILL_PVC_ROOT", "value": PVC_ROOT}]}
+         "env": [{"name": PVC_ROOT_ENV, "value": PVC_ROOT}]}
     if mounts:
         c["volumeMounts"] = mounts
     if env_from:
@@ -95,8 +88,13 @@ def _pod(job: MedDistillJob, container: dict) -> dict:
     return {"spec": spec}
 
 
+def ray_start_resources(resources: dict[str, int]) -> str:
+    """rayStartParams.resources in the format KubeRay and Ray's autoscaler parse: '"{\\"NAME\\": N}"'."""
+    return '"' + json.dumps(resources).replace('"', '\\"') + '"'
+
+
 def ray_cluster_spec(job: MedDistillJob, res: Resources, group: str, min_replicas: int, max_replicas: int,
-                     replicas: int) -> dict:
+                     replicas: int, worker_resources: dict[str, int] | None = None) -> dict:
     head = _container(job, "ray-head", int(HEAD_RESOURCES["cpu"]), HEAD_RESOURCES["memory"], 0)
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                      {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
@@ -105,7 +103,8 @@ def ray_cluster_spec(job: MedDistillJob, res: Resources, group: str, min_replica
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": _pod(job, head)},
         "workerGroupSpecs": [{
             "groupName": group, "replicas": replicas, "minReplicas": min_replicas, "maxReplicas": max_replicas,
-            "rayStartParams": {}, "template": _pod(job, worker),
+            "rayStartParams": {"resources": ray_start_resources(worker_resources)} if worker_resources else {},
+            "template": _pod(job, worker),
         }],
     }
 
@@ -113,7 +112,7 @@ def ray_cluster_spec(job: MedDistillJob, res: Resources, group: str, min_replica
 def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
     """The RayJob of one stage attempt."""
     spec = job.spec
-    res = stage_resources(job, start.stage)
+    res, driver = stage_resources(job, start.stage), entrypoint_resources(job, start.stage)
     labels = {**_labels(job, "stage"), LABEL_STAGE: start.stage, LABEL_ATTEMPT: str(start.attempt)}
     if spec.queue_name:
         labels[KUEUE_QUEUE_LABEL] = spec.queue_name
@@ -124,13 +123,20 @@ def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
                      "ownerReferences": _owner(job, owner_uid)},
         "spec": {
             "entrypoint": f"python -m meddistill.jobs {start.stage}",
+            # What the driver reserves: the Ray-cluster backend's numbers (sizing.entrypoint_resources).
+            # KubeRay has no entrypoint memory (and Ray refuses "memory" in entrypointResources); a
+            # driver that does the work reserves a whole worker's CPUs, so it has that pod's memory.
+            "entrypointNumCpus": driver.num_cpus,
+            "entrypointNumGpus": driver.num_gpus,
+            "entrypointResources": json.dumps({DRIVER_RESOURCE: 1}),
             # The whole job document travels in the Ray runtime env, so the entrypoint is the same
             # command `meddistill run` uses in-process.
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"MEDDISTILL_JOB": job_document(job)}}, width=1 << 30),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": spec.run_policy.ttl_seconds_after_finished,
-            "rayClusterSpec": ray_cluster_spec(job, res, "workers", res.workers, res.workers, res.workers),
+            "rayClusterSpec": ray_cluster_spec(job, res, "workers", res.workers, res.workers, res.workers,
+                                               worker_resources={DRIVER_RESOURCE: 1}),
         },
     }
     if spec.run_policy.active_deadline_seconds:

@@ -35,16 +35,14 @@ import yaml
 from meddistill.serve.config import TOKEN_ENV, render_serve_config_v2
 from meddistill.spec.models import MedDistillJob
 
-from .kuberay import job_document, stage_resources
+from .kuberay import job_document
 from .planner import Serve, ServingApp, StageRun, StartStage
+from .sizing import entrypoint_resources
 
 META_JOB, META_UID = "meddistill.io/job", "meddistill.io/uid"
 META_STAGE, META_ATTEMPT = "meddistill.io/stage", "meddistill.io/attempt"
 APP_PREFIX = "mdj-"
 SERVE_API = "/api/serve/applications/"
-# Stages whose driver process does the work itself; the others only coordinate Ray Train workers
-# or Ray tasks that reserve the stage's resources (reserving them twice would deadlock a small cluster).
-DRIVER_DOES_THE_WORK = {"quantize"}
 STOP_WAIT_SECONDS = 15.0
 FAILURE_MESSAGE_CHARS = 1500
 
@@ -95,14 +93,6 @@ def dashboard_address(address: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _memory_bytes(quantity: str) -> int:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    for suffix in sorted(units, key=len, reverse=True):
-        if quantity.endswith(suffix):
-            return int(float(quantity[: -len(suffix)]) * units[suffix])
-    return int(float(quantity))
-
-
 def secret_refs(job: MedDistillJob, serving: bool) -> dict[str, str]:
     """{spec field: Secret name} whose values a run on a Ray cluster needs (no pod to mount them in)."""
     refs = {}
@@ -136,17 +126,16 @@ def secret_env(job: MedDistillJob, secrets: dict[str, dict[str, str]], serving: 
 def submission(job: MedDistillJob, uid: str, start: StartStage, env: dict[str, str] | None = None) -> dict:
     """Keyword arguments of `JobSubmissionClient.submit_job` for one stage attempt (env: secret_env)."""
     ns, name = job.metadata.namespace or "default", job.metadata.name
-    res = stage_resources(job, start.stage)
-    works = start.stage in DRIVER_DOES_THE_WORK
+    driver = entrypoint_resources(job, start.stage)  # the same numbers the KubeRay RayJob gets
     return {
         # The same entrypoint and job document the KubeRay RayJob gets (and `meddistill run` calls).
         "entrypoint": f"python -m meddistill.jobs {start.stage}",
         "submission_id": submission_id(ns, name, start.stage, start.attempt),
         "runtime_env": {"env_vars": {**(env or {}), "MEDDISTILL_JOB": job_document(job)}},
         "metadata": {META_JOB: f"{ns}/{name}", META_UID: uid, META_STAGE: start.stage, META_ATTEMPT: str(start.attempt)},
-        "entrypoint_num_cpus": res.cpus_per_worker if works else 0,
-        "entrypoint_num_gpus": res.gpus_per_worker if works else 0,
-        "entrypoint_memory": _memory_bytes(res.memory) if works else 0,
+        "entrypoint_num_cpus": driver.num_cpus,
+        "entrypoint_num_gpus": driver.num_gpus,
+        "entrypoint_memory": driver.memory_bytes,
     }
 
 

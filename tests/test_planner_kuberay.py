@@ -95,3 +95,42 @@ def test_foreign_or_deleting_rayjobs():
     deleting = {"metadata": {"name": "j-teacher-a1", "deletionTimestamp": "2026-01-01T00:00:00Z",
                              "labels": {"meddistill.io/stage": "teacher", "meddistill.io/attempt": "1"}}}
     assert kuberay.stage_run(deleting).state == "Deleting"
+
+
+def example(name: str) -> MedDistillJob:
+    return MedDistillJob.model_validate(yaml.safe_load((REPO / "examples" / name).read_text()))
+
+
+def rayjob_schema() -> dict:
+    crd = yaml.safe_load((REPO / "tests" / "fixtures" / "kuberay-crds" / "ray.io_rayjobs.yaml").read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("example_file", ["quickstart.yaml", "deepseek-r1-70b-to-7b.yaml"])
+def test_stage_drivers_reserve_what_the_ray_backend_reserves_and_never_land_on_the_head(example_file):
+    import jsonschema
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
+    from meddistill.operator import raybackend
+    from meddistill.spec.models import pipeline_stages
+
+    j, schema = example(example_file), rayjob_schema()
+    validator, known = jsonschema.Draft7Validator(schema), set(schema["properties"]["spec"]["properties"])
+    for stage in pipeline_stages(j.spec):
+        start = StartStage(stage, 1, f"{j.metadata.name}-{stage}-a1")
+        body, sub = kuberay.rayjob(j, "uid", start), raybackend.submission(j, "uid", start)
+        validator.validate(body)  # the field names and types of KubeRay v1.7's RayJob
+        spec = body["spec"]
+        assert set(spec) <= known  # the API server would silently prune an unknown field
+        assert (spec["entrypointNumCpus"], spec["entrypointNumGpus"]) == (sub["entrypoint_num_cpus"], sub["entrypoint_num_gpus"])
+        # Every driver asks for a resource only stage workers advertise (the head has 0 CPUs, 2Gi).
+        wanted = json.loads(spec["entrypointResources"])
+        workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+        offered = _get_custom_resources({}, workers["rayStartParams"], "workers")  # how Ray reads the param
+        assert wanted and all(offered.get(name, 0) >= amount for name, amount in wanted.items())
+        assert "resources" not in spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    # quantize works in its driver: it reserves one worker's CPUs and GPUs (its whole pod).
+    quant = kuberay.rayjob(j, "uid", StartStage("quantize", 1, "q"))["spec"]
+    worker = quant["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert quant["entrypointNumCpus"] == int(worker["cpu"]) == j.spec.teacher.resources.cpus_per_worker
+    assert quant["entrypointNumGpus"] == int(worker.get("nvidia.com/gpu", 0)) == j.spec.teacher.resources.gpus_per_worker
