@@ -12,11 +12,13 @@ import importlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meddistill.artifacts import ArtifactStore, read_manifest, sha256_json, stage_uri, verify, write_manifest
+from meddistill.artifacts import PROGRESS, ArtifactStore, read_manifest, sha256_json, stage_uri, verify, write_manifest
 from meddistill.spec.models import STAGES, MedDistillJob, pipeline_stages
 
 log = logging.getLogger(__name__)
@@ -115,20 +117,40 @@ def load_job_document(text: str) -> MedDistillJob:
     return job
 
 
-def connect_ray(address: str | None = None) -> None:
-    """Join the given cluster, else a running one (`auto`), else start a local one."""
+def connect_ray(address: str | None = None, log_to_driver: bool = True) -> None:
+    """Join the given cluster, else a running one (`auto`), else start a local one.
+
+    log_to_driver=False keeps the workers' and Ray's own actors' output out of this process's
+    terminal (it stays in Ray's session logs); `meddistill run` uses it unless --verbose.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
     try:
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", log_to_driver=log_to_driver)
     except ConnectionError:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+
+
+def run_recipe_keeping_sigint(recipe, ctx: StageContext, out: Path) -> StageOutput:
+    """recipe.run(ctx, out), then the SIGINT handler the driver had before.
+
+    Ray Train V2's trainer.fit() installs its own SIGINT handler (Ctrl-C aborts the training run)
+    and never restores it: after fit() returns, Ctrl-C only sends `abort` to its finished
+    controller, so a later `meddistill run` serving loop would never see KeyboardInterrupt.
+    """
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return recipe.run(ctx, out)
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def spec_fingerprint(ctx: StageContext, stage: str) -> dict[str, str]:
@@ -205,9 +227,10 @@ def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> 
     store = ArtifactStore(ctx.uri(stage))
     out = store.working_dir()
     (out / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it writes a new one
+    (out / PROGRESS).unlink(missing_ok=True)  # an interrupted run's steps are not this run's
     started = time.time()
     recipe = importlib.import_module(f"meddistill.jobs.{RECIPES[stage]}")
-    output: StageOutput = recipe.run(ctx, out)
+    output: StageOutput = run_recipe_keeping_sigint(recipe, ctx, out)
     wall = time.time() - started
     metrics = {**output.metrics, "wall_s": round(wall, 2)}
     manifest = write_manifest(out, stage=stage, config=output.config, data_digest=output.data_digest, metrics=metrics,
