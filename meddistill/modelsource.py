@@ -274,14 +274,31 @@ def model_weight_bytes(model: Any) -> int:
     """Bytes held by a model's parameters and buffers (tied tensors counted once).
 
     Uses each tensor's element size, so a bitsandbytes 4-bit model (packed uint8 storage)
-    shows its real size, not its float size.
+    shows its real size, not its float size. bitsandbytes keeps the quantization state (4-bit:
+    absmax per block, code tables, nested absmax; int8: row scales SCB) beside the parameter,
+    not as one: it is counted too, or 4-bit models would look ~3 % smaller than they are.
     """
+    import torch  # noqa: PLC0415
+
     seen: set[tuple[int, int]] = set()
     total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
+
+    def add(tensor) -> None:
+        nonlocal total
         key = (tensor.data_ptr(), tensor.numel())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)
+        # The state's own tensors, not as_dict(): its temporaries could reuse a freed address
+        # and be skipped as "seen".
+        for part in (state, getattr(state, "state2", None)):
+            for name in ("absmax", "code", "offset"):
+                if torch.is_tensor(getattr(part, name, None)):
+                    add(getattr(part, name))
+        if torch.is_tensor(getattr(tensor, "SCB", None)):
+            add(tensor.SCB)
     return total
