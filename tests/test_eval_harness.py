@@ -45,7 +45,8 @@ def tiny_model_dir(tmp_path_factory):
 def _mixed_records():
     pqa = load_dataset("pubmedqa:@samples/pubmedqa/ori_pqal.json#test", limit=3).records
     medqa = load_dataset("medqa:@samples/medqa/phrases_no_exclude_test.sample200.jsonl", limit=3).records
-    open_ = [MedicalRecord("o1", "What are the symptoms of tetanus?", None, None, "Muscle stiffness.", "open", "t")]
+    open_ = [MedicalRecord("o1", "What are the symptoms of tetanus?", None, None, "Muscle stiffness.", "open", "t",
+                           meta={"keywords": [["muscle", "stiff"]]})]
     return pqa + medqa + open_
 
 
@@ -54,20 +55,35 @@ def test_evaluate_structure_with_tiny_model(tiny_model_dir, tmp_path):
 
     model, tok = load_model(str(tiny_model_dir))
     records = _mixed_records()
-    result = evaluate(model, tok, records, batch_size=3, max_new_tokens=4, progress=False,
-                      model_name="tiny", dataset_name="mixed")
+    result = evaluate(model, tok, records, batch_size=3, max_new_tokens=4, open_max_new_tokens=6,
+                      latency_questions=2, progress=False, model_name="tiny", dataset_name="mixed")
     assert result.n == 7 and result.n_scored == 6 and result.open_n == 1 and 0 <= result.open_f1 <= 1
+    assert result.scoring == "generative" and result.acc_norm is None and 0 <= result.open_rouge_l <= 1
     assert [q.id for q in result.questions] == [r.id for r in records]  # input order, not length order
     assert set(result.by_type) == {"yes_no_maybe", "multiple_choice"}
     assert sum(g.n for g in result.by_type.values()) == result.n_scored
     assert result.correct == sum(q.correct for q in result.questions if q.correct is not None)
     assert result.unparsed == sum(q.predicted is None for q in result.questions if q.correct is not None)
-    assert all(q.new_tokens <= 4 and q.prompt_tokens > 0 for q in result.questions)
+    assert all(q.new_tokens <= 4 and q.prompt_tokens > 0 for q in result.questions if q.id != "o1")
+    # the open question has its own budget (a random model never stops early: it uses all 6)
+    assert result.questions[-1].new_tokens == 6 and result.open_max_new_tokens == 6
+    assert result.keyword_n == 1 and result.keyword_hits == int(result.questions[-1].keyword_hit)
+    assert all(0 <= q.repeated_4gram_share <= 1 and q.repetitive is not None for q in result.questions)
+    assert result.repetitive_n == sum(q.repetitive for q in result.questions)
+    # batch 1 over the first 2 prompts: decode time per token is below the whole question's time
+    assert result.latency_questions == 2 and result.latency_b1_s > 0
+    assert 0 < result.ms_per_token_b1 / 1000 < result.latency_b1_s
     assert result.ci_low <= result.accuracy <= result.ci_high
     assert result.latency_p50_s <= result.latency_p95_s and result.tokens_per_s > 0
     assert result.peak_rss_bytes > 0 and result.weight_bytes > 0 and result.peak_cuda_bytes is None
     data = json.loads(json.dumps(result.to_dict()))  # JSON-serializable
     assert EvalResult.from_dict(data) == result
+    old = {k: v for k, v in data.items() if k not in ("scoring", "acc_norm", "truncated", "latency_b1_s",
+                                                       "ms_per_token_b1", "open_rouge_l", "repetition_mean")}
+    old["questions"] = [{k: v for k, v in q.items() if k not in ("rouge_l", "repetitive", "keyword_hit")}
+                        for q in data["questions"]]
+    assert EvalResult.from_dict(old).scoring == "generative"  # an eval.json from before these fields
+    assert "questions" not in result.to_dict(include_questions=False)
     json_path, md_path = write_report(result, tmp_path / "out")
     assert json.loads(json_path.read_text())["n"] == 7
     assert "| accuracy |" in md_path.read_text() and "yes_no_maybe" in md_path.read_text()
@@ -109,3 +125,32 @@ def test_real_smollm2_on_pubmedqa_test_questions():
         assert q.gold in ("yes", "no", "maybe") and q.output is not None and 0 < q.new_tokens <= 8
         assert q.predicted in ("yes", "no", "maybe") or q.reason  # unparsed always says why
     assert result.weight_bytes > 500e6  # 135M float32 parameters
+
+
+def test_loglik_structure_with_tiny_model(tiny_model_dir):
+    from meddistill.modelsource import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    records = _mixed_records()
+    result = evaluate(model, tok, records, scoring="loglik", batch_size=4, progress=False)
+    assert result.scoring == "loglik" and result.n == result.n_scored == 6  # the open question is skipped
+    assert [q.id for q in result.questions] == [r.id for r in records if r.is_scored_by_choice]
+    for q, r in zip(result.questions, records):
+        labels = sorted(r.options) if r.options else ["yes", "no", "maybe"]
+        assert sorted(q.option_logprobs) == sorted(labels) and all(v < 0 for v in q.option_logprobs.values())
+        assert q.predicted == max(labels, key=q.option_logprobs.get) and q.correct == (q.predicted == r.answer)
+    assert result.accuracy == result.correct / 6 and result.unparsed == 0
+    assert result.acc_norm == sum(q.correct_norm for q in result.questions) / 6
+    assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    with pytest.raises(ValueError, match="scoring='nope'"):
+        evaluate(model, tok, records, scoring="nope", progress=False)
+
+
+def test_truncated_reasoning_counted_apart_from_other_unparsed():
+    from meddistill.evaluation.harness import QuestionResult, _group
+
+    def q(i, predicted, reason):
+        return QuestionResult(str(i), "multiple_choice", "A", predicted, predicted == "A", None, reason, "", 1, 1, 0.1)
+
+    group = _group([q(1, "A", None), q(2, None, "truncated"), q(3, None, "no option letter"), q(4, "B", None)])
+    assert (group.n, group.correct, group.unparsed, group.truncated) == (4, 1, 2, 1)

@@ -1,33 +1,55 @@
-"""Evaluate a causal LM on medical QA records: batched greedy generation, answer extraction, metrics.
+"""Evaluate a causal LM on medical QA records: generation or log-likelihood scoring, and metrics.
 
     result = evaluate(model, tokenizer, records, style="plain", batch_size=8, max_new_tokens=32)
     result.accuracy, result.ci_low, result.ci_high, result.to_dict()
 
-Closed questions (multiple choice letters, yes/no/maybe) are scored by accuracy with a Wilson 95%
-interval; an answer the extractor cannot parse is logged at DEBUG with its reason and counted
-wrong. Open questions have no letter to compare, so they get token F1 against the reference and
-are reported apart, never folded into accuracy. Latency is measured per batch: every question
-in a batch waits for the whole batch, so its latency is the batch's wall time.
+Two scoring modes, labelled in `EvalResult.scoring`:
+  generative  greedy generation, then the answer is extracted from the text (meddistill.prompts).
+              Closed questions (letters, yes/no/maybe) get accuracy with a Wilson 95% interval; an
+              answer the extractor cannot parse is counted wrong and in `unparsed` (`truncated`
+              counts those whose R1 reasoning never closed). Closed questions generate up to
+              `max_new_tokens`, open ones (free text) up to `open_max_new_tokens`, in separate
+              batches. Open questions with a reference get token F1 and ROUGE-L, never folded
+              into accuracy; every answer gets a repetition measure, and records with
+              `meta.keywords` a keyword hit (see open_metrics).
+  loglik      lm-evaluation-harness's `acc`/`acc_norm` over the options (see loglik); only closed
+              questions with a gold label are evaluated, so `n` counts those.
+
+Speed, generative mode (loglik mode reports the forward passes' time and no batch-1 figures):
+  warm-up              one short generation before any clock runs (kernels, allocator, caches).
+  latency_mean/p50/p95 per question, the wall time of the batch it was in (every question in a
+                       batch waits for the whole batch), at `batch_size`.
+  seconds_per_question total generation time / n, at `batch_size`: the amortized cost.
+  tokens_per_s         generated tokens (to EOS) / total generation time, at `batch_size`.
+  latency_b1_s, ms_per_token_b1
+                       batch 1 over the first `latency_questions` prompts: seconds per question,
+                       and decode milliseconds per generated token (see latency).
 """
 from __future__ import annotations
 
 import logging
 import math
-import re
 import resource
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from meddistill.data.records import MedicalRecord
+from meddistill.evaluation.generation import eos_ids, generate_batch, prepare_tokenizer
+from meddistill.evaluation.latency import batch1_latency
+from meddistill.evaluation.loglik import score_choices
+from meddistill.evaluation.open_metrics import (
+    is_repetitive, keyword_groups, keyword_hit, repeated_4gram_share, rouge_l, token_f1,
+)
 from meddistill.modelsource import model_weight_bytes
 from meddistill.prompts.extract import extract_answer
 from meddistill.prompts.render import render_prompt
 
 log = logging.getLogger(__name__)
 Z_95 = 1.959963984540054
+SCORING_MODES = ("generative", "loglik")
+__all__ = ["EvalResult", "GroupScore", "QuestionResult", "SCORING_MODES", "evaluate", "token_f1", "wilson_interval"]
 
 
 def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -43,32 +65,26 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
     return lo, hi
 
 
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style bag-of-words F1 between two texts (lower-cased, punctuation dropped)."""
-    pred = re.findall(r"[a-z0-9]+", prediction.lower())
-    ref = re.findall(r"[a-z0-9]+", reference.lower())
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
 
 @dataclass
 class QuestionResult:
-    id: str
+    id: str  # the paired tests match models question by question on this id
     question_type: str
     gold: str | None
     predicted: str | None
     correct: bool | None  # None for open questions and unlabelled records
-    f1: float | None  # open questions only
+    f1: float | None  # open questions with a reference only
     reason: str | None  # extractor's reason when predicted is None (or a fallback note)
-    output: str  # the generated text
+    output: str  # the generated text ("" in loglik mode)
     prompt_tokens: int
     new_tokens: int
-    latency_s: float  # wall time of the batch this question was in
+    latency_s: float  # wall time of the batch this question was in (loglik: amortized per question)
+    rouge_l: float | None = None  # open questions with a reference only
+    repeated_4gram_share: float | None = None  # every generated answer
+    repetitive: bool | None = None  # some word 4-gram occurs more than twice
+    keyword_hit: bool | None = None  # records with meta.keywords only
+    correct_norm: bool | None = None  # loglik: the acc_norm choice is right
+    option_logprobs: dict[str, float] | None = None  # loglik: summed log-prob of each option
 
 
 @dataclass
@@ -79,6 +95,7 @@ class GroupScore:
     accuracy: float | None
     ci_low: float | None
     ci_high: float | None
+    truncated: int = 0  # of unparsed: R1 reasoning that never closed
 
 
 @dataclass
@@ -88,27 +105,40 @@ class EvalResult:
     style: str
     batch_size: int
     max_new_tokens: int
-    n: int  # all questions evaluated
+    n: int  # questions evaluated (loglik: the closed, labelled ones only)
     n_scored: int  # closed questions with a gold label: the accuracy denominator
     correct: int
-    accuracy: float | None
+    accuracy: float | None  # loglik: lm-eval's acc
     ci_low: float | None  # Wilson 95%
     ci_high: float | None
     unparsed: int  # scored questions whose answer could not be extracted (counted wrong)
     unparsed_rate: float | None
     by_type: dict[str, GroupScore]
-    open_n: int  # open questions (token F1, not accuracy)
+    open_n: int  # open questions with a reference (token F1 and ROUGE-L, not accuracy)
     open_f1: float | None
     latency_mean_s: float
     latency_p50_s: float
     latency_p95_s: float
     seconds_per_question: float  # generation wall time / n: the amortized cost at this batch size
-    tokens_per_s: float  # generated tokens (up to EOS) per second of generation
+    tokens_per_s: float  # generated tokens (up to EOS) per second of generation, at this batch size
     wall_s: float
     peak_rss_bytes: int
     peak_cuda_bytes: int | None
     weight_bytes: int
     device: str
+    # Added later: defaults keep older eval.json files loadable.
+    scoring: str = "generative"
+    acc_norm: float | None = None  # loglik only
+    truncated: int = 0  # of unparsed: R1 answers whose <think> never closed
+    open_max_new_tokens: int | None = None
+    latency_questions: int = 0  # prompts in the batch-1 pass
+    latency_b1_s: float | None = None  # batch 1: mean seconds per question
+    ms_per_token_b1: float | None = None  # batch 1: decode ms per generated token (prompt excluded)
+    open_rouge_l: float | None = None
+    repetition_mean: float | None = None  # mean repeated_4gram_share over generated answers
+    repetitive_n: int = 0
+    keyword_n: int = 0
+    keyword_hits: int = 0
     questions: list[QuestionResult] = field(default_factory=list)
 
     def to_dict(self, include_questions: bool = True) -> dict[str, Any]:
@@ -125,6 +155,11 @@ class EvalResult:
         return cls(**data)
 
 
+def is_open_ended(record: MedicalRecord) -> bool:
+    """Free-text answers (no options, not yes/no/maybe): these get open_max_new_tokens."""
+    return not record.options and record.question_type != "yes_no_maybe"
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -133,97 +168,116 @@ def evaluate(
     style: str = "plain",
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    open_max_new_tokens: int = 96,
+    scoring: str = "generative",
+    latency_questions: int = 8,
+    warmup: bool = True,
     progress: bool = True,
     model_name: str = "",
     dataset_name: str = "",
 ) -> EvalResult:
-    """Generate an answer for every record greedily and score it; see the module docstring."""
+    """Score every record by generation or log-likelihood; see the module docstring."""
     import torch  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
 
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1")
+    if batch_size < 1 or max_new_tokens < 1 or open_max_new_tokens < 1:
+        raise ValueError(f"batch_size={batch_size}, max_new_tokens={max_new_tokens} and "
+                         f"open_max_new_tokens={open_max_new_tokens} must be >= 1")
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"scoring={scoring!r} is unknown; use one of {SCORING_MODES}")
+    if latency_questions < 0:
+        raise ValueError(f"latency_questions={latency_questions} must be >= 0 (0 skips the batch-1 pass)")
+    keywords = [keyword_groups(r.meta, r.id) for r in records]  # malformed keywords fail before any work
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Chat templates already emit any BOS they need; the plain fallback prompt does not.
-    add_special = not getattr(tokenizer, "chat_template", None)
+    add_special = prepare_tokenizer(tokenizer)
+    summary = dict(model=model, model_name=model_name, dataset_name=dataset_name, style=style,
+                   batch_size=batch_size, max_new_tokens=max_new_tokens, device=device)
+    model.eval()
+    if scoring == "loglik":
+        return _evaluate_loglik(model, tokenizer, records, add_special=add_special, summary=summary)
+
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
     prompts = [render_prompt(r, tokenizer, style) for r in records]
     lengths = [len(tokenizer(p, add_special_tokens=add_special)["input_ids"]) for p in prompts]
-    # Longest first: batches of similar length waste less on padding, and an out-of-memory
-    # batch fails at the start instead of the end.
-    order = sorted(range(len(records)), key=lambda i: -lengths[i])
-    eos_ids = _eos_ids(model, tokenizer)
+    budgets = [open_max_new_tokens if is_open_ended(r) else max_new_tokens for r in records]
+    stop = eos_ids(model, tokenizer)
+    started = time.perf_counter()
+    if warmup and prompts:
+        generate_batch(model, tokenizer, prompts[:1], max_new_tokens=2, add_special=add_special, stop=stop)
 
     outputs: dict[int, tuple[str, int, float]] = {}
     gen_seconds = 0.0
-    started = time.perf_counter()
     bar = tqdm(total=len(records), desc="eval", unit="q", disable=not progress, file=sys.stderr)
-    model.eval()
-    with torch.inference_mode():
+    for open_ended in (False, True):  # separate batches: a short closed answer never waits for 96 tokens
+        # Longest first: batches of similar length waste less on padding, and an out-of-memory
+        # batch fails at the start instead of the end.
+        order = sorted((i for i, r in enumerate(records) if is_open_ended(r) == open_ended), key=lambda i: -lengths[i])
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                              add_special_tokens=add_special).to(device)
-            t0 = time.perf_counter()
-            generated = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-            )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
+            new, seconds = generate_batch(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=budgets[idx[0]],
+                                          add_special=add_special, stop=stop)
             gen_seconds += seconds
-            new = generated[:, batch["input_ids"].shape[1]:].tolist()
             for i, tokens in zip(idx, new):
-                tokens = _until_eos(tokens, eos_ids)
                 outputs[i] = (tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), seconds)
             bar.update(len(idx))
     bar.close()
+    b1_s, ms_per_token = batch1_latency(model, tokenizer, prompts[:latency_questions], budgets[:latency_questions],
+                                        add_special=add_special, stop=stop)
     wall = time.perf_counter() - started
 
+    questions = [_score(record, *outputs[i], prompt_tokens=lengths[i], keywords=keywords[i])
+                 for i, record in enumerate(records)]
+    result = _summarize(questions, gen_seconds=gen_seconds, wall=wall, **summary)
+    result.open_max_new_tokens = open_max_new_tokens
+    result.latency_questions = min(latency_questions, len(records))
+    result.latency_b1_s, result.ms_per_token_b1 = b1_s, ms_per_token
+    return result
+
+
+def _evaluate_loglik(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], *, add_special: bool,
+                     summary: dict[str, Any]) -> EvalResult:
+    scored = [r for r in records if r.is_scored_by_choice]
+    started = time.perf_counter()
+    choices = score_choices(model, tokenizer, scored, style=summary["style"], batch_size=summary["batch_size"])
+    seconds = time.perf_counter() - started
     questions = [
-        _score(record, *outputs[i], prompt_tokens=lengths[i]) for i, record in enumerate(records)
+        QuestionResult(
+            id=r.id, question_type=r.question_type, gold=r.answer, predicted=c.predicted,
+            correct=c.predicted == r.answer, f1=None, reason=None, output="",
+            prompt_tokens=len(tokenizer(render_prompt(r, tokenizer, summary["style"]),
+                                        add_special_tokens=add_special)["input_ids"]),
+            new_tokens=0, latency_s=seconds / len(scored), correct_norm=c.predicted_norm == r.answer,
+            option_logprobs=c.logprobs,
+        )
+        for r, c in zip(scored, choices)
     ]
-    return _summarize(
-        questions, model=model, model_name=model_name, dataset_name=dataset_name, style=style,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, gen_seconds=gen_seconds, wall=wall,
-        device=device,
-    )
+    result = _summarize(questions, gen_seconds=seconds, wall=seconds, **summary)
+    result.scoring = "loglik"
+    result.acc_norm = sum(q.correct_norm for q in questions) / len(questions) if questions else None
+    return result
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
-    for n, tok in enumerate(tokens):
-        if tok in eos_ids:
-            return tokens[: n + 1]
-    return tokens
-
-
-def _score(record: MedicalRecord, output: str, new_tokens: int, seconds: float, *, prompt_tokens: int) -> QuestionResult:
+def _score(record: MedicalRecord, output: str, new_tokens: int, seconds: float, *, prompt_tokens: int,
+           keywords: list[list[str]] | None) -> QuestionResult:
     extraction = extract_answer(output, record)
     closed = record.is_scored_by_choice
-    correct = f1 = None
+    correct = f1 = rouge = None
     if closed:
         correct = extraction.answer is not None and extraction.answer == record.answer
         if extraction.answer is None:
             log.debug("unparsed answer for %s (%s): %r", record.id, extraction.reason, output[:200])
     elif record.answer:
         f1 = token_f1(extraction.answer or "", record.answer)
+        rouge = rouge_l(extraction.answer or "", record.answer)
     return QuestionResult(
         id=record.id, question_type=record.question_type, gold=record.answer, predicted=extraction.answer,
         correct=correct, f1=f1, reason=extraction.reason, output=output, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, latency_s=seconds,
+        new_tokens=new_tokens, latency_s=seconds, rouge_l=rouge,
+        # The whole output, reasoning included: a loop inside <think> is degeneration too.
+        repeated_4gram_share=repeated_4gram_share(output), repetitive=is_repetitive(output),
+        keyword_hit=keyword_hit(output, keywords) if keywords else None,
     )
 
 
@@ -233,7 +287,8 @@ def _group(questions: list[QuestionResult]) -> GroupScore:
     unparsed = sum(q.predicted is None for q in scored)
     lo, hi = wilson_interval(correct, len(scored)) if scored else (None, None)
     return GroupScore(n=len(scored), correct=correct, unparsed=unparsed,
-                      accuracy=correct / len(scored) if scored else None, ci_low=lo, ci_high=hi)
+                      accuracy=correct / len(scored) if scored else None, ci_low=lo, ci_high=hi,
+                      truncated=sum(q.predicted is None and q.reason == "truncated" for q in scored))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -245,6 +300,10 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _summarize(questions: list[QuestionResult], *, model: Any, model_name: str, dataset_name: str, style: str,
                batch_size: int, max_new_tokens: int, gen_seconds: float, wall: float, device: Any) -> EvalResult:
     import torch  # noqa: PLC0415
@@ -254,6 +313,8 @@ def _summarize(questions: list[QuestionResult], *, model: Any, model_name: str, 
                for t in sorted({q.question_type for q in questions})}
     by_type = {t: g for t, g in by_type.items() if g.n}
     open_q = [q for q in questions if q.f1 is not None]
+    generated = [q for q in questions if q.repeated_4gram_share is not None]
+    keyed = [q for q in questions if q.keyword_hit is not None]
     latencies = [q.latency_s for q in questions]
     new_tokens = sum(q.new_tokens for q in questions)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
@@ -262,12 +323,16 @@ def _summarize(questions: list[QuestionResult], *, model: Any, model_name: str, 
         n=len(questions), n_scored=overall.n, correct=overall.correct, accuracy=overall.accuracy,
         ci_low=overall.ci_low, ci_high=overall.ci_high, unparsed=overall.unparsed,
         unparsed_rate=overall.unparsed / overall.n if overall.n else None, by_type=by_type,
-        open_n=len(open_q), open_f1=sum(q.f1 for q in open_q) / len(open_q) if open_q else None,
-        latency_mean_s=sum(latencies) / len(latencies) if latencies else 0.0,
+        open_n=len(open_q), open_f1=_mean([q.f1 for q in open_q]),
+        latency_mean_s=_mean(latencies) or 0.0,
         latency_p50_s=_percentile(latencies, 0.5), latency_p95_s=_percentile(latencies, 0.95),
         seconds_per_question=gen_seconds / len(questions) if questions else 0.0,
         tokens_per_s=new_tokens / gen_seconds if gen_seconds > 0 else 0.0, wall_s=wall,
         peak_rss_bytes=peak_rss,
         peak_cuda_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        weight_bytes=model_weight_bytes(model), device=str(device), questions=questions,
+        weight_bytes=model_weight_bytes(model), device=str(device), truncated=overall.truncated,
+        open_rouge_l=_mean([q.rouge_l for q in open_q if q.rouge_l is not None]),
+        repetition_mean=_mean([q.repeated_4gram_share for q in generated]),
+        repetitive_n=sum(bool(q.repetitive) for q in generated),
+        keyword_n=len(keyed), keyword_hits=sum(q.keyword_hit for q in keyed), questions=questions,
     )
