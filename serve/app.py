@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from meddistill.serve import protocol as P
-from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV
+from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV, pick_engine
 
 # A child of Ray Serve's logger, so lines land in the replica log with the request id.
 log = logging.getLogger("ray.serve").getChild("meddistill")
@@ -35,6 +35,11 @@ api = FastAPI(title="MedDistill", description="OpenAI-compatible API and medical
 @api.exception_handler(P.APIError)
 async def _api_error(_: Request, err: P.APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def replica_device(cuda_available: bool) -> tuple[str, str]:
+    """(device, dtype) of the transformers engine: bf16 on a GPU, fp32 on CPU (bf16 matmuls are slow there)."""
+    return ("cuda", "bfloat16") if cuda_available else ("cpu", "float32")
 
 
 def read_token() -> str | None:
@@ -52,9 +57,12 @@ class MedDistillServer:
     """One replica: the student model behind a continuous-batching engine."""
 
     def __init__(self, args: dict):
+        import torch
+
         from meddistill.modelsource import load_model
         from meddistill.serve.engine import TransformersEngine
         from meddistill.serve.metrics import ServeMetrics
+        from meddistill.serve.model_source import local_model_dir
 
         self.model_name = args["model_name"]
         self.prompt_style = args.get("prompt_style", "plain")
@@ -65,7 +73,11 @@ class MedDistillServer:
                 f"serving.auth is set but neither ${TOKEN_ENV} nor ${TOKEN_FILE_ENV} holds a token; "
                 f"mount the Secret into the replica's environment"
             )
-        model, self.tokenizer = load_model(args["model_source"], dtype=args.get("dtype", "float32"))
+        # Resolved here, in the replica: its PVC mount, its cache, its GPU (Ray gives one when reserved).
+        device, dtype = replica_device(torch.cuda.is_available())
+        path = local_model_dir(args["model_source"])
+        log.info("engine transformers: %s from %s on %s (%s)", args["model_source"], path, device, dtype)
+        model, self.tokenizer = load_model(path, dtype=dtype, device=device)
         max_batch = int(args.get("max_batch_size", 16))
         self.engine = TransformersEngine(
             model, self.tokenizer, max_batch_size=max_batch, max_model_len=int(args.get("max_model_len", 2048)),
@@ -257,17 +269,21 @@ class MedDistillServer:
 
 
 def build_app(args: dict):
-    """The Serve application for `args` (see `config.app_args`); engine 'auto' is resolved here."""
+    """The Serve application for `args` (see `config.app_args`); engine `auto` is decided here.
+
+    This runs where Serve builds the app (on the cluster, from the serving image): vllm is importable
+    here exactly when it is in the replicas, and a replica that reserves GPUs always gets one.
+    """
     args = dict(args)
-    engine = args.get("engine", "auto")
-    if engine == "auto":
-        has_gpu = args.get("deployment", {}).get("ray_actor_options", {}).get("num_gpus", 0) > 0
-        engine = "vllm" if has_gpu and importlib.util.find_spec("vllm") else "transformers"
+    gpu = args.get("deployment", {}).get("ray_actor_options", {}).get("num_gpus", 0) > 0
+    vllm = importlib.util.find_spec("vllm") is not None
+    engine = pick_engine(args.get("engine", "auto"), gpu=gpu, vllm_installed=vllm)
+    log.info("engine %s (requested %s; replica GPU %s, vllm installed %s)", engine, args.get("engine", "auto"), gpu, vllm)
     if engine == "vllm":
-        from ray.serve.llm import LLMConfig, build_openai_app
+        from meddistill.serve.vllm_app import build_vllm_app
 
         if "llm_config" not in args:
             raise ValueError("engine vllm needs args.llm_config; render args with meddistill.serve.config.app_args")
-        return build_openai_app({"llm_configs": [LLMConfig(**args["llm_config"])]})
+        return build_vllm_app(args)
     options = args.pop("deployment", {})
-    return MedDistillServer.options(**options).bind(args)
+    return MedDistillServer.options(**options).bind({**args, "engine": engine})

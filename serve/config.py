@@ -38,11 +38,20 @@ UPSCALE_DELAY_S = 10.0
 DOWNSCALE_DELAY_S = 60.0
 
 
-def choose_engine(serving: Any, vllm_installed: bool) -> str:
-    """'vllm' or 'transformers'. auto: vLLM only where the replica gets a GPU and vllm is installed."""
-    if serving.engine != "auto":
-        return serving.engine
-    return "vllm" if serving.gpus_per_replica > 0 and vllm_installed else "transformers"
+def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool) -> str:
+    """'vllm' or 'transformers' for a replica. auto: vLLM where the replica has a GPU and vllm imports.
+
+    Decided where the app runs (`app.build_app`, on the cluster, with the serving image), never when
+    the operator renders the config: the operator has neither the image's packages nor GPUs.
+    """
+    if requested != "auto":
+        return requested
+    return "vllm" if gpu and vllm_installed else "transformers"
+
+
+def may_use_vllm(serving: Any) -> bool:
+    """Whether replicas of these settings can end up on vLLM (so the LLMConfig must be rendered)."""
+    return serving.engine == "vllm" or (serving.engine == "auto" and serving.gpus_per_replica > 0)
 
 
 def model_uri_for(job: Any, base_dir: str | None = None) -> str:
@@ -86,6 +95,9 @@ def llm_config(serving: Any, model_uri: str, quantization_method: str = "none") 
         "tensor_parallel_size": max(1, serving.gpus_per_replica),
         # The quantize stage writes a bitsandbytes checkpoint; vLLM loads it pre-quantized.
         "quantization": "bitsandbytes" if quantization_method != "none" else None,
+        # vLLM's request log holds the prompts: off unless serving.logPrompts (explicit, whatever
+        # the installed Ray's default is).
+        "enable_log_requests": bool(serving.log_prompts),
     }
     return {
         "model_loading_config": {"model_id": serving.model_name, "model_source": model_uri},
@@ -103,9 +115,10 @@ def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", q
                  engine: str | None = None, overrides: dict | None = None) -> dict:
     """The JSON-serialisable args of `build_app` (also `serveConfigV2.applications[0].args`).
 
+    `engine` stays as the spec says (`auto` is decided by `build_app` where it runs).
     `overrides` replaces deployment options (tests shorten autoscaling delays with it).
     """
-    engine = engine or choose_engine(serving, vllm_installed=False)
+    engine = engine or serving.engine
     args: dict[str, Any] = {
         "engine": engine,
         "model_source": model_uri,
@@ -118,7 +131,7 @@ def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", q
         "log_prompts": serving.log_prompts,
         "deployment": deployment_options(serving, overrides),
     }
-    if engine == "vllm":
+    if engine == "vllm" or (engine == "auto" and may_use_vllm(serving)):
         args["llm_config"] = llm_config(serving, model_uri, quantization_method)
     return args
 
@@ -168,8 +181,9 @@ def render_serve_config_v2(job: Any, model_uri: str | None = None, engine: str |
             "import_path": IMPORT_PATH,
             "args": json.loads(json.dumps(args)),
             # Listed again so `kubectl get rayservice -o yaml` shows the limits; build_app applies
-            # the same values, so the two never disagree.
-            "deployments": [] if args["engine"] == "vllm" else [{"name": DEPLOYMENT_NAME, **options}],
+            # the same values, so the two never disagree. Only when our deployment surely exists:
+            # Serve refuses overrides for a deployment the app does not have (vLLM's app).
+            "deployments": [] if "llm_config" in args else [{"name": DEPLOYMENT_NAME, **options}],
         }],
     }
     return yaml.safe_dump(config, sort_keys=False)

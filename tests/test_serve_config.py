@@ -33,7 +33,8 @@ def test_serve_config_v2_has_import_path_args_and_limits(job):
     app = rendered["applications"][0]
     assert app["import_path"] == "meddistill.serve.app:build_app"
     assert app["args"]["model_source"] == "/mnt/pvc/runs/quickstart/quantize"
-    assert app["args"]["engine"] == "transformers"  # no GPU per replica in the quickstart
+    assert app["args"]["engine"] == "auto"  # decided where the app runs; no GPU per replica here, so
+    assert "llm_config" not in app["args"]  # it can only become our transformers engine
     scaling = app["deployments"][0]["autoscaling_config"]
     assert scaling["target_ongoing_requests"] == 6 and scaling["min_replicas"] == 1 and scaling["max_replicas"] == 2
     assert app["deployments"][0]["max_ongoing_requests"] == 24
@@ -52,12 +53,30 @@ def test_autoscaling_always_explicit_and_overridable():
     assert scaling["initial_replicas"] == 0
 
 
-@pytest.mark.parametrize("engine,gpus,vllm,expected", [
-    ("auto", 0, True, "transformers"), ("auto", 1, False, "transformers"), ("auto", 1, True, "vllm"),
-    ("vllm", 0, False, "vllm"), ("transformers", 1, True, "transformers"),
+@pytest.mark.parametrize("engine,gpu,vllm,expected", [
+    ("auto", False, True, "transformers"), ("auto", True, False, "transformers"), ("auto", True, True, "vllm"),
+    ("auto", False, False, "transformers"), ("vllm", False, False, "vllm"), ("transformers", True, True, "transformers"),
 ])
-def test_choose_engine(engine, gpus, vllm, expected):
-    assert config.choose_engine(Serving(engine=engine, gpus_per_replica=gpus), vllm) == expected
+def test_engine_is_picked_from_what_the_replica_has(engine, gpu, vllm, expected):
+    assert config.pick_engine(engine, gpu=gpu, vllm_installed=vllm) == expected
+
+
+def test_a_gpu_replica_keeps_auto_and_gets_both_engines_settings(job):
+    job.spec.serving.gpus_per_replica = 1
+    app = yaml.safe_load(config.render_serve_config_v2(job, "s3://models/quickstart/quantize"))["applications"][0]
+    assert app["args"]["engine"] == "auto"  # not decided by the operator, which has no GPU and no vllm
+    assert app["args"]["llm_config"]["model_loading_config"]["model_source"] == "s3://models/quickstart/quantize"
+    assert app["args"]["deployment"]["ray_actor_options"]["num_gpus"] == 1  # what build_app reads as "has a GPU"
+    assert app["deployments"] == []  # vLLM's app has no MedDistillServer deployment to override
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_vllm_request_logging_follows_log_prompts(job, log_prompts):
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    job.spec.serving.gpus_per_replica, job.spec.serving.log_prompts = 1, log_prompts
+    llm = LLMConfig(**config.app_args(job, "/m")["llm_config"])
+    assert llm.engine_kwargs["enable_log_requests"] is log_prompts  # the key Ray Serve LLM's vLLM engine reads
 
 
 def test_vllm_args_are_a_valid_ray_serve_llm_config(job):
