@@ -87,11 +87,10 @@ def worker_setup(config: dict | None = None) -> None:
         _progress = (Path(config["out_dir"]) / PROGRESS, int(config.get("total_steps") or 0))
 
 
-def write_progress(metrics: dict) -> None:
+def append_progress(path: Path, total: int, metrics: dict) -> None:
     """One JSON line per optimizer step; best effort (a full or read-only disk must not fail training)."""
-    if _progress is None or "step" not in metrics:
+    if "step" not in metrics:
         return
-    path, total = _progress
     line = {"step": metrics["step"], "total": total, "loss": metrics.get("loss"), "time": time.time()}
     try:
         with open(path, "a") as f:
@@ -104,7 +103,8 @@ def report(metrics: dict, save=None) -> None:
     """Report metrics; with `save(dir)` also a checkpoint (every rank calls this: it is collective)."""
     import ray.train
 
-    write_progress(metrics)
+    if _progress is not None:
+        append_progress(*_progress, metrics)
     if save is None:
         ray.train.report(metrics)
         return

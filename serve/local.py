@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,8 +67,13 @@ def _serve(args: dict, host: str, port: int, blocking: bool) -> str:
     print(usage_text(url, args["model_name"], args.get("require_auth", False)), flush=True)
     if not blocking:
         return url
+    import ray
     from ray import serve
 
+    # Ctrl-C must reach this loop whatever a library installed before (Ray Train's fit() leaves a
+    # handler that only aborts its finished run; jobs/stage.py restores ours, this makes sure).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             time.sleep(1)
@@ -74,6 +81,7 @@ def _serve(args: dict, host: str, port: int, blocking: bool) -> str:
         print("shutting down", flush=True)
     finally:
         serve.shutdown()
+        ray.shutdown()  # stops the local Ray this process started; only disconnects from a cluster
     return url
 
 

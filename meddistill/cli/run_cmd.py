@@ -1,12 +1,16 @@
 """`meddistill run FILE`: the whole pipeline on a local (or given) Ray cluster, resumable.
 
 Stages run in order through `meddistill.jobs.stage.run_stage`, the same function the operator's
-`python -m meddistill.jobs STAGE` calls. A stage whose artifact verifies (manifest digests) is
-skipped, so re-running after a crash resumes. artifacts.uri resolves against the current
-directory (like make/kubectl); dataset paths against the spec file's folder.
+`python -m meddistill.jobs STAGE` calls. A stage whose artifact verifies (manifest digests) and
+whose fingerprint matches (its spec sections and its inputs' digests, jobs/stage.py DEPENDS_ON)
+is skipped, so re-running after a crash resumes and a changed setting re-runs what it affects.
+Ray's log stream goes to <artifacts>/<job>/logs/run-<time>.log unless --verbose. artifacts.uri
+resolves against the current directory (like make/kubectl); dataset paths against the spec
+file's folder.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -22,7 +26,9 @@ def register(subparsers, summary: str) -> None:
     p.add_argument("--stage", default=None, help="run only this stage (teacher, distill-data, distill, quantize, evaluate)")
     p.add_argument("--no-serve", action="store_true", help="do not serve the quantized student afterwards")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else a local one)")
-    p.add_argument("--force", action="store_true", help="re-run stages even if their artifacts verify")
+    p.add_argument("--force", action="store_true", help="re-run stages even if their artifacts verify and match the spec")
+    p.add_argument("-v", "--verbose", dest="run_verbose", action="store_true",
+                   help="show Ray's log stream (workers, Ray Train) on the terminal; it always goes to the run's log file")
     p.set_defaults(func=run)
 
 
@@ -41,13 +47,16 @@ def _prepare(path: str):
 
 def run(args) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from meddistill.jobs.stage import StageError, existing_result, run_stage
+    from meddistill.artifacts import PROGRESS, ArtifactStore, stage_uri
+    from meddistill.cli.run_logs import note_ray_session, route_logs
+    from meddistill.cli.run_progress import StageBars
+    from meddistill.jobs.stage import StageError, check_existing, connect_ray, run_stage
     from meddistill.spec.load import SpecValidationError
     from meddistill.spec.models import pipeline_stages
 
     console = Console(stderr=True)
+    verbose = args.verbose or getattr(args, "run_verbose", False)
     try:
         ctx = _prepare(args.file)
     except SpecValidationError as err:
@@ -61,35 +70,50 @@ def run(args) -> int:
             return 2
         stages = [args.stage]
 
+    log_file = route_logs(ArtifactStore(stage_uri(ctx.spec.artifacts.uri, ctx.name, "logs")).working_dir(), console, verbose)
+    console.print(f"logs: {log_file}" + ("" if verbose else "   (--verbose shows Ray's log stream here)"))
     results, started = [], time.time()
-    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        tasks = {s: progress.add_task(s, total=1, state="pending") for s in stages}
+    with StageBars(console, stages) as bars:
         for stage in stages:
-            done = None if args.force else existing_result(ctx, stage)
+            done, why = (None, "--force") if args.force else check_existing(ctx, stage)
             if done is not None:
-                progress.update(tasks[stage], completed=1, state=f"skipped: artifact verifies ({done.digest[:12]})")
-                console.print(f"skip {stage}: artifact verifies, digest {done.digest[:12]}")
+                bars.skipped(stage, f"skipped: artifact verifies ({done.digest[:12]})")
+                console.print(f"skip {stage}: artifact verifies and matches the spec, digest {done.digest[:12]}")
                 results.append(done)
                 continue
-            progress.update(tasks[stage], state="running")
+            if why != "no artifact yet":
+                console.print(f"re-running {stage}: {why}")
+            bars.running(stage, ctx.output_dir(stage) / PROGRESS, time.time())
             try:
+                connect_ray(args.ray_address, log_to_driver=verbose)  # before run_stage's own call: quiet unless verbose
+                note_ray_session()
                 result = run_stage(ctx, stage, args.ray_address)
             except StageError as err:
-                progress.update(tasks[stage], state="[red]failed")
+                bars.finished(stage, "[red]failed", ok=False)
                 console.print(f"[red]error:[/] stage {stage}: {err}")
+                console.print(f"details: {log_file}")
                 return 1
-            except Exception as err:  # noqa: BLE001 - show the whole cause, then a one-line summary
-                progress.update(tasks[stage], state="[red]failed")
-                console.print_exception()
-                console.print(f"[red]error:[/] stage {stage} failed: {type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - the worker's error, the file has the whole story
+                bars.finished(stage, "[red]failed", ok=False)
+                logging.getLogger(__name__).exception("stage %s failed", stage)
+                if verbose:
+                    console.print_exception()
+                console.print(f"[red]error:[/] stage {stage} failed: {type(err).__name__}")
+                console.print(tail(str(err), 20), markup=False, highlight=False)
+                console.print(f"details: {log_file}")
                 return 1
-            progress.update(tasks[stage], completed=1, state=f"done in {result.wall_s:.0f}s ({result.digest[:12]})")
+            bars.finished(stage, f"done in {result.wall_s:.0f}s ({result.digest[:12]})")
             results.append(result)
     print_summary(ctx, results, time.time() - started)
     if ctx.spec.serving.enabled and not args.no_serve and not args.stage:
         return serve(ctx)
     return 0
+
+
+def tail(text: str, lines: int) -> str:
+    """The last lines of an error (Ray puts the worker's traceback in the raised error's text)."""
+    parts = text.rstrip().splitlines()
+    return "\n".join((["..."] if len(parts) > lines else []) + parts[-lines:])
 
 
 def print_summary(ctx, results, wall: float) -> None:
