@@ -38,7 +38,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cached = []
     for chunk in chunks:  # what the distill-data stage does once
-        rows = teacher_answer_tensors(teacher, collate(chunk, tok.pad_token_id), "logits", args.top_k, 1.0)
+        rows = teacher_answer_tensors(teacher, collate(chunk, tok.pad_token_id), "logits", args.top_k, Distillation().temperature)
         cached.append([{**e, **r} for e, r in zip(chunk, rows)])
     cache_s = time.perf_counter() - t0
 

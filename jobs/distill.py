@@ -3,15 +3,16 @@
 Features: the student is spec.student.model or the teacher pruned to derive.keepLayers layers
 (student.py); PEFT LoRA on spec.student.lora.targetModules; three modes (spec.distillation.mode):
   logits           (1-alpha)*CE + alpha*T^2*KL(teacher||student) on answer tokens; the teacher's
-                   top-k log-probs come from the distill-data cache, or (teacherCache: online)
-                   from the teacher running in the same worker
-  sequence         plain SFT on the teacher's own correct answers (what DeepSeek did for R1's
+                   top-k + tail buckets come from the distill-data cache (losses.kl_topk), or
+                   (teacherCache: online) its full logits from the teacher in the same worker
+  sequence         plain SFT on the teacher's own kept answers (what DeepSeek did for R1's
                    distilled models), any tokenizers
   cross-tokenizer  (1-alpha)*CE + alpha*ULD, the teacher's sorted top-k probabilities cached per
-                   teacher answer token. Alignment: the i-th answer token of the student is
-                   paired with the i-th answer token of the teacher, both cut to the shorter
-                   answer, as in Boizard et al. (2024); answers here are short final lines, so
-                   the two tokenizations stay close position by position.
+                   teacher answer token. Alignment by character offsets (answer_alignment): each
+                   student answer token is paired with the teacher token covering its last
+                   character, not with the teacher token at the same position (Boizard et al.
+                   2024 pair by position), which drifts as soon as one tokenizer splits a number
+                   or word the other keeps whole.
 Checkpoints (adapter + optimizer + scheduler + step) every checkpointEverySteps; a restarted
 worker or run resumes from the latest. Output: <artifact>/adapter (PEFT, base = <artifact>/base
 for a derived student), merged into the base by the quantize stage.
@@ -28,12 +29,20 @@ from meddistill.jobs.sft_data import IGNORE, batches, collate, load_training_rec
 from meddistill.jobs.stage import StageContext, StageError, StageOutput
 
 log = logging.getLogger(__name__)
-TEACHER_KEYS = ("topk_ids", "topk_logprobs", "topk_probs")
+TEACHER_KEYS = ("topk_ids", "bucket_logprobs", "topk_probs")
+RERUN = "re-run: meddistill run FILE --stage distill-data --force"
 
 
 def collate_distill(examples: list[dict], pad_id: int):
-    """collate() plus the teacher's cached rows, and for ULD the aligned answer mask."""
+    """collate() plus the teacher's cached rows, one per student answer position in teacher_mask.
+
+    Logit KD (same tokenizer): row i belongs to answer position i. ULD: the teacher row of each
+    student answer token is chosen by character offsets (answer_alignment); student tokens with
+    no teacher token (the teacher's answer was cut shorter) are left out of teacher_mask.
+    """
     import torch
+
+    from meddistill.jobs.answer_alignment import align_by_char_end
 
     batch = collate(examples, pad_id)
     keys = [k for k in TEACHER_KEYS if k in examples[0]]
@@ -45,15 +54,21 @@ def collate_distill(examples: list[dict], pad_id: int):
     for i, e in enumerate(examples):
         positions = mask[i].nonzero().flatten()
         n_teacher = len(e[keys[0]])
-        if "topk_probs" not in e and n_teacher != len(positions):
+        if "topk_probs" in e:
+            pairs = align_by_char_end(e["char_ends"], e["teacher_char_ends"])
+            paired = torch.tensor([j is not None for j in pairs], dtype=torch.bool)
+            index = torch.tensor([j for j in pairs if j is not None], dtype=torch.long)
+            aligned[i, positions[paired]] = True
+        elif n_teacher != len(positions):
             raise StageError(
                 f"cached teacher outputs cover {n_teacher} answer tokens but the student sees {len(positions)} "
-                "(tokenizer or maxSeqLength changed since distill-data); re-run: meddistill run FILE --stage distill-data --force"
+                f"(tokenizer or maxSeqLength changed since distill-data); {RERUN}"
             )
-        m = min(n_teacher, len(positions))  # ULD: position-wise alignment, cut to the shorter answer
-        aligned[i, positions[:m]] = True
+        else:
+            index = torch.arange(n_teacher)
+            aligned[i, positions] = True
         for k in keys:
-            rows[k].append(e[k][:m])
+            rows[k].append(e[k][index])
     batch["teacher_mask"] = aligned
     batch.update({k: torch.cat(v) for k, v in rows.items()})
     return batch
@@ -79,7 +94,7 @@ def batch_loss(model, teacher, batch, dist) -> tuple:
             t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kd = losses.kl_full(student, losses.answer_logits(t_logits, mask), dist.temperature)
     else:
-        kd = losses.kl_topk(student, batch["topk_ids"], batch["topk_logprobs"], dist.temperature)
+        kd = losses.kl_topk(student, batch["topk_ids"], batch["bucket_logprobs"], dist.temperature)
     return losses.distillation_loss(ce, kd, dist.alpha, dist.temperature), ce, kd
 
 
@@ -196,16 +211,52 @@ def student_examples(ctx: StageContext, base: str) -> list[dict]:
     if dist.teacher_cache == "online":
         data = load_training_records(ctx, spec.teacher.datasets, training.max_samples, training.seed)
         return [tokenize_example(r, tokenizer, style, training.max_seq_length) for r in data.records]
-    cached = read_shards(ctx.input_dir("distill-data"))
+    cache = ctx.input_dir("distill-data")
+    check_cache_settings(cache, dist)
+    cached = read_shards(cache)
     if dist.mode == "logits":
         return cached
-    # cross-tokenizer: the student's own tokenization of the same records, the teacher's rows alongside
+    # cross-tokenizer: the student's own tokenization and character offsets of the same records
+    from meddistill.jobs.answer_alignment import answer_char_ends
+
     data = load_training_records(ctx, spec.teacher.datasets, training.max_samples, training.seed)
     by_id = {r.id: r for r in data.records}
-    return [
-        {**tokenize_example(by_id[e["id"]], tokenizer, style, training.max_seq_length), "topk_probs": e["topk_probs"]}
-        for e in cached
-    ]
+    examples = []
+    for e in cached:
+        record = by_id[e["id"]]
+        example = tokenize_example(record, tokenizer, style, training.max_seq_length)
+        n = sum(1 for t in example["labels"] if t != IGNORE)
+        example["char_ends"] = answer_char_ends(tokenizer, render_target(record, style), tokenizer.eos_token or "", n)
+        examples.append({**example, "topk_probs": e["topk_probs"], "teacher_char_ends": e["char_ends"].tolist()})
+    return examples
+
+
+def check_cache_settings(cache: Path, dist) -> None:
+    """Refuse a distill-data cache made for other loss settings, or in a pre-bucket format.
+
+    The cached buckets / probabilities are tempered, so they hold only for the temperature, topK
+    and mode they were computed with (recorded in the cache's manifest config).
+    """
+    from meddistill.artifacts import read_manifest
+
+    made = (read_manifest(cache).config or {}).get("distillation", {})
+    for field, now in (("mode", dist.mode), ("temperature", dist.temperature), ("topK", dist.top_k)):
+        if made.get(field) != now:
+            raise StageError(
+                f"the distill-data cache at {cache} was made with spec.distillation.{field}={made.get(field)!r}, "
+                f"but the spec now says {now!r}; {RERUN}"
+            )
+    expected = {"logits": "bucket_logprobs", "cross-tokenizer": "char_ends"}[dist.mode]
+    shards = sorted(cache.glob("shard-*.safetensors"))
+    if shards:
+        from safetensors import safe_open
+
+        with safe_open(str(shards[0]), "pt") as f:
+            if expected not in f.keys():
+                raise StageError(
+                    f"the distill-data cache at {cache} predates the current format (no {expected!r}: top-k KL now "
+                    f"keeps the teacher's tail mass, ULD aligns tokens by character offsets); {RERUN}"
+                )
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:

@@ -1,14 +1,20 @@
 """Recipe: the teacher's outputs for distillation, computed once (spec.distillation.teacherCache: cached).
 
 So the teacher is not in memory while the student trains. Per mode (spec.distillation.mode):
-  logits           per answer position: the teacher's top-k token ids (int32) and log-probs at T=1
-                   (fp16), with the token ids/labels they belong to -> shard-NNNNN.safetensors
+  logits           per answer position: the teacher's top-k token ids (int32) and k+1 bucket
+                   log-probs at the training temperature T (fp16: the k ids, then the tail mass;
+                   losses.topk_teacher), with the token ids/labels they belong to
+                   -> shard-NNNNN.safetensors
   cross-tokenizer  per teacher answer position: the top-k probabilities at temperature T, sorted
-                   descending (ULD needs no ids) -> shard-NNNNN.safetensors
+                   descending (ULD needs no ids), and the character where that token ends in the
+                   answer text (answer_alignment) -> shard-NNNNN.safetensors
   sequence         the teacher answers every training prompt (greedy, batched, maxNewTokens);
-                   an answer is kept only when its extracted final answer equals the label (or
-                   the record has none) -> generated.jsonl (generic jsonl MedicalRecords)
-The records are split into spec.teacher.resources.workers shards, one Ray task each.
+                   kept by `keep_teacher_answer`: closed questions when the extracted answer
+                   equals the label, open ones when it is similar enough to the reference
+                   -> generated.jsonl (generic jsonl MedicalRecords)
+The records are split into spec.teacher.resources.workers shards, one Ray task each. Both
+tensor caches depend on T and k: the manifest's config records spec.distillation, and the
+distill stage refuses a cache made with another temperature or topK.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from pathlib import Path
 from meddistill.jobs.stage import StageContext, StageOutput
 
 log = logging.getLogger(__name__)
+TENSOR_KEYS = ("topk_ids", "bucket_logprobs", "topk_probs", "char_ends", "topk_logprobs")  # last: pre-bucket caches
+CLOSED_TYPES = ("multiple_choice", "yes_no_maybe")  # answers are a letter or a label
 
 
 def write_shard(path: Path, examples: list[dict], teacher_key: str) -> None:
@@ -32,7 +40,7 @@ def write_shard(path: Path, examples: list[dict], teacher_key: str) -> None:
         "labels": torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.int64),
         "answer_counts": torch.tensor([len(e[teacher_key]) for e in examples], dtype=torch.int64),
     }
-    for key in {"topk_ids", "topk_logprobs", "topk_probs"} & set(examples[0]):
+    for key in set(TENSOR_KEYS) & set(examples[0]):
         tensors[key] = torch.cat([e[key] for e in examples]).contiguous()
     # Record ids let a student with another tokenizer (cross-tokenizer) find its own text.
     save_file(tensors, str(path), metadata={"ids": json.dumps([e["id"] for e in examples])})
@@ -49,7 +57,7 @@ def read_shards(directory: Path) -> list[dict]:
         with safe_open(str(path), "pt") as f:
             ids_of = iter(json.loads(f.metadata()["ids"]))
         ids, labels = t["input_ids"].tolist(), t["labels"].tolist()
-        keys = [k for k in ("topk_ids", "topk_logprobs", "topk_probs") if k in t]
+        keys = [k for k in TENSOR_KEYS if k in t]
         start = row = 0
         for length, count in zip(t["lengths"].tolist(), t["answer_counts"].tolist()):
             example = {"id": next(ids_of), "input_ids": ids[start : start + length], "labels": labels[start : start + length]}
@@ -74,8 +82,8 @@ def teacher_answer_tensors(model, batch, mode: str, top_k: int, temperature: flo
     for i in range(logits.size(0)):
         rows = logits[i][mask[i]]
         if mode == "logits":
-            ids, logprobs = topk_teacher(rows, top_k)
-            out.append({"topk_ids": ids, "topk_logprobs": logprobs})
+            ids, buckets = topk_teacher(rows, top_k, temperature)
+            out.append({"topk_ids": ids, "bucket_logprobs": buckets})
         else:
             probs = F.softmax(rows.float() / temperature, dim=-1).topk(top_k, dim=-1).values
             out.append({"topk_probs": probs.to(torch.float16)})
@@ -85,6 +93,7 @@ def teacher_answer_tensors(model, batch, mode: str, top_k: int, temperature: flo
 def teacher_shard(teacher_dir: str, records: list[dict], spec_dict: dict, path: str) -> dict:
     """One Ray task: load the teacher, compute its outputs for `records`, write them to `path`."""
     from meddistill.data import MedicalRecord
+    from meddistill.jobs.answer_alignment import answer_char_ends
     from meddistill.jobs.sft_data import collate, tokenize_example
     from meddistill.modelsource import load_model
     from meddistill.spec.models import MedDistillJobSpec
@@ -95,8 +104,17 @@ def teacher_shard(teacher_dir: str, records: list[dict], spec_dict: dict, path: 
     recs = [MedicalRecord.from_dict(r) for r in records]
     batch_size = spec.student.training.batch_size
     if dist.mode == "sequence":
-        return _generate(model, tokenizer, recs, style, dist.max_new_tokens, batch_size, path)
+        return _generate(model, tokenizer, recs, style, dist, batch_size, path)
     examples = [tokenize_example(r, tokenizer, style, spec.student.training.max_seq_length) for r in recs]
+    if dist.mode == "cross-tokenizer":
+        import torch
+
+        from meddistill.prompts import render_target
+
+        for example, record in zip(examples, recs):
+            n = sum(1 for t in example["labels"] if t != -100)
+            ends = answer_char_ends(tokenizer, render_target(record, style), tokenizer.eos_token or "", n)
+            example["char_ends"] = torch.tensor(ends, dtype=torch.int32)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = {k: v.to(model.device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
@@ -108,31 +126,58 @@ def teacher_shard(teacher_dir: str, records: list[dict], spec_dict: dict, path: 
     return {"examples": len(examples), "answer_tokens": sum(sum(1 for t in e["labels"] if t != -100) for e in examples)}
 
 
-def _generate(model, tokenizer, records, style: str, max_new_tokens: int, batch_size: int, path: str) -> dict:
-    """Sequence-level KD data: teacher answers, kept when they agree with the label."""
+def keep_teacher_answer(record, extraction, similarity_threshold: float) -> tuple[bool, str]:
+    """(keep, kind) for one teacher answer in sequence mode; kind is "closed" or "open".
+
+    Closed questions (a letter or yes/no/maybe) keep an answer equal to the label; open ones keep
+    an answer whose token F1 or ROUGE-L against the reference reaches the threshold, since free
+    text is almost never equal to the reference yet can still be right. Unparsed and truncated
+    answers are never kept.
+    """
+    from meddistill.evaluation.open_metrics import rouge_l, token_f1
+
+    closed = record.question_type in CLOSED_TYPES or bool(record.options)
+    kind = "closed" if closed else "open"
+    got = extraction.answer
+    if got is None:
+        return False, kind
+    if record.answer is None:  # nothing to check against: the teacher's answer is the target
+        return True, kind
+    reference = str(record.answer)
+    if closed:
+        return got.strip().lower() == reference.strip().lower(), kind
+    return max(token_f1(got, reference), rouge_l(got, reference)) >= similarity_threshold, kind
+
+
+def _generate(model, tokenizer, records, style: str, dist, batch_size: int, path: str) -> dict:
+    """Sequence-level KD data: teacher answers, kept by keep_teacher_answer."""
     import torch
 
-    from meddistill.prompts import extract_answer, render_prompt
+    from meddistill.prompts import TRUNCATED, extract_answer, prompt_prefills_think, render_prompt
 
-    kept, rejected = [], 0
+    prefilled = prompt_prefills_think(tokenizer, style)
+    kept, counts = [], {f"{verdict}_{kind}": 0 for verdict in ("kept", "rejected") for kind in ("closed", "open")}
+    counts["truncated"] = 0
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [render_prompt(r, tokenizer, style) for r in chunk]
         add_special = not getattr(tokenizer, "chat_template", None)  # as sft_data / the evaluation harness
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(model.device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(**enc, max_new_tokens=dist.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for record, text in zip(chunk, texts):
-            got = extract_answer(text, record)
-            if got.answer is None or (record.answer is not None and got.answer.lower() != str(record.answer).lower()):
-                rejected += 1
+            got = extract_answer(text, record, prefilled_think=prefilled)
+            keep, kind = keep_teacher_answer(record, got, dist.similarity_threshold)
+            counts[f"{'kept' if keep else 'rejected'}_{kind}"] += 1
+            counts["truncated"] += got.reason == TRUNCATED
+            if not keep:
                 continue
             row = record.to_dict()
             row.update(answer=got.answer, reasoning=got.reasoning, meta={**row["meta"], "teacher_text": text})
             kept.append(row)
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return {"examples": len(kept), "rejected": rejected}
+    return {"examples": len(kept), "rejected": counts["rejected_closed"] + counts["rejected_open"], **counts}
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:

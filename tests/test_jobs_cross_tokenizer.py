@@ -38,6 +38,8 @@ def test_uld_distills_across_tokenizers(tiny_model_dir, tiny_data_refs, tmp_path
     for example in cached:
         probs = example["topk_probs"].float()
         assert probs.shape[1] == 8 and (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(-1) <= 1.001).all()
+        ends = example["char_ends"].tolist()  # where each teacher answer token ends: the alignment key
+        assert len(ends) == len(probs) and ends == sorted(ends) and ends[0] > 0
 
     distill = run_stage(ctx, "distill")
     assert distill.metrics["step"] == 1 and distill.metrics["kd"] > 0 and distill.metrics["ce"] > 0

@@ -59,6 +59,8 @@ def test_teacher_resumes_from_its_checkpoint_after_a_worker_dies(pipeline):
 
 
 def test_distill_data_caches_topk_teacher_logprobs(pipeline):
+    import torch
+
     from meddistill.jobs.distill_data import read_shards
 
     ctx, results = pipeline
@@ -68,9 +70,10 @@ def test_distill_data_caches_topk_teacher_logprobs(pipeline):
     for example in cached:
         n_answer = sum(1 for t in example["labels"][1:] if t != -100)
         assert example["topk_ids"].shape == (n_answer, k) and str(example["topk_ids"].dtype) == "torch.int32"
-        assert str(example["topk_logprobs"].dtype) == "torch.float16"
-        assert (example["topk_logprobs"] <= 0).all()  # log-probabilities, sorted descending
-        assert (example["topk_logprobs"][:, :-1] >= example["topk_logprobs"][:, 1:]).all()
+        buckets = example["bucket_logprobs"]  # the top k at temperature T, then the tail mass
+        assert buckets.shape == (n_answer, k + 1) and str(buckets.dtype) == "torch.float16"
+        assert (buckets <= 0).all() and (buckets[:, :k - 1] >= buckets[:, 1:k]).all()  # top k sorted descending
+        assert torch.allclose(buckets.float().exp().sum(-1), torch.ones(n_answer), atol=2e-2)  # one distribution
 
 
 def test_distill_trains_a_lora_adapter_on_a_pruned_student(pipeline):

@@ -1,5 +1,7 @@
 """Sequence-level distillation (distillation.mode: sequence): the teacher answers the training
-prompts, only its correct answers are kept, and the student learns them with plain cross-entropy.
+prompts, only its correct answers are kept (closed questions: the label; open ones: similar
+enough to the reference, tests/test_distill_selection.py), and the student learns them with
+plain cross-entropy.
 
 The positive path needs a teacher that answers some questions right, so it uses the real
 SmolLM2-135M-Instruct (one tiny-learning-rate teacher step keeps its answers as they are); the
@@ -40,6 +42,8 @@ def test_sequence_mode_keeps_only_correct_teacher_answers_and_trains_on_them(tin
     m = data.metrics
     assert m["mode"] == "sequence" and m["examples"] > 0 and m["rejected"] > 0, m
     assert m["examples"] + m["rejected"] == ONE_STEP["maxSamples"]
+    # the tiny set is all closed questions (labels): kept/rejected are counted per kind
+    assert (m["kept_closed"], m["rejected_closed"], m["kept_open"], m["rejected_open"]) == (m["examples"], m["rejected"], 0, 0)
     labels = _records(tiny_data_refs["train"])
     kept = [json.loads(line) for p in sorted(Path(data.artifact_uri).glob("generated-*.jsonl"))
             for line in p.read_text().splitlines()]
