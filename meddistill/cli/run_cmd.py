@@ -25,6 +25,7 @@ def register(subparsers, summary: str) -> None:
     p.add_argument("file", metavar="FILE", help="a MedDistillJob YAML file")
     p.add_argument("--stage", default=None, help="run only this stage (teacher, distill-data, distill, quantize, evaluate)")
     p.add_argument("--no-serve", action="store_true", help="do not serve the quantized student afterwards")
+    p.add_argument("--port", type=int, default=8000, help="port of the OpenAI-compatible endpoint served afterwards")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: a running one, else a local one)")
     p.add_argument("--force", action="store_true", help="re-run stages even if their artifacts verify and match the spec")
     p.add_argument("-v", "--verbose", dest="run_verbose", action="store_true",
@@ -106,7 +107,7 @@ def run(args) -> int:
             results.append(result)
     print_summary(ctx, results, time.time() - started)
     if ctx.spec.serving.enabled and not args.no_serve and not args.stage:
-        return serve(ctx)
+        return serve(ctx, args.port)
     return 0
 
 
@@ -158,11 +159,11 @@ def print_summary(ctx, results, wall: float) -> None:
             console.print(line, markup=False, highlight=False)
 
 
-def serve(ctx) -> int:
+def serve(ctx, port: int = 8000) -> int:
     try:
         from meddistill.serve.local import serve_job
     except ImportError as err:
         print(f"serving is not available ({err}); the quantized student is at {ctx.uri('quantize')}", file=sys.stderr)
         return 0
-    serve_job(ctx.job, base_dir=str(ctx.base_dir))
+    serve_job(ctx.job, base_dir=str(ctx.base_dir), port=port)
     return 0
