@@ -43,19 +43,27 @@ def sixteen_bit_dtype(device: str = "cpu") -> str:
 
 
 def load_for_eval(kind: str, source: str, quantization: str):
-    """(model, tokenizer, dtype label) for one row of the table."""
+    """(model, tokenizer, dtype label) for one row of the table.
+
+    The quantized student's unquantized parts (embeddings, norms, skipped modules) load in the
+    same 16-bit dtype as the student row, so the paper's comparison measures the quantization of
+    the linear layers and nothing else.
+    """
     import torch
 
     from meddistill.modelsource import load_model
 
+    sixteen = sixteen_bit_dtype("cpu")  # models are evaluated on the CPU (load_model's default device)
     if kind == "student":
         from meddistill.jobs.quantize import merge_student
 
         model, tokenizer = merge_student(Path(source))
-        dtype = sixteen_bit_dtype(next(model.parameters()).device.type)
-        return model.to(getattr(torch, dtype)), tokenizer, dtype
+        return model.to(getattr(torch, sixteen)), tokenizer, sixteen
+    if kind == "quantized":
+        model, tokenizer = load_model(source, dtype=sixteen)
+        return model, tokenizer, sixteen if quantization == "none" else f"{quantization} + {sixteen}"
     model, tokenizer = load_model(source, dtype="float32")
-    return model, tokenizer, quantization if kind == "quantized" else "float32"
+    return model, tokenizer, "float32"
 
 
 def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: dict, out_dir: str) -> list[dict]:

@@ -153,8 +153,10 @@ def paper_line(results: Results) -> str:
     student = next((row for row in r.rows if row.model == "student"), None)
     retention = ("accuracy retention n/a (the student answered nothing correctly)" if r.accuracy_retention_pct is None
                  else f"accuracy retention {r.accuracy_retention_pct:.1f} % (95% CI {r.retention_ci_low:.1f}-{r.retention_ci_high:.1f})")
+    dtype = student.dtype if student else ""
+    label = ("16-bit student" + (f", {dtype}" if dtype else "")) if dtype != "float32" else "student in float32: no bf16 on this hardware"
     return (
-        f"Paper's comparison (quantized vs 16-bit student{f', {student.dtype}' if student and student.dtype else ''}): "
+        f"Paper's comparison (quantized vs {label}): "
         f"weight memory {_minus(r.memory_reduction_pct)}, peak {_minus(r.peak_memory_reduction_pct)}, "
         f"latency {_minus(r.latency_reduction_pct)} (b1), per token {_minus(r.per_token_latency_reduction_pct)}, {retention}."
     )
