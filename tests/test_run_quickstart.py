@@ -17,12 +17,15 @@ def test_quickstart_produces_every_stage_and_the_paper_table(quickstart_run):
         assert verify(quickstart_run / stage) is not None, f"{stage}: no verified manifest"
     results = Results.model_validate(json.loads((quickstart_run / "evaluate" / "results.json").read_text()))
     rows = {r.model: r for r in results.rows}
-    assert set(rows) == {"teacher", "student", "quantized"}
+    assert set(rows) == {"base", "teacher", "student", "quantized"}
     assert all(r.n == 40 and r.latency_ms > 0 and r.peak_memory_bytes > 0 for r in rows.values())
-    # 30 -> 20 layers, then NF4: each step makes the weights smaller
+    # 30 -> 24 layers in 16 bits, then NF4: each step makes the weights smaller
     assert rows["quantized"].weight_bytes < rows["student"].weight_bytes < rows["teacher"].weight_bytes
-    assert results.memory_reduction_pct > 50
-    assert results.accuracy_retention_pct is not None or rows["teacher"].accuracy == 0
+    assert results.memory_reduction_pct > 0 and results.teacher_vs_quantized.memory_reduction_pct > 50
+    if results.accuracy_retention_pct is not None:  # None only when the student got nothing right
+        assert results.retention_ci_low <= results.accuracy_retention_pct <= results.retention_ci_high
+    else:
+        assert rows["student"].accuracy == 0
     # the model actually answers in the trained format most of the time
     assert rows["teacher"].unparsed_rate < 0.5
 
