@@ -115,7 +115,7 @@ def test_real_smollm2_on_pubmedqa_test_questions():
     test_split = load_dataset("pubmedqa:@samples/pubmedqa/ori_pqal.json#test").records
     # the 4 shortest abstracts of the official test split: real questions, affordable on 2 CPU cores
     records = sorted(test_split, key=lambda r: len(r.context) + len(r.question))[:4]
-    result = evaluate(model, tok, records, batch_size=4, max_new_tokens=8, progress=False)
+    result = evaluate(model, tok, records, batch_size=4, max_new_tokens=8, latency_questions=0, progress=False)
     assert result.n == result.n_scored == 4 and result.by_type["yes_no_maybe"].n == 4
     assert 0 <= result.correct <= 4 and result.accuracy == result.correct / 4
     assert result.ci_low <= result.accuracy <= result.ci_high
@@ -154,3 +154,23 @@ def test_truncated_reasoning_counted_apart_from_other_unparsed():
 
     group = _group([q(1, "A", None), q(2, None, "truncated"), q(3, None, "no option letter"), q(4, "B", None)])
     assert (group.n, group.correct, group.unparsed, group.truncated) == (4, 1, 2, 1)
+
+
+def test_cli_eval_limit_is_a_seeded_stratified_sample_and_both_scorings(tiny_model_dir, tmp_path, capsys):
+    from meddistill.cli import main
+    from meddistill.evaluation import sample_records
+
+    ref = "pubmedqa:@samples/pubmedqa/ori_pqal.json#test"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--dataset", ref, "--limit", "3", "--seed", "5",
+               "--scoring", "both", "--max-new-tokens", "2", "--latency-questions", "1", "--out", str(tmp_path),
+               "--no-progress"])
+    assert rc == 0
+    want = [r.id for r in sample_records(load_dataset(ref).records, 3, seed=5)]
+    gen = json.loads((tmp_path / "eval.json").read_text())
+    ll = json.loads((tmp_path / "loglik" / "eval.json").read_text())
+    assert [q["id"] for q in gen["questions"]] == want == [q["id"] for q in ll["questions"]]
+    assert gen["scoring"] == "generative" and gen["latency_b1_s"] > 0 and ll["scoring"] == "loglik"
+    out = capsys.readouterr().out
+    assert "[generative] accuracy" in out and "[loglik] acc" in out and "ms/token" in out
+    assert "acc_norm" in (tmp_path / "loglik" / "eval.md").read_text()
+    assert "batch 1, first 1 questions" in (tmp_path / "eval.md").read_text()

@@ -59,8 +59,12 @@ def context_and_continuations(record: MedicalRecord, tokenizer: Any, style: str)
 
 
 def score_choices(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], *, style: str,
-                  batch_size: int) -> list[ChoiceScore]:
-    """One ChoiceScore per record, in order; batched forward passes of up to batch_size rows."""
+                  batch_size: int, share_context: bool = True) -> list[ChoiceScore]:
+    """One ChoiceScore per record, in order; batched forward passes of up to batch_size rows.
+
+    share_context=False gives every option its own row even when all are single tokens (same
+    numbers, more compute: the tests compare the two paths).
+    """
     import torch  # noqa: PLC0415
 
     add_special = not getattr(tokenizer, "chat_template", None)  # as in generation: chat templates add BOS
@@ -72,7 +76,7 @@ def score_choices(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], 
         chars.append({label: len(text) for label, text in conts})
         ctx_ids = tokenizer(context, add_special_tokens=add_special)["input_ids"]
         cont_ids = [(label, tokenizer(text, add_special_tokens=False)["input_ids"]) for label, text in conts]
-        if all(len(ids) == 1 for _, ids in cont_ids):
+        if share_context and all(len(ids) == 1 for _, ids in cont_ids):
             rows.append((i, ctx_ids, [(label, len(ctx_ids), ids) for label, ids in cont_ids]))
         else:
             rows += [(i, ctx_ids + ids, [(label, len(ctx_ids), ids)]) for label, ids in cont_ids]
