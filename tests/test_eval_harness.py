@@ -147,13 +147,17 @@ def test_loglik_structure_with_tiny_model(tiny_model_dir):
 
 
 def test_truncated_reasoning_counted_apart_from_other_unparsed():
-    from meddistill.evaluation.harness import QuestionResult, _group
+    from meddistill.evaluation.harness import _group, _score
 
-    def q(i, predicted, reason):
-        return QuestionResult(str(i), "multiple_choice", "A", predicted, predicted == "A", None, reason, "", 1, 1, 0.1)
-
-    group = _group([q(1, "A", None), q(2, None, "truncated"), q(3, None, "no option letter"), q(4, "B", None)])
-    assert (group.n, group.correct, group.unparsed, group.truncated) == (4, 1, 2, 1)
+    record = MedicalRecord("m", "Which?", {"A": "x", "B": "y"}, None, "A", "multiple_choice", "t")
+    outputs = [("Final answer: A", False), ("<think>A looks right, but B", False),  # cut off in its reasoning
+               ("A looks right, but B", True),  # the template opened <think>; no </think> came
+               ("I cannot tell.", False), ("<think>ok</think>\nFinal answer: B", False)]
+    questions = [_score(record, text, 3, 0.1, prompt_tokens=5, keywords=None, prefilled_think=pre)
+                 for text, pre in outputs]
+    assert [q.reason == "truncated" for q in questions] == [False, True, True, False, False]
+    group = _group(questions)
+    assert (group.n, group.correct, group.unparsed, group.truncated) == (5, 1, 3, 2)
 
 
 def test_cli_eval_limit_is_a_seeded_stratified_sample_and_both_scorings(tiny_model_dir, tmp_path, capsys):

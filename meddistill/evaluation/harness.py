@@ -43,8 +43,8 @@ from meddistill.evaluation.open_metrics import (
     is_repetitive, keyword_groups, keyword_hit, repeated_4gram_share, rouge_l, token_f1,
 )
 from meddistill.modelsource import model_weight_bytes
-from meddistill.prompts.extract import extract_answer
-from meddistill.prompts.render import render_prompt
+from meddistill.prompts.extract import TRUNCATED, extract_answer
+from meddistill.prompts.render import ends_with_open_think, render_prompt
 
 log = logging.getLogger(__name__)
 Z_95 = 1.959963984540054
@@ -227,8 +227,9 @@ def evaluate(
                                         add_special=add_special, stop=stop)
     wall = time.perf_counter() - started
 
-    questions = [_score(record, *outputs[i], prompt_tokens=lengths[i], keywords=keywords[i])
-                 for i, record in enumerate(records)]
+    # A template that opens <think> itself (DeepSeek-R1's) makes an answer without </think> a cut-off one.
+    questions = [_score(record, *outputs[i], prompt_tokens=lengths[i], keywords=keywords[i],
+                        prefilled_think=ends_with_open_think(prompts[i])) for i, record in enumerate(records)]
     result = _summarize(questions, gen_seconds=gen_seconds, wall=wall, **summary)
     result.open_max_new_tokens = open_max_new_tokens
     result.latency_questions = min(latency_questions, len(records))
@@ -260,8 +261,8 @@ def _evaluate_loglik(model: Any, tokenizer: Any, records: Sequence[MedicalRecord
 
 
 def _score(record: MedicalRecord, output: str, new_tokens: int, seconds: float, *, prompt_tokens: int,
-           keywords: list[list[str]] | None) -> QuestionResult:
-    extraction = extract_answer(output, record)
+           keywords: list[list[str]] | None, prefilled_think: bool = False) -> QuestionResult:
+    extraction = extract_answer(output, record, prefilled_think=prefilled_think)
     closed = record.is_scored_by_choice
     correct = f1 = rouge = None
     if closed:
@@ -288,7 +289,7 @@ def _group(questions: list[QuestionResult]) -> GroupScore:
     lo, hi = wilson_interval(correct, len(scored)) if scored else (None, None)
     return GroupScore(n=len(scored), correct=correct, unparsed=unparsed,
                       accuracy=correct / len(scored) if scored else None, ci_low=lo, ci_high=hi,
-                      truncated=sum(q.predicted is None and q.reason == "truncated" for q in scored))
+                      truncated=sum(q.predicted is None and q.reason == TRUNCATED for q in scored))
 
 
 def _percentile(values: list[float], q: float) -> float:

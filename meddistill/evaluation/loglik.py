@@ -6,7 +6,8 @@ continuation of one context:
     context      = the rendered generation prompt (chat template, as in generative mode)
                    + the start of the training target up to the answer: "Final answer:" in plain
                    style, "<think>\\n\\n</think>\\n\\nFinal answer:" in r1 style (render_target
-                   with an empty reasoning), so the model is asked exactly what training taught it.
+                   with an empty reasoning; its <think> is dropped when the chat template already
+                   opened one), so the model is asked exactly what training taught it.
     continuation = " " + the option label: " A" ... " E", or " yes" / " no" / " maybe".
 
 As lm-eval does, trailing whitespace moves from the context to the continuation, context and
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from meddistill.data.records import YES_NO_MAYBE, MedicalRecord
-from meddistill.prompts.render import render_prompt, render_target
+from meddistill.prompts.render import ends_with_open_think, render_prompt, render_target
 
 _SENTINEL = "\x00ANSWER\x00"
 
@@ -52,6 +53,8 @@ def context_and_continuations(record: MedicalRecord, tokenizer: Any, style: str)
     """(context, [(label, continuation), ...]) after moving trailing whitespace, as lm-eval does."""
     prompt = render_prompt(record, tokenizer, style)
     target = render_target(dataclasses.replace(record, answer=_SENTINEL), style, reasoning="")
+    if ends_with_open_think(prompt) and target.startswith("<think>"):  # the template opened it already
+        target = target[len("<think>"):].lstrip(" ")
     context = prompt + target[: target.index(_SENTINEL)]
     stripped = context.rstrip()
     moved = context[len(stripped):]
