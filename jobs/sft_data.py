@@ -2,7 +2,8 @@
 
 Prompts and targets are rendered only through meddistill.prompts, so training sees exactly the
 text evaluation and serving see. Labels are -100 on prompt (and padding) tokens: the loss is on
-answer tokens only. A too-long example loses the left of its prompt, never its answer.
+answer tokens only. A too-long example loses the left of its prompt; a free-text answer longer
+than what the prompt leaves (at least half of maxSeqLength) loses its end, never the question.
 """
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ def tokenize_example(
     # tokenizer's, exactly as the evaluation harness tokenizes it.
     add_special = not getattr(tokenizer, "chat_template", None)
     prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"][: max_length - 1]
+    # A long free-text answer (MedQuAD, ChatDoctor) loses its end, not the question it answers:
+    # the target keeps what the prompt leaves, but at least half the budget.
+    room = max(max_length - len(prompt_ids), max_length // 2, 1)
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"][: min(room, max_length - 1)]
     prompt_ids = prompt_ids[-(max_length - len(target_ids)):]
     return {"input_ids": prompt_ids + target_ids, "labels": [IGNORE] * len(prompt_ids) + target_ids}
 
