@@ -48,6 +48,7 @@ def _prepare(path: str):
 
 def run(args) -> int:
     from rich.console import Console
+    from rich.traceback import Traceback
 
     from meddistill.artifacts import PROGRESS, ArtifactStore, stage_uri
     from meddistill.cli.run_logs import note_ray_session, route_logs
@@ -73,7 +74,7 @@ def run(args) -> int:
 
     log_file = route_logs(ArtifactStore(stage_uri(ctx.spec.artifacts.uri, ctx.name, "logs")).working_dir(), console, verbose)
     console.print(f"logs: {log_file}" + ("" if verbose else "   (--verbose shows Ray's log stream here)"))
-    results, started = [], time.time()
+    results, started, failure = [], time.time(), None
     with StageBars(console, stages) as bars:
         for stage in stages:
             done, why = (None, "--force") if args.force else check_existing(ctx, stage)
@@ -89,22 +90,25 @@ def run(args) -> int:
                 connect_ray(args.ray_address, log_to_driver=verbose)  # before run_stage's own call: quiet unless verbose
                 note_ray_session()
                 result = run_stage(ctx, stage, args.ray_address)
-            except StageError as err:
+            except Exception as err:  # noqa: BLE001 - reported below, once the bars are closed
                 bars.finished(stage, "[red]failed", ok=False)
-                console.print(f"[red]error:[/] stage {stage}: {err}")
-                console.print(f"details: {log_file}")
-                return 1
-            except Exception as err:  # noqa: BLE001 - the worker's error, the file has the whole story
-                bars.finished(stage, "[red]failed", ok=False)
-                logging.getLogger(__name__).exception("stage %s failed", stage)
-                if verbose:
-                    console.print_exception()
-                console.print(f"[red]error:[/] stage {stage} failed: {type(err).__name__}")
-                console.print(tail(str(err), 20), markup=False, highlight=False)
-                console.print(f"details: {log_file}")
-                return 1
+                # INFO: the file only (the terminal gets the short form below)
+                logging.getLogger(__name__).info("stage %s failed", stage, exc_info=True)
+                failure = (stage, err)
+                break
             bars.finished(stage, f"done in {result.wall_s:.0f}s ({result.digest[:12]})")
             results.append(result)
+    if failure is not None:
+        stage, err = failure
+        if isinstance(err, StageError):
+            console.print(f"[red]error:[/] stage {stage}: {err}")
+        else:
+            if verbose:
+                console.print(Traceback.from_exception(type(err), err, err.__traceback__))
+            console.print(f"[red]error:[/] stage {stage} failed: {type(err).__name__}")
+            console.print(tail(str(err), 20), markup=False, highlight=False)  # Ray puts the worker's traceback here
+        console.print(f"details: {log_file}")
+        return 1
     print_summary(ctx, results, time.time() - started)
     if ctx.spec.serving.enabled and not args.no_serve and not args.stage:
         return serve(ctx, args.port)

@@ -1,8 +1,8 @@
 """Where `meddistill run`'s logs go: a file per run, the terminal kept for progress and errors.
 
 Without --verbose: every log record (ours, Ray's, Ray Train's, Python warnings) goes to
-`<artifacts>/<job>/logs/run-<timestamp>.log`; the terminal shows our warnings and Ray's errors
-only, printed through the rich console so they do not tear the progress bars. Workers' and Ray's
+`<artifacts>/<job>/logs/run-<timestamp>.log`; the terminal shows our warnings and errors and
+other libraries' errors only, printed through the rich console so they do not tear the progress bars. Workers' and Ray's
 actors' output stays in Ray's session logs (`ray.init(log_to_driver=False)`), whose folder the
 file names. With --verbose: today's stream on the terminal, and the file as well.
 """
@@ -35,6 +35,8 @@ def route_logs(log_dir: Path, console, verbose: bool) -> Path:
     def terminal(level: int) -> logging.Handler:
         handler = RichHandler(console=console, level=level, show_time=False, show_path=False)
         handler.set_name("meddistill-run-terminal")
+        # Our warnings are for the user; a library's (bitsandbytes' missing kernels...) go to the file.
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR or r.name.startswith("meddistill"))
         return handler
 
     for handler in list(root.handlers):
