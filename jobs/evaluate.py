@@ -45,9 +45,10 @@ def sixteen_bit_dtype(device: str = "cpu") -> str:
 def load_for_eval(kind: str, source: str, quantization: str):
     """(model, tokenizer, dtype label) for one row of the table.
 
-    The quantized student's unquantized parts (embeddings, norms, skipped modules) load in the
-    same 16-bit dtype as the student row, so the paper's comparison measures the quantization of
-    the linear layers and nothing else.
+    The quantized student's unquantized parts (embeddings, norms, skipped modules) are cast to the
+    student row's 16-bit dtype, so the paper's comparison measures the quantization of the linear
+    layers and nothing else. Cast by hand: transformers keeps a pre-quantized checkpoint's stored
+    dtype whatever `dtype` says, and refuses `.to(dtype)` on a bitsandbytes model.
     """
     import torch
 
@@ -61,6 +62,9 @@ def load_for_eval(kind: str, source: str, quantization: str):
         return model.to(getattr(torch, sixteen)), tokenizer, sixteen
     if kind == "quantized":
         model, tokenizer = load_model(source, dtype=sixteen)
+        for param in model.parameters():
+            if not hasattr(param, "quant_state") and param.is_floating_point():  # 4-bit/8-bit storage stays
+                param.data = param.data.to(getattr(torch, sixteen))
         return model, tokenizer, sixteen if quantization == "none" else f"{quantization} + {sixteen}"
     model, tokenizer = load_model(source, dtype="float32")
     return model, tokenizer, "float32"
