@@ -1,25 +1,62 @@
 """The student's base model: its own weights, or the fine-tuned teacher with layers removed.
 
-Layer pruning follows Minitron (Muralidharan et al. 2024) in its simplest, depth-only form:
-keep `keepLayers` decoder layers, either evenly spaced (always the first and the last, which
-carry the embedding- and output-facing features) or the first N. The result is saved as a plain
-model directory so every worker and every later stage loads the same base.
+Layer pruning in its depth-only form (Minitron, Muralidharan et al. 2024; ShortGPT, Men et al.
+2024): keep `keepLayers` decoder layers, chosen by `strategy`:
+  importance  (default) the layers that change the hidden state most on calibration text
+              (the job's own training records), measured as ShortGPT's Block Influence
+              BI_i = 1 - mean_token cos(h_i, h_{i+1}). Layers that barely rotate the residual
+              stream are dropped first; uniform spacing drops useful ones and breaks the model
+              (SmolLM2-135M, 24 of 30 kept uniformly: it answers "What is hypertension?" with "").
+  uniform     evenly spaced layers (always the first and the last)
+  first       the first N
+The result is saved as a plain model directory (with `layer_importance.json`: every layer's
+score and the kept indices) so every worker and every later stage loads the same base.
 """
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+CALIBRATION_RECORDS, CALIBRATION_TOKENS = 32, 256
 
-def keep_layer_indices(total: int, keep: int, strategy: str) -> list[int]:
-    """Indices of the decoder layers a derived student keeps."""
+
+def keep_layer_indices(total: int, keep: int, strategy: str, importance: list[float] | None = None) -> list[int]:
+    """Indices of the decoder layers a derived student keeps (sorted)."""
     if keep > total:
         raise ValueError(f"spec.student.derive.keepLayers={keep} exceeds the teacher's {total} layers; use <= {total}")
+    if strategy == "importance":
+        if importance is None or len(importance) != total:
+            raise ValueError(f"strategy importance needs one score per layer ({total}), got {importance!r}")
+        ranked = sorted(range(total), key=lambda i: (-importance[i], i))  # most influential first
+        return sorted(ranked[:keep])
     if strategy == "first" or keep == total:
         return list(range(keep))
     if keep == 1:
         return [0]
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def block_influence(model, tokenizer, texts: list[str], max_tokens: int = CALIBRATION_TOKENS) -> list[float]:
+    """ShortGPT Block Influence per decoder layer: 1 - mean cosine(input, output) over real tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    n_layers = model.config.num_hidden_layers
+    totals, count = torch.zeros(n_layers, dtype=torch.float64), 0
+    model.eval()
+    with torch.inference_mode():
+        for text in texts:
+            enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            hidden = model(**enc, output_hidden_states=True).hidden_states  # n_layers + 1 states
+            n_tokens = enc["input_ids"].shape[1]
+            for i in range(n_layers):
+                totals[i] += F.cosine_similarity(hidden[i][0].float(), hidden[i + 1][0].float(), dim=-1).sum().item()
+            count += n_tokens
+    return [round(1.0 - t / max(count, 1), 6) for t in totals.tolist()]
 
 
 def _decoder_layers(model):
@@ -48,6 +85,17 @@ def prune_layers(model, indices: list[int]):
     return model
 
 
+def calibration_texts(ctx, tokenizer) -> list[str]:
+    """Prompt + reference answer of the job's first training records, rendered as training sees them."""
+    from meddistill.jobs.sft_data import load_training_records
+    from meddistill.prompts import render_prompt, render_target
+
+    spec = ctx.spec
+    data = load_training_records(ctx, spec.teacher.datasets, CALIBRATION_RECORDS, spec.student.training.seed)
+    style = spec.teacher.prompt_style
+    return [render_prompt(r, tokenizer, style) + render_target(r, style) for r in data.records]
+
+
 def materialize_student_base(ctx, teacher_model_dir: Path, target: Path) -> str:
     """The student's base as a model source: spec.student.model, or a pruned copy of the teacher."""
     student = ctx.spec.student
@@ -58,12 +106,18 @@ def materialize_student_base(ctx, teacher_model_dir: Path, target: Path) -> str:
     from meddistill.modelsource import load_model
 
     model, tokenizer = load_model(str(teacher_model_dir), dtype="float32")
-    indices = keep_layer_indices(model.config.num_hidden_layers, student.derive.keep_layers, student.derive.strategy)
+    derive, total = student.derive, model.config.num_hidden_layers
+    importance = block_influence(model, tokenizer, calibration_texts(ctx, tokenizer)) if derive.strategy == "importance" else None
+    indices = keep_layer_indices(total, derive.keep_layers, derive.strategy, importance)
+    log.info("student: keeping %d of %d layers (%s); dropped %s", len(indices), total, derive.strategy,
+             sorted(set(range(total)) - set(indices)))
     prune_layers(model, indices)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "kept_layers.txt").write_text(" ".join(map(str, indices)) + "\n")
+    (tmp / "layer_importance.json").write_text(json.dumps(
+        {"strategy": derive.strategy, "block_influence": importance, "kept": indices}, indent=1))
     tmp.rename(target)
     return str(target)

@@ -191,8 +191,9 @@ class DeriveStudent(SpecModel):
     """Make the student from the teacher by keeping a subset of its layers (Minitron-style pruning)."""
 
     keep_layers: int = Field(..., ge=1, le=1024, description="Decoder layers the student keeps.")
-    strategy: Literal["uniform", "first"] = Field(
-        "uniform", description="uniform keeps evenly spaced layers (always the first and last); first keeps the first N."
+    strategy: Literal["importance", "uniform", "first"] = Field(
+        "importance",
+        description="importance keeps the layers that change the hidden state most on the training data (ShortGPT block influence); uniform keeps evenly spaced layers (always the first and last); first keeps the first N.",
     )
 
 
