@@ -32,8 +32,9 @@ def sixteen_bit_dtype(device: str = "cpu") -> str:
     """bfloat16 where the hardware computes in it, else float32 (never float16: its range breaks
     some checkpoints, and the paper's 16-bit baseline is bf16).
 
-    On CPU, oneDNN's bf16 check (AVX-512 BW/VL/DQ or newer) decides: without it PyTorch emulates
-    bf16 matmuls so slowly that the latency comparison would flatter the quantized model.
+    On CPU, oneDNN's bf16 check (AVX-512 BW/VL/DQ or newer) decides: without those instructions
+    bf16 matmuls take slow fallback kernels, and the latency comparison would flatter the
+    quantized model.
     """
     import torch
 
