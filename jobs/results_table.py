@@ -178,8 +178,13 @@ ROW_COLUMNS = ("model", "dtype", "dataset", "accuracy (95% CI)", "n", "unparsed"
 COMPARISON_COLUMNS = ("comparison", "dataset", "n", "Δ accuracy, points (95% CI)", "only a / only b right", "McNemar p", "verdict")
 
 
+OPEN_COLUMNS = ("model", "dataset", "token F1", "ROUGE-L", "repeated 4-grams", "repetitive answers", "keyword hits")
+
+
 def row_cells(r: ResultRow) -> list[str]:
-    return [r.model, r.dtype, r.dataset, f"{100 * r.accuracy:.1f}% ({100 * r.ci_low:.1f}–{100 * r.ci_high:.1f})",
+    # A dataset of open questions only has nothing to score by accuracy: say so, not "0.0%".
+    accuracy = f"{100 * r.accuracy:.1f}% ({100 * r.ci_low:.1f}–{100 * r.ci_high:.1f})" if r.n else "n/a (open questions)"
+    return [r.model, r.dtype, r.dataset, accuracy,
             n_label(r), f"{100 * r.unparsed_rate:.0f}%", f"{r.weight_bytes / 2**20:.1f}", f"{r.peak_memory_bytes / 2**20:.0f}",
             _ms(r.latency_b1_ms), _ms(r.ms_per_token, 1), f"{r.tokens_per_second:.1f}"]
 
@@ -187,6 +192,18 @@ def row_cells(r: ResultRow) -> list[str]:
 def comparison_cells(c: Comparison) -> list[str]:
     return [f"{c.b} - {c.a}", c.dataset, str(c.n), f"{c.delta_pct_points:+.1f} ({c.ci_low:+.1f} to {c.ci_high:+.1f})",
             f"{c.only_a_correct} / {c.only_b_correct}", f"{c.p_value:.3g}", c.verdict]
+
+
+def open_rows(results: Results) -> list[ResultRow]:
+    return [r for r in results.rows if r.open_f1 is not None or r.keyword_n]
+
+
+def open_cells(r: ResultRow) -> list[str]:
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    return [r.model, r.dataset, num(r.open_f1, ".3f"), num(r.open_rouge_l, ".3f"), num(r.repetition_mean, ".1%"),
+            num(r.repetitive_n, "d"), f"{r.keyword_hits}/{r.keyword_n}" if r.keyword_n else "n/a"]
 
 
 def excluded_lines(results: Results) -> list[str]:
@@ -198,6 +215,8 @@ def markdown_table(results: Results) -> str:
         return "| " + " | ".join(cells) + " |"
 
     lines = [md(ROW_COLUMNS), md(["---"] * len(ROW_COLUMNS))] + [md(row_cells(r)) for r in results.rows]
+    if open_rows(results):
+        lines += ["", md(OPEN_COLUMNS), md(["---"] * len(OPEN_COLUMNS))] + [md(open_cells(r)) for r in open_rows(results)]
     if results.comparisons:
         lines += ["", md(COMPARISON_COLUMNS), md(["---"] * len(COMPARISON_COLUMNS))]
         lines += [md(comparison_cells(c)) for c in results.comparisons]

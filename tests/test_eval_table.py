@@ -178,3 +178,18 @@ def test_evaluation_sample_is_seeded(tiny_job, tiny_data_refs):
 
     assert ids(0) == ids(0) and len(ids(0)) == 4
     assert any(ids(0) != ids(s) for s in range(1, 6))
+
+
+def test_open_question_datasets_get_their_own_table_and_no_accuracy(evals):
+    medquad = "jsonl:@samples/medquad/heldout.jsonl"
+    for kind, f1 in (("base", 0.31), ("quantized", 0.22)):
+        r = fake_eval({"x": True}, dtype="float32", weights=MB, peak=MB, b1_s=1.0, ms_token=20.0, dataset=medquad)
+        evals[kind].append(r | {"n_scored": 0, "correct": 0, "accuracy": None, "ci_low": None, "ci_high": None,
+                                "correct_by_id": {}, "open_n": 20, "open_f1": f1, "open_rouge_l": f1 - 0.05,
+                                "repetition_mean": 0.04, "repetitive_n": 1, "keyword_hits": 13, "keyword_n": 16})
+    results = build_results(evals, {DATASET: [], medquad: []})
+    md = markdown_table(results)
+    assert f"| quantized | float32 | {medquad} | n/a (open questions) |" in md
+    assert f"| base | {medquad} | 0.310 | 0.260 | 4.0% | 1 | 13/16 |" in md
+    assert all(c.dataset == DATASET for c in results.comparisons)  # nothing to pair on open questions
+    assert results.accuracy_retention_pct == pytest.approx(80.0)  # closed questions only

@@ -140,7 +140,8 @@ def print_summary(ctx, results, wall: float) -> None:
     if path is None or not (path / "results.json").is_file():
         return
     from meddistill.jobs.results_table import (
-        COMPARISON_COLUMNS, ROW_COLUMNS, comparison_cells, excluded_lines, paper_line, row_cells, teacher_line,
+        COMPARISON_COLUMNS, OPEN_COLUMNS, ROW_COLUMNS, comparison_cells, excluded_lines, open_cells, open_rows,
+        paper_line, row_cells, teacher_line,
     )
     from meddistill.spec.models import Results
 
@@ -151,6 +152,13 @@ def print_summary(ctx, results, wall: float) -> None:
     for row in res.rows:
         t.add_row(*row_cells(row))
     console.print(t)
+    if open_rows(res):
+        o = Table(title="open questions (free-text answers)")
+        for col in OPEN_COLUMNS:
+            o.add_column(col)
+        for row in open_rows(res):
+            o.add_row(*open_cells(row))
+        console.print(o)
     if res.comparisons:
         c = Table(title="paired comparisons (same questions)")
         for col in COMPARISON_COLUMNS:
