@@ -60,7 +60,7 @@ class StageBars:
 
         width = max(len(s) for s in stages)
         self.progress = Progress(
-            SpinnerColumn(), TextColumn(f"[bold]{{task.description:<{width}}}"), BarColumn(),
+            SpinnerColumn(finished_text="✓"), TextColumn(f"[bold]{{task.description:<{width}}}"), BarColumn(),
             TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console, transient=False,
         )
         self.tasks = {s: self.progress.add_task(s, total=1, start=False, state="pending") for s in stages}
@@ -76,6 +76,7 @@ class StageBars:
         return self.progress.__exit__(*exc)
 
     def skipped(self, stage: str, state: str) -> None:
+        self.progress.start_task(self.tasks[stage])  # rich marks only started tasks finished
         self.progress.update(self.tasks[stage], total=1, completed=1, state=state)
 
     def running(self, stage: str, progress_file: Path, since: float) -> None:
