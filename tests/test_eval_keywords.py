@@ -25,11 +25,11 @@ def test_real_smollm2_answers_keyword_questions():
     model, tok = load_model("builtin:smollm2-135m-instruct")
     records = [r for r in load_dataset(REF).records
                if r.id in ("general-hypertension", "general-insulin", "general-asthma", "general-stroke")]
-    result = evaluate(model, tok, records, batch_size=4, max_new_tokens=8, open_max_new_tokens=40,
+    result = evaluate(model, tok, records, batch_size=4, max_new_tokens=8, open_max_new_tokens=24,
                       latency_questions=0, progress=False)
     assert result.keyword_n == 4 and result.open_n == 4 and result.n_scored == 0
     for q, r in zip(result.questions, records):
-        assert q.keyword_hit == keyword_hit(q.output, r.meta["keywords"]) and 0 < q.new_tokens <= 40
+        assert q.keyword_hit == keyword_hit(q.output, r.meta["keywords"]) and 0 < q.new_tokens <= 24
     # The untuned base model knows these (the issue measured 13/16 on such a set); a broken one would not.
     assert result.keyword_hits >= 3, [q.output for q in result.questions]
     assert result.repetitive_n == 0 and 0 < result.open_rouge_l < 1
