@@ -39,7 +39,8 @@ def test_context_and_continuations_follow_the_template(smollm2):
     assert context.endswith("<|im_start|>assistant\nFinal answer:")  # trailing space moved to the continuation
     assert conts == [("yes", " yes"), ("no", " no"), ("maybe", " maybe")]
     context, conts = context_and_continuations(RECORDS[1], tok, "r1")
-    assert context.endswith("assistant\n<think>\n\n</think>\n\nFinal answer:") and [c for _, c in conts] == [" A", " B", " C"]
+    assert context.endswith("assistant\n<think>\n\n</think>\n\nFinal answer:")
+    assert [c for _, c in conts] == [" A", " B", " C"]
 
 
 def test_loglik_picks_the_option_with_the_larger_summed_logprob(smollm2):

@@ -98,7 +98,8 @@ def score_choices(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], 
             for b, (_, row_ids, _) in enumerate(batch):  # right padding: positions stay 0..len-1
                 ids[b, : len(row_ids)] = torch.tensor(row_ids)
                 mask[b, : len(row_ids)] = 1
-            logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logprobs = torch.log_softmax(logits.float(), -1)
             for b, (i, _, targets) in enumerate(batch):
                 for label, first, cont in targets:
                     # token cont[k] sits at position first + k and is predicted from position first + k - 1
