@@ -99,12 +99,14 @@ def score_choices(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], 
                 ids[b, : len(row_ids)] = torch.tensor(row_ids)
                 mask[b, : len(row_ids)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logprobs = torch.log_softmax(logits.float(), -1)
             for b, (i, _, targets) in enumerate(batch):
                 for label, first, cont in targets:
-                    # token cont[k] sits at position first + k and is predicted from position first + k - 1
-                    positions = torch.arange(first - 1, first - 1 + len(cont), device=logprobs.device)
-                    sums[i][label] = float(logprobs[b, positions, torch.tensor(cont, device=logprobs.device)].sum())
+                    # token cont[k] sits at position first + k and is predicted from position first + k - 1;
+                    # log_softmax over those few positions only: the full [batch, length, vocab] copy is GBs
+                    logprobs = torch.log_softmax(logits[b, first - 1:first - 1 + len(cont)].float(), -1)
+                    picked = logprobs.gather(-1, torch.tensor(cont, device=logprobs.device)[:, None])
+                    sums[i][label] = float(picked.sum())
+            del logits
 
     return [
         ChoiceScore(predicted=max(length, key=lambda k: by_label[k]),
