@@ -78,16 +78,26 @@ def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: 
     model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"])
     results = []
     for ref, records in datasets.items():
-        result = evaluate(
-            model, tokenizer, records, style=settings["prompt_style"], batch_size=settings["batch_size"],
-            max_new_tokens=settings["max_new_tokens"], progress=False, model_name=kind, dataset_name=ref,
-        )
-        write_report(result, Path(out_dir) / kind / re.sub(r"[^A-Za-z0-9._-]+", "_", ref).strip("_"))
-        summary = result.to_dict(include_questions=False)
-        summary["correct_by_id"] = {q.id: q.correct for q in result.questions if q.correct is not None}
-        summary["dtype"] = dtype
-        results.append(summary)
+        for scoring in settings["scoring"]:
+            if scoring == "loglik" and not any(r.is_scored_by_choice for r in records):
+                continue  # open questions have no options to score
+            name = scoring_label(ref, scoring)
+            result = evaluate(
+                model, tokenizer, records, style=settings["prompt_style"], batch_size=settings["batch_size"],
+                max_new_tokens=settings["max_new_tokens"], scoring=scoring, progress=False, model_name=kind,
+                dataset_name=name,
+            )
+            write_report(result, Path(out_dir) / kind / re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_"))
+            summary = result.to_dict(include_questions=False)
+            summary["correct_by_id"] = {q.id: q.correct for q in result.questions if q.correct is not None}
+            summary.update(dtype=dtype, ref=ref)
+            results.append(summary)
     return results
+
+
+def scoring_label(ref: str, scoring: str) -> str:
+    """The dataset name a row carries: loglik rows are labelled, so comparisons pair like with like."""
+    return ref if scoring == "generative" else f"{ref} [loglik]"
 
 
 def evaluation_records(ctx: StageContext) -> tuple[dict[str, list], dict[str, list[str]]]:
@@ -132,7 +142,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         "quantized": str(ctx.input_dir("quantize")),
     }
     settings = {"batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "prompt_style": ev.prompt_style,
-                "quantization": spec.quantization.method}
+                "quantization": spec.quantization.method, "scoring": ev.scoring}
     datasets, excluded = evaluation_records(ctx)
     resources = spec.teacher.resources  # the largest model decides what a worker needs
     task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker, max_calls=1)(evaluate_model)
@@ -140,7 +150,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     for kind in ev.models:  # one after another: latencies measured side by side must not share the CPU
         evals[kind] = ray.get(task.remote(kind, sources[kind], datasets, settings, str(out)))
         for r in evals[kind]:
-            r["excluded"] = len(excluded[r["dataset"]])
+            r["excluded"] = len(excluded[r["ref"]])
     results = build_results(evals, excluded, report_uri=ctx.uri("evaluate"), seed=ev.seed)
     (out / "results.json").write_text(json.dumps(results.model_dump(by_alias=True), indent=2))
     (out / "results.md").write_text("# MedDistill results\n\n" + markdown_table(results))

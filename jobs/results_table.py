@@ -113,12 +113,15 @@ def retention(student: list[dict], quantized: list[dict], seed: int = 0) -> tupl
 
 def build_results(evals: dict[str, list[dict]], excluded: dict[str, list[str]], report_uri: str = "", seed: int = 0) -> Results:
     rows = [result_row(kind, r) for kind in ORDER if kind in evals for r in evals[kind]]
-    by_model = {kind: [r for r in rows if r.model == kind] for kind in ORDER}
+    # Footprint, latency and retention come from the generative rows: what serving does. Loglik
+    # rows (labelled "[loglik]") are scored and compared too, but never pooled with them.
+    by_model = {kind: [r for r in rows if r.model == kind and r.scoring == "generative"] for kind in ORDER}
+    generative = {kind: [e for e in results if e.get("scoring", "generative") == "generative"] for kind, results in evals.items()}
     fields: dict = {}
     if by_model["quantized"] and by_model["student"]:
         paper = reductions(by_model["quantized"], by_model["student"])
         fields = paper.model_dump(exclude={"baseline"})
-        ret, lo, hi = retention(evals["student"], evals["quantized"], seed)
+        ret, lo, hi = retention(generative["student"], generative["quantized"], seed)
         fields |= {"accuracy_retention_pct": ret, "retention_ci_low": lo, "retention_ci_high": hi}
     if by_model["quantized"] and by_model["teacher"]:
         fields["teacher_vs_quantized"] = reductions(by_model["quantized"], by_model["teacher"])

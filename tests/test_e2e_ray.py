@@ -9,7 +9,9 @@ quickstart_e2e); the delete test is last in this module because it removes the s
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections import Counter
 
 import pytest
 
@@ -124,6 +126,43 @@ def test_openai_client_gets_a_pubmedqa_answer_from_the_endpoint_in_status(quicks
         assert text and reply.usage.completion_tokens > 0
         answers.append(extract_answer(text, record, record.options).answer)
     assert any(a in ("yes", "no", "maybe") for a in answers), answers
+
+
+def _max_4gram_count(text: str) -> int:
+    words = re.findall(r"\w+", text.lower())
+    grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+    return max(grams.values(), default=0)
+
+
+def test_served_student_answers_the_readme_examples(quickstart_e2e):
+    """The README's two requests get relevant, non-repetitive answers from the served student."""
+    import httpx
+    from openai import OpenAI
+
+    run = quickstart_e2e
+    client = OpenAI(base_url=run.endpoint, api_key=run.token, timeout=120)
+    reply = client.chat.completions.create(model=run.model_name, max_tokens=96, temperature=0,
+                                           messages=[{"role": "user", "content": "What is hypertension?"}])
+    text = reply.choices[0].message.content
+    assert "blood pressure" in text.lower(), text
+    assert _max_4gram_count(text) <= 2, text
+    body = {"question": "Which drug is first-line for type 2 diabetes?", "options": {"A": "Metformin", "B": "Insulin"}}
+    answer = httpx.post(f"{run.endpoint}/medical/answer", json=body, timeout=120,
+                        headers={"Authorization": f"Bearer {run.token}"}).json()
+    assert answer["answer"] in ("A", "B"), answer
+    assert _max_4gram_count(answer["text"]) <= 2, answer["text"]
+
+
+def test_general_answers_survive_fine_tuning_distillation_and_quantization(quickstart_e2e):
+    """On the shipped general questions the quantized student keeps >= 80 % of the base model's
+    keyword hits and gives no more repetitive answers (rows from the job's own evaluation)."""
+    results = Results.model_validate(json.loads((quickstart_e2e.artifact_root / "evaluate" / "results.json").read_text()))
+    rows = {r.model: r for r in results.rows if "general_medical_keywords" in r.dataset}
+    assert {"base", "quantized"} <= set(rows), [r.dataset for r in results.rows]
+    base, quantized = rows["base"], rows["quantized"]
+    assert base.keyword_n == quantized.keyword_n >= 20
+    assert quantized.keyword_hits >= 0.8 * base.keyword_hits, (quantized.keyword_hits, base.keyword_hits)
+    assert quantized.repetitive_n <= base.repetitive_n, (quantized.repetitive_n, base.repetitive_n)
 
 
 def test_zz_kubectl_delete_removes_the_serve_app_and_the_ray_jobs(quickstart_e2e):

@@ -193,3 +193,21 @@ def test_open_question_datasets_get_their_own_table_and_no_accuracy(evals):
     assert f"| base | {medquad} | 0.310 | 0.260 | 4.0% | 1 | 13/16 |" in md
     assert all(c.dataset == DATASET for c in results.comparisons)  # nothing to pair on open questions
     assert results.accuracy_retention_pct == pytest.approx(80.0)  # closed questions only
+
+
+def test_loglik_rows_are_compared_apart_and_never_pooled_into_the_papers_figures(evals):
+    """Each model also has a loglik row (labelled dataset, no batch-1 latency): the paper's latency
+    and retention still come from the generative rows alone, and comparisons pair like with like."""
+    loglik = f"{DATASET} [loglik]"
+    for kind, pattern in (("base", BASE), ("teacher", TEACHER), ("student", "1" * 40), ("quantized", "0" * 40)):
+        row = fake_eval(answers(pattern), dtype="x", weights=evals[kind][0]["weight_bytes"], peak=1, b1_s=0.0,
+                        ms_token=0.0, dataset=loglik)
+        evals[kind].append(row | {"scoring": "loglik", "latency_b1_s": None, "ms_per_token_b1": None})
+    results = build_results(evals, {DATASET: []})
+    generative_only = build_results({k: v[:1] for k, v in evals.items()}, {DATASET: []})
+    assert results.latency_reduction_pct == generative_only.latency_reduction_pct is not None
+    assert results.accuracy_retention_pct == generative_only.accuracy_retention_pct == 80.0  # 24 of 30
+    loglik_cmp = [c for c in results.comparisons if c.dataset == loglik]
+    assert [(c.a, c.b) for c in loglik_cmp] == [("base", "teacher"), ("teacher", "student"), ("student", "quantized")]
+    assert loglik_cmp[-1].only_a_correct == 40 and loglik_cmp[-1].p_value < 1e-6
+    assert {r.scoring for r in results.rows if r.dataset == loglik} == {"loglik"}

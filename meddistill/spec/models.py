@@ -264,6 +264,11 @@ class Evaluation(SpecModel):
     batch_size: int = Field(8, ge=1, le=1024, description="Generation batch size.")
     max_new_tokens: int = Field(32, ge=1, le=32768, description="Tokens generated per answer.")
     prompt_style: Literal["plain", "r1"] = Field("plain", description="Prompt style for evaluation.")
+    scoring: list[Literal["generative", "loglik"]] = Field(
+        default=["generative", "loglik"],
+        min_length=1,
+        description="generative: greedy answer, final answer parsed from the text; loglik: the option with the highest log-likelihood (lm-evaluation-harness acc), for multiple-choice and yes/no questions. Both are reported, labelled.",
+    )
     models: list[Literal["base", "teacher", "student", "quantized"]] = Field(
         default=["base", "teacher", "student", "quantized"],
         min_length=1,
