@@ -1,0 +1,134 @@
+"""Is the method worth it? One run of examples/pubmedqa-cpu.yaml plus a no-teacher ablation, with
+every target of the usable-model issue marked met or not met.
+
+    python bench/medical_quality.py [--spec examples/pubmedqa-cpu.yaml] [--workdir bench-runs]
+
+1. `meddistill run SPEC --no-serve`: base, fine-tuned teacher, 16-bit student and NF4 student on
+   the full official PubMedQA test (500; generative and loglik scoring), 200 held-out MedQuAD
+   questions and the 24 general keyword questions.
+2. The ablation: the same job with distillation.alpha = 0 (the student learns from the labels
+   alone, same steps, same data), reusing the job's teacher (its fingerprint matches), evaluating
+   only its student.
+3. Targets, each with its paired test or interval:
+   - teacher >= base + 10 points on PubMedQA (generative), McNemar p < 0.01, and above the
+     majority-class baseline (always "yes": 55.2 % of the 500);
+   - KD student - no-teacher student: the difference with its 95 % CI (reported, no target);
+   - quantized student >= 97 % of the 16-bit student's PubMedQA accuracy (retention CI shown);
+   - open-question F1 of the quantized student >= 90 % of the base model's (held-out MedQuAD),
+     repetitive answers not above the base model's.
+Prints a markdown report (also written to WORKDIR/medical_quality.md) and the wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBMEDQA = "pubmedqa:@samples/pubmedqa/ori_pqal.json#test"
+MEDQUAD = "jsonl:@samples/medquad_qa/medquad.heldout200.jsonl"
+
+
+def run_job(doc: dict, workdir: Path) -> Path:
+    path = workdir / f"{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "meddistill.cli", "run", str(path), "--no-serve"], cwd=workdir, check=True)
+    return workdir / "runs" / doc["metadata"]["name"]
+
+
+def question_correct(job_dir: Path, model: str, dataset_dir: str) -> dict[str, bool]:
+    data = json.loads((job_dir / "evaluate" / model / dataset_dir / "eval.json").read_text())
+    return {q["id"]: q["correct"] for q in data["questions"] if q["correct"] is not None}
+
+
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
+
+
+def main() -> int:
+    from meddistill.evaluation.stats import mcnemar_exact, paired_bootstrap, verdict
+    from meddistill.spec.models import Results
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=str(ROOT / "examples" / "pubmedqa-cpu.yaml"))
+    p.add_argument("--workdir", default="bench-runs")
+    args = p.parse_args()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    doc = yaml.safe_load(Path(args.spec).read_text())
+    # Dataset paths in the spec are @samples/...: independent of where the copy is written.
+    main_dir = run_job(doc, workdir)
+
+    ablation = json.loads(json.dumps(doc))
+    ablation["metadata"]["name"] = doc["metadata"]["name"] + "-nokd"
+    ablation["spec"]["distillation"]["alpha"] = 0.0
+    ablation["spec"]["evaluation"]["models"] = ["student"]
+    ablation["spec"]["evaluation"]["datasets"] = [PUBMEDQA]
+    ablation["spec"]["evaluation"]["scoring"] = ["generative"]
+    abl_dir = workdir / "runs" / ablation["metadata"]["name"]
+    if not (abl_dir / "teacher").is_dir():  # same teacher spec: its fingerprint matches, so it is reused
+        shutil.copytree(main_dir / "teacher", abl_dir / "teacher")
+    run_job(ablation, workdir)
+    wall = time.time() - started
+
+    results = Results.model_validate(json.loads((main_dir / "evaluate" / "results.json").read_text()))
+    rows = {(r.model, r.dataset): r for r in results.rows}
+    pdir = "pubmedqa_samples_pubmedqa_ori_pqal.json_test"
+    acc = {m: rows[(m, PUBMEDQA)].accuracy for m in ("base", "teacher", "student", "quantized")}
+    base_ok, teacher_ok = question_correct(main_dir, "base", pdir), question_correct(main_dir, "teacher", pdir)
+    ids = sorted(base_ok.keys() & teacher_ok.keys())
+    _, _, p_teacher = mcnemar_exact([base_ok[i] for i in ids], [teacher_ok[i] for i in ids])
+    from meddistill.data import load_dataset
+
+    gold = {r.id: r.answer for r in load_dataset(PUBMEDQA).records}
+    yes_share = sum(gold[i] == "yes" for i in ids) / len(ids)
+
+    kd_ok, nokd_ok = question_correct(main_dir, "student", pdir), question_correct(abl_dir, "student", pdir)
+    common = sorted(kd_ok.keys() & nokd_ok.keys())
+    a, b = [nokd_ok[i] for i in common], [kd_ok[i] for i in common]
+    boot = paired_bootstrap(a, b)
+    _, _, p_kd = mcnemar_exact(a, b)
+
+    open_rows = {m: rows.get((m, MEDQUAD)) for m in ("base", "quantized")}
+    f1_ratio = (open_rows["quantized"].open_f1 or 0) / (open_rows["base"].open_f1 or float("nan"))
+    lines = [
+        f"# bench/medical_quality.py: {Path(args.spec).name}, wall {wall / 60:.1f} min", "",
+        "| model | PubMedQA (gen) | 95% CI | MedQuAD F1 | ROUGE-L | repetitive | general keyword hits |", "|---|---|---|---|---|---|---|",
+    ]
+    for m in ("base", "teacher", "student", "quantized"):
+        r, o = rows[(m, PUBMEDQA)], rows.get((m, MEDQUAD))
+        g = next((x for x in results.rows if x.model == m and "general_medical_keywords" in x.dataset), None)
+        lines.append(f"| {m} | {100 * r.accuracy:.1f} % | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f} | "
+                     f"{(o.open_f1 or 0):.3f} | {(o.open_rouge_l or 0):.3f} | {o.repetitive_n}/{o.n or 200} | "
+                     f"{g.keyword_hits if g else 'n/a'}/{g.keyword_n if g else 'n/a'} |")
+    for r in results.rows:
+        if r.scoring == "loglik":
+            lines.append(f"| {r.model} (loglik acc) | {100 * r.accuracy:.1f} % | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f} | | | | |")
+    lines += ["", "Targets:",
+              f"- teacher >= base + 10 points: {100 * (acc['teacher'] - acc['base']):+.1f} points, McNemar p = {p_teacher:.2g}: "
+              f"{met(acc['teacher'] - acc['base'] >= 0.10 and p_teacher < 0.01)}",
+              f"- teacher above always-yes ({100 * yes_share:.1f} %): {100 * acc['teacher']:.1f} %: {met(acc['teacher'] > yes_share)}",
+              f"- KD student - no-teacher student (alpha 0): {100 * boot.diff:+.1f} points (95% CI {100 * boot.diff_low:+.1f} to "
+              f"{100 * boot.diff_high:+.1f}), {verdict('KD student', 'no-teacher student', boot.diff, p_kd, len(common))}",
+              f"- quantized >= 97 % of the 16-bit student: retention {results.accuracy_retention_pct} % (95% CI "
+              f"{results.retention_ci_low}-{results.retention_ci_high}): {met((results.accuracy_retention_pct or 0) >= 97)}",
+              f"- open-question F1 of the quantized student >= 90 % of base: {100 * f1_ratio:.1f} %: {met(f1_ratio >= 0.9)}",
+              f"- repetitive answers not above base: quantized {open_rows['quantized'].repetitive_n} vs base "
+              f"{open_rows['base'].repetitive_n}: {met(open_rows['quantized'].repetitive_n <= open_rows['base'].repetitive_n)}",
+              "", "Comparisons (paired, same questions):"]
+    lines += [f"- {c.dataset}: {c.b} - {c.a}: {c.verdict}" for c in results.comparisons]
+    report = "\n".join(lines) + "\n"
+    (workdir / "medical_quality.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
