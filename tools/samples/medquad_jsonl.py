@@ -2,9 +2,9 @@
 
     python tools/samples/medquad_jsonl.py PATH/TO/MedQuAD meddistill/samples/medquad_qa
 
-Reads every XML pair with MedQuAD's own loader (`medquad:` format), drops pairs whose answer is
-shorter than 40 or longer than 1,500 characters (very long PDQ summaries teach a 320-token model
-nothing but truncation), then splits *by document* so no held-out question shares a document
+Reads every XML pair with MedQuAD's own loader (`medquad:` format), keeps pairs whose answer has
+40-600 characters (an answer that fits a 320-token example whole, end of sequence included, teaches
+a small model to stop; long PDQ summaries cut at the budget teach it to ramble), then splits *by document* so no held-out question shares a document
 (same disease page) with a training one: a seeded shuffle of documents, held-out documents first
 until 200 pairs, training documents until 600. Records keep their upstream ids and text; only the
 container changes (XML -> the generic `jsonl` MedicalRecord format).
@@ -23,7 +23,7 @@ SEED, HELDOUT, TRAIN = 20261130, 200, 600
 
 
 def main(src: str, out: str) -> None:
-    records = [r for r in load_dataset(f"medquad:{src}").records if r.answer and 40 <= len(r.answer) <= 1500]
+    records = [r for r in load_dataset(f"medquad:{src}").records if r.answer and 40 <= len(r.answer) <= 600]
     by_doc = defaultdict(list)
     for r in records:
         by_doc[(r.meta.get("document_source"), r.meta.get("document_id"))].append(r)
