@@ -347,7 +347,9 @@ def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStat
 def _accuracy(results: Results | None) -> str:
     if results is None or not results.rows:
         return ""
-    row = next((r for r in results.rows if r.model == "quantized"), results.rows[-1])
+    # The first scored, generative row of the served model: what `kubectl get` shows.
+    scored = [r for r in results.rows if r.model == "quantized" and r.scoring == "generative" and r.n]
+    row = next(iter(scored), next((r for r in results.rows if r.model == "quantized"), results.rows[-1]))
     return f"{row.accuracy * 100:.1f}%"
 
 
