@@ -146,26 +146,19 @@ def print_summary(ctx, results, wall: float) -> None:
     from meddistill.spec.models import Results
 
     res = Results.model_validate(json.loads((path / "results.json").read_text()))
-    t = Table(title="results (the paper's table)")
-    for col in ROW_COLUMNS:
-        t.add_column(col)
-    for row in res.rows:
-        t.add_row(*row_cells(row))
-    console.print(t)
-    if open_rows(res):
-        o = Table(title="open questions (free-text answers)")
-        for col in OPEN_COLUMNS:
-            o.add_column(col)
-        for row in open_rows(res):
-            o.add_row(*open_cells(row))
-        console.print(o)
-    if res.comparisons:
-        c = Table(title="paired comparisons (same questions)")
-        for col in COMPARISON_COLUMNS:
-            c.add_column(col)
-        for comparison in res.comparisons:
-            c.add_row(*comparison_cells(comparison))
-        console.print(c)
+
+    def table(title: str, columns, rows) -> None:
+        if rows:
+            t = Table(title=title)
+            for col in columns:
+                t.add_column(col)
+            for row in rows:
+                t.add_row(*row)
+            console.print(t)
+
+    table("results (the paper's table)", ROW_COLUMNS, [row_cells(r) for r in res.rows])
+    table("open questions (free-text answers)", OPEN_COLUMNS, [open_cells(r) for r in open_rows(res)])
+    table("paired comparisons (same questions)", COMPARISON_COLUMNS, [comparison_cells(c) for c in res.comparisons])
     for line in [paper_line(res), teacher_line(res), *excluded_lines(res), f"report: {path}"]:
         if line:
             console.print(line, markup=False, highlight=False)
