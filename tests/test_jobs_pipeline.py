@@ -109,11 +109,16 @@ def test_evaluate_writes_the_results_table(pipeline):
     ctx, results = pipeline
     out = _dir(ctx, "evaluate")
     table = Results.model_validate(json.loads((out / "results.json").read_text()))
-    assert [r.model for r in table.rows] == ["base", "teacher", "student", "quantized"]
-    assert all(r.n == 6 and r.weight_bytes > 0 and r.latency_ms > 0 and r.peak_memory_bytes > 0 for r in table.rows)
-    assert all(r.latency_b1_ms > 0 and r.ms_per_token > 0 for r in table.rows)
+    generative = [r for r in table.rows if r.scoring == "generative"]
+    loglik = [r for r in table.rows if r.scoring == "loglik"]  # evaluation.scoring's default: both, labelled
+    assert [r.model for r in generative] == [r.model for r in loglik] == ["base", "teacher", "student", "quantized"]
+    assert all(r.dataset.endswith(" [loglik]") and r.n == 6 for r in loglik)
+    assert all(r.n == 6 and r.weight_bytes > 0 and r.latency_ms > 0 and r.peak_memory_bytes > 0 for r in generative)
+    assert all(r.latency_b1_ms > 0 and r.ms_per_token > 0 for r in generative)
     assert table.memory_reduction_pct is not None and table.memory_reduction_pct > 0  # quantized vs 16-bit student
-    assert [(c.a, c.b) for c in table.comparisons] == [("base", "teacher"), ("teacher", "student"), ("student", "quantized")]
+    pairs = [("base", "teacher"), ("teacher", "student"), ("student", "quantized")]
+    assert [(c.a, c.b) for c in table.comparisons if not c.dataset.endswith("[loglik]")] == pairs
+    assert [(c.a, c.b) for c in table.comparisons if c.dataset.endswith("[loglik]")] == pairs
     assert table.teacher_vs_quantized is not None and "Paper's comparison" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 1000 and "| quantized |" in (out / "results.md").read_text()
     assert verify(out).digest == results["evaluate"].digest
