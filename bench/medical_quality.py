@@ -70,7 +70,7 @@ def main() -> int:
     ablation["metadata"]["name"] = doc["metadata"]["name"] + "-nokd"
     ablation["spec"]["distillation"]["alpha"] = 0.0
     ablation["spec"]["evaluation"]["models"] = ["student"]
-    ablation["spec"]["evaluation"]["datasets"] = [PUBMEDQA]
+    # evaluation.datasets stay as they are: they are part of the teacher's fingerprint (decontamination).
     ablation["spec"]["evaluation"]["scoring"] = ["generative"]
     abl_dir = workdir / "runs" / ablation["metadata"]["name"]
     if not (abl_dir / "teacher").is_dir():  # same teacher spec: its fingerprint matches, so it is reused
