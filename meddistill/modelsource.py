@@ -229,14 +229,18 @@ def load_model(
     *,
     dtype: str = "float32",
     device: str = "cpu",
+    device_map: "str | dict | None" = None,
     attn_implementation: str = "sdpa",
     quantization_config: Any = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a source, in eval mode.
 
-    dtype: "float32" | "bfloat16" | "float16" | "auto"; device: "cpu" | "cuda" | "auto" (CUDA when
-    available, spread with device_map="auto"). A PEFT adapter directory loads its base model
-    (named in adapter_config.json, itself any model source) and applies the adapter.
+    dtype: "float32" | "bfloat16" | "float16" | "auto"; device: "cpu" | "cuda" | "cuda:N" | "auto"
+    (CUDA when available) | "meta"; device_map: "auto" spreads a model too large for one GPU
+    (accelerate places it; feed inputs to `input_device(model)`). A CUDA device loads the weights
+    straight onto the GPU (device_map {"": device}): no CPU copy of a large model, and
+    bitsandbytes quantizes there. A PEFT adapter directory loads its base model (named in
+    adapter_config.json, itself any model source) and applies the adapter.
     """
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
@@ -249,19 +253,33 @@ def load_model(
         raise ModelSourceError(f"dtype={dtype!r} is not a torch dtype; use float32, bfloat16, float16 or auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    if device_map is None and device.startswith("cuda"):
+        device_map = {"": device}
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": 0} if device == "cuda" else None
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     if adapter is not None:
         from peft import PeftModel  # noqa: PLC0415
 
         model = PeftModel.from_pretrained(model, str(path))
-    if quantization_config is None:
+    if device_map is None and quantization_config is None:
         model = model.to(device)
     model.eval()
     return model, load_tokenizer(src)
+
+
+def input_device(model: Any) -> Any:
+    """Where a model's inputs go: its input embedding's device.
+
+    Not `next(model.parameters()).device`: with device_map="auto" the first parameter listed
+    need not be on the first GPU of the forward pass.
+    """
+    return model.get_input_embeddings().weight.device
 
 
 def _adapter_config(path: Path) -> dict | None:
@@ -302,3 +320,22 @@ def model_weight_bytes(model: Any) -> int:
         if torch.is_tensor(getattr(tensor, "SCB", None)):
             add(tensor.SCB)
     return total
+
+
+def reset_peak_gpu_memory() -> None:
+    """Start a fresh peak on every visible GPU (before each model is loaded or evaluated)."""
+    import torch  # noqa: PLC0415
+
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def peak_gpu_memory_bytes() -> int | None:
+    """Peak bytes allocated since the last reset, summed over the visible GPUs (a model spread by
+    device_map="auto" uses several); None without CUDA."""
+    import torch  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        return None
+    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))

@@ -42,7 +42,9 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
     """(new token ids per prompt, cut at EOS; seconds the generate call took)."""
     import torch  # noqa: PLC0415
 
-    device = next(model.parameters()).device
+    from meddistill.modelsource import input_device  # noqa: PLC0415
+
+    device = input_device(model)
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -50,8 +52,9 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
             **batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
             top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
         )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type == "cuda":  # every GPU: a model spread by device_map="auto" ends on another one
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
     seconds = time.perf_counter() - t0
     new = generated[:, batch["input_ids"].shape[1]:].tolist()
     return [until_eos(tokens, stop) for tokens in new], seconds

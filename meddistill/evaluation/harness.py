@@ -42,7 +42,7 @@ from meddistill.evaluation.loglik import score_choices
 from meddistill.evaluation.open_metrics import (
     is_repetitive, keyword_groups, keyword_hit, repeated_4gram_share, rouge_l, token_f1,
 )
-from meddistill.modelsource import model_weight_bytes
+from meddistill.modelsource import input_device, model_weight_bytes, peak_gpu_memory_bytes, reset_peak_gpu_memory
 from meddistill.prompts.extract import TRUNCATED, extract_answer
 from meddistill.prompts.render import ends_with_open_think, render_prompt
 
@@ -177,8 +177,6 @@ def evaluate(
     dataset_name: str = "",
 ) -> EvalResult:
     """Score every record by generation or log-likelihood; see the module docstring."""
-    import torch  # noqa: PLC0415
-
     if batch_size < 1 or max_new_tokens < 1 or open_max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size}, max_new_tokens={max_new_tokens} and "
                          f"open_max_new_tokens={open_max_new_tokens} must be >= 1")
@@ -187,9 +185,9 @@ def evaluate(
     if latency_questions < 0:
         raise ValueError(f"latency_questions={latency_questions} must be >= 0 (0 skips the batch-1 pass)")
     keywords = [keyword_groups(r.meta, r.id) for r in records]  # malformed keywords fail before any work
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device = input_device(model)
+    if device.type == "cuda":  # the peak of this evaluation: the weights and what evaluating them takes
+        reset_peak_gpu_memory()
     add_special = prepare_tokenizer(tokenizer)
     summary = dict(model=model, model_name=model_name, dataset_name=dataset_name, style=style,
                    batch_size=batch_size, max_new_tokens=max_new_tokens, device=device)
@@ -307,8 +305,6 @@ def _mean(values: list[float]) -> float | None:
 
 def _summarize(questions: list[QuestionResult], *, model: Any, model_name: str, dataset_name: str, style: str,
                batch_size: int, max_new_tokens: int, gen_seconds: float, wall: float, device: Any) -> EvalResult:
-    import torch  # noqa: PLC0415
-
     overall = _group(questions)
     by_type = {t: _group([q for q in questions if q.question_type == t])
                for t in sorted({q.question_type for q in questions})}
@@ -330,7 +326,7 @@ def _summarize(questions: list[QuestionResult], *, model: Any, model_name: str, 
         seconds_per_question=gen_seconds / len(questions) if questions else 0.0,
         tokens_per_s=new_tokens / gen_seconds if gen_seconds > 0 else 0.0, wall_s=wall,
         peak_rss_bytes=peak_rss,
-        peak_cuda_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        peak_cuda_bytes=peak_gpu_memory_bytes() if device.type == "cuda" else None,
         weight_bytes=model_weight_bytes(model), device=str(device), truncated=overall.truncated,
         open_rouge_l=_mean([q.rouge_l for q in open_q if q.rouge_l is not None]),
         repetition_mean=_mean([q.repeated_4gram_share for q in generated]),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from meddistill.data.records import YES_NO_MAYBE, MedicalRecord
+from meddistill.modelsource import input_device
 from meddistill.prompts.render import ends_with_open_think, render_prompt, render_target
 
 _SENTINEL = "\x00ANSWER\x00"
@@ -84,7 +85,7 @@ def score_choices(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], 
         else:
             rows += [(i, ctx_ids + ids, [(label, len(ctx_ids), ids)]) for label, ids in cont_ids]
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     sums: list[dict[str, float]] = [{} for _ in records]
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
