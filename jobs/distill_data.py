@@ -12,7 +12,8 @@ So the teacher is not in memory while the student trains. Per mode (spec.distill
                    kept by `keep_teacher_answer`: closed questions when the extracted answer
                    equals the label, open ones when it is similar enough to the reference
                    -> generated.jsonl (generic jsonl MedicalRecords)
-The records are split into spec.teacher.resources.workers shards, one Ray task each. Both
+The records are split into spec.teacher.resources.workers shards, one Ray task each, the teacher
+on the task's GPUs in 16 bits where it reserves some (jobs/devices.py), else on CPU in fp32. Both
 tensor caches depend on T and k: the manifest's config records spec.distillation, and the
 distill stage refuses a cache made with another temperature or topK.
 """
@@ -77,10 +78,10 @@ def teacher_answer_tensors(model, batch, mode: str, top_k: int, temperature: flo
 
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    mask = answer_mask(batch["labels"])
+    mask = answer_mask(batch["labels"]).to(logits.device)  # device_map="auto": logits leave on the last GPU
     out = []
     for i in range(logits.size(0)):
-        rows = logits[i][mask[i]]
+        rows = logits[i][mask[i]].float()  # a 16-bit teacher's log-probs are computed in fp32
         if mode == "logits":
             ids, buckets = topk_teacher(rows, top_k, temperature)
             out.append({"topk_ids": ids, "bucket_logprobs": buckets})
@@ -92,15 +93,30 @@ def teacher_answer_tensors(model, batch, mode: str, top_k: int, temperature: flo
 
 def teacher_shard(teacher_dir: str, records: list[dict], spec_dict: dict, path: str) -> dict:
     """One Ray task: load the teacher, compute its outputs for `records`, write them to `path`."""
-    from meddistill.data import MedicalRecord
-    from meddistill.jobs.answer_alignment import answer_char_ends
-    from meddistill.jobs.sft_data import collate, tokenize_example
-    from meddistill.modelsource import load_model
+    from meddistill.jobs import devices
+    from meddistill.modelsource import load_model, peak_gpu_memory_bytes, reset_peak_gpu_memory
     from meddistill.spec.models import MedDistillJobSpec
 
     spec = MedDistillJobSpec.model_validate(spec_dict)
+    # On the GPUs this task reserved, in 16 bits, spread over them when one is too small (the 70B teacher).
+    placement = devices.stage_device("distill-data", spec.teacher.resources.gpus_per_worker,
+                                     devices.checkpoint_weight_bytes(teacher_dir))
+    if placement.on_gpu:
+        reset_peak_gpu_memory()
+    model, tokenizer = load_model(teacher_dir, **placement.load_kwargs())
+    stats = _teacher_outputs(model, tokenizer, spec, path, records)
+    if placement.on_gpu:
+        stats["peak_gpu_bytes"] = peak_gpu_memory_bytes()
+    return stats
+
+
+def _teacher_outputs(model, tokenizer, spec, path: str, records: list[dict]) -> dict:
+    from meddistill.data import MedicalRecord
+    from meddistill.jobs.answer_alignment import answer_char_ends
+    from meddistill.jobs.sft_data import collate, tokenize_example
+    from meddistill.modelsource import input_device
+
     dist, style = spec.distillation, spec.teacher.prompt_style
-    model, tokenizer = load_model(teacher_dir, dtype="float32", device="auto")
     recs = [MedicalRecord.from_dict(r) for r in records]
     batch_size = spec.student.training.batch_size
     if dist.mode == "sequence":
@@ -117,7 +133,7 @@ def teacher_shard(teacher_dir: str, records: list[dict], spec_dict: dict, path: 
             example["char_ends"] = torch.tensor(ends, dtype=torch.int32)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = {k: v.to(model.device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+        batch = {k: v.to(input_device(model)) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
         for example, tensors in zip(chunk, teacher_answer_tensors(model, batch, dist.mode, dist.top_k, dist.temperature)):
             example.update({k: v.cpu() for k, v in tensors.items()})
     for example, record in zip(examples, recs):
@@ -153,6 +169,7 @@ def _generate(model, tokenizer, records, style: str, dist, batch_size: int, path
     """Sequence-level KD data: teacher answers, kept by keep_teacher_answer."""
     import torch
 
+    from meddistill.modelsource import input_device
     from meddistill.prompts import TRUNCATED, extract_answer, prompt_prefills_think, render_prompt
 
     prefilled = prompt_prefills_think(tokenizer, style)
@@ -162,7 +179,7 @@ def _generate(model, tokenizer, records, style: str, dist, batch_size: int, path
         chunk = records[start : start + batch_size]
         prompts = [render_prompt(r, tokenizer, style) for r in chunk]
         add_special = not getattr(tokenizer, "chat_template", None)  # as sft_data / the evaluation harness
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(model.device)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(input_device(model))
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=dist.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -201,6 +218,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     ]
     stats = ray.get(futures)
     metrics = {k: sum(s.get(k, 0) for s in stats) for k in stats[0]}
+    if "peak_gpu_bytes" in metrics:  # per task, not a total: the largest
+        metrics["peak_gpu_bytes"] = max(s["peak_gpu_bytes"] for s in stats)
     metrics.update(mode=spec.distillation.mode, shards=n)
     log.info("distill-data: %s", metrics)
     if metrics["examples"] == 0:

@@ -28,51 +28,53 @@ from meddistill.jobs.stage import StageContext, StageOutput
 log = logging.getLogger(__name__)
 
 
-def sixteen_bit_dtype(device: str = "cpu") -> str:
-    """bfloat16 where the hardware computes in it, else float32 (never float16: its range breaks
-    some checkpoints, and the paper's 16-bit baseline is bf16).
+def sixteen_bit_dtype() -> str:
+    """The CPU's 16-bit dtype for the student row: bfloat16 where the CPU computes in it, else
+    float32 (never float16: its range breaks some checkpoints, and the paper's 16-bit baseline is
+    bf16). On a GPU the stage's device decision (jobs/devices.py) picks it.
 
-    On CPU, oneDNN's bf16 check (AVX-512 BW/VL/DQ or newer) decides: without those instructions
-    bf16 matmuls take slow fallback kernels, and the latency comparison would flatter the
-    quantized model.
+    oneDNN's bf16 check (AVX-512 BW/VL/DQ or newer) decides: without those instructions bf16
+    matmuls take slow fallback kernels, and the latency comparison would flatter the quantized model.
     """
     import torch
 
-    if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-def load_for_eval(kind: str, source: str, quantization: str):
-    """(model, tokenizer, dtype label) for one row of the table.
+def load_for_eval(kind: str, source: str, quantization: str, gpus: int = 0):
+    """(model, tokenizer, dtype label) for one row of the table, placed by jobs/devices.py.
 
-    The quantized student is evaluated exactly as a serving replica loads it (serve/app.py: fp32
-    around the 4-bit weights on CPU), so its row describes the model users get. Casting its
+    On CPU the quantized student is evaluated exactly as a serving replica loads it (serve/app.py:
+    fp32 around the 4-bit weights), so its row describes the model users get. Casting its
     embeddings and norms to bf16 as well (tried) measured something nobody serves: on the
-    quickstart it cut the general keyword hits from 20/24 to 12/24.
+    quickstart it cut the general keyword hits from 20/24 to 12/24. On a GPU every row, the
+    replica included, runs in the GPU's 16-bit dtype.
     """
     import torch
 
+    from meddistill.jobs import devices
     from meddistill.modelsource import load_model
 
-    sixteen = sixteen_bit_dtype("cpu")  # models are evaluated on the CPU (load_model's default device)
+    placement = devices.stage_device(f"evaluate {kind}", gpus, devices.checkpoint_weight_bytes(source))
     if kind == "student":
         from meddistill.jobs.quantize import merge_student
 
-        model, tokenizer = merge_student(Path(source))
+        model, tokenizer = merge_student(Path(source), placement)
+        if placement.device != "cpu":
+            return model, tokenizer, placement.dtype
+        sixteen = sixteen_bit_dtype()
         return model.to(getattr(torch, sixteen)), tokenizer, sixteen
-    if kind == "quantized":
-        model, tokenizer = load_model(source, dtype="float32")
-        return model, tokenizer, "float32" if quantization == "none" else f"{quantization} + float32"
-    model, tokenizer = load_model(source, dtype="float32")
-    return model, tokenizer, "float32"
+    model, tokenizer = load_model(source, **placement.load_kwargs())
+    if kind == "quantized" and quantization != "none":
+        return model, tokenizer, f"{quantization} + {placement.dtype}"
+    return model, tokenizer, placement.dtype
 
 
 def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: dict, out_dir: str) -> list[dict]:
     """One Ray task: load one model, evaluate it on every dataset, write its detail reports."""
     from meddistill.evaluation import evaluate, write_report
 
-    model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"])
+    model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"], settings.get("gpus", 0))
     results = []
     for ref, records in datasets.items():
         for scoring in settings["scoring"]:
@@ -138,10 +140,10 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
         "student": str(ctx.input_dir("distill") / "adapter"),
         "quantized": str(ctx.input_dir("quantize")),
     }
-    settings = {"batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "prompt_style": ev.prompt_style,
-                "quantization": spec.quantization.method, "scoring": ev.scoring}
-    datasets, excluded = evaluation_records(ctx)
     resources = spec.teacher.resources  # the largest model decides what a worker needs
+    settings = {"batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "prompt_style": ev.prompt_style,
+                "quantization": spec.quantization.method, "scoring": ev.scoring, "gpus": resources.gpus_per_worker}
+    datasets, excluded = evaluation_records(ctx)
     task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker, max_calls=1)(evaluate_model)
     evals = {}
     for kind in ev.models:  # one after another: latencies measured side by side must not share the CPU
@@ -156,4 +158,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     plot(results, out / "results.png")
     headline = results.model_dump(include={"memory_reduction_pct", "latency_reduction_pct", "accuracy_retention_pct",
                                            "retention_ci_low", "retention_ci_high"})
-    return StageOutput(config=ev.model_dump(by_alias=True), metrics={"rows": len(results.rows), **headline})
+    # Per model, the largest GPU peak over its datasets (each evaluation resets the peak); CPU runs have none.
+    peaks = {f"peak_gpu_bytes_{kind}": max(r["peak_cuda_bytes"] for r in rows)
+             for kind, rows in evals.items() if rows and rows[0]["peak_cuda_bytes"] is not None}
+    return StageOutput(config=ev.model_dump(by_alias=True), metrics={"rows": len(results.rows), **headline, **peaks})
