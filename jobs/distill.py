@@ -19,13 +19,13 @@ for a derived student), merged into the base by the quantize stage.
 """
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import shutil
 from pathlib import Path
 
 from meddistill.jobs import train_common as tc
-from meddistill.jobs.sft_data import IGNORE, batches, collate, load_training_records, tokenize_example
+from meddistill.jobs.sft_data import IGNORE, collate, load_training_records, tokenize_example
 from meddistill.jobs.stage import StageContext, StageError, StageOutput
 
 log = logging.getLogger(__name__)
@@ -80,106 +80,103 @@ def batch_loss(model, teacher, batch, dist) -> tuple:
 
     from meddistill.jobs import losses
 
+    t_logits = None
+    if teacher is not None and dist.mode == "logits":  # online teacher: run it first (no graph to keep)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ce = losses.cross_entropy(logits, batch["labels"])
     if dist.mode == "sequence":
-        return ce, ce, torch.zeros(())
+        return ce, ce, torch.zeros((), device=ce.device)
     if dist.mode == "cross-tokenizer":
         kd = losses.uld(losses.answer_logits(logits, batch["teacher_mask"]), batch["topk_probs"], dist.temperature)
         return (1 - dist.alpha) * ce + dist.alpha * kd, ce, kd
     mask = batch["labels"][:, 1:] != IGNORE
     student = losses.answer_logits(logits, mask)
-    if teacher is not None:
-        with torch.no_grad():
-            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if t_logits is not None:
         kd = losses.kl_full(student, losses.answer_logits(t_logits, mask), dist.temperature)
     else:
         kd = losses.kl_topk(student, batch["topk_ids"], batch["bucket_logprobs"], dist.temperature)
     return losses.distillation_loss(ce, kd, dist.alpha, dist.temperature), ce, kd
 
 
-def build_student(base: str, lora):
-    """The base model with fresh LoRA adapters (only they train)."""
-    from peft import LoraConfig, get_peft_model
+def build_student(base: str, training, lora, device, precision: str):
+    """The base model, frozen, in the training precision on the worker's device, with fresh fp32
+    LoRA adapters (only they train)."""
+    from meddistill.jobs.lora import add_lora
 
-    from meddistill.modelsource import load_model
+    model, tokenizer = tc.load_training_model(base, tc.PRECISION_DTYPES[precision], device,
+                                              gradient_checkpointing=training.gradient_checkpointing)
+    return add_lora(model, lora), tokenizer
 
-    model, tokenizer = load_model(base, dtype="float32")
-    model = get_peft_model(model, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM",
-    ))
-    model.train()
-    return model, tokenizer
+
+def load_online_teacher(teacher_dir: str, device, precision: str):
+    """teacherCache: online: the fine-tuned teacher, frozen, beside the student on the same device."""
+    model, _ = tc.load_training_model(teacher_dir, tc.PRECISION_DTYPES[precision], device)
+    model.eval().requires_grad_(False)
+    return model
 
 
 def distill_loop(config: dict) -> None:
-    """One Ray Train worker: LoRA student (DDP across workers), resume, step, checkpoint, save."""
+    """One Ray Train worker: LoRA student (DDP across workers), then the shared step loop, then the adapter."""
     tc.worker_setup(config)  # config: out_dir + total_steps for the progress file
     import ray.train
     import ray.train.torch
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from meddistill.modelsource import load_model
+    from meddistill.jobs.train_loop import Recipe, run_steps
     from meddistill.spec.models import Distillation, Student
 
     student, dist = Student.model_validate(config["student"]), Distillation.model_validate(config["distillation"])
     training = student.training
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(training.seed)
-    peft_model, tokenizer = build_student(config["base"], student.lora)
-    teacher = load_model(config["teacher_dir"], dtype="float32")[0] if config.get("online") else None
-    model = ray.train.torch.prepare_model(peft_model)  # DDP when world > 1
-    optimizer = torch.optim.AdamW(
-        [p for p in peft_model.parameters() if p.requires_grad], lr=training.learning_rate, weight_decay=training.weight_decay
-    )
-    total = config["total_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tc.lr_lambda(total, training.warmup_ratio))
+    examples = tc.worker_examples()
+    device = tc.worker_device()
+    precision = tc.runnable_precision(training.precision, device, "spec.student.training.precision")
+    # Frozen weights stay in the training precision; the fp32 adapters compute under autocast.
+    # fp16 needs loss scaling (bf16 has fp32's exponent range and does not).
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, tc.PRECISION_DTYPES[precision]))
+                if precision != "fp32" else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    peft_model, tokenizer = build_student(config["base"], training, student.lora, device, precision)
+    teacher = load_online_teacher(config["teacher_dir"], device, precision) if config.get("online") else None
+    model = ray.train.torch.prepare_model(peft_model, move_to_device=False)  # DDP when world > 1; already placed
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, tc.lr_lambda(config["total_steps"], training.warmup_ratio))
+    gas = training.gradient_accumulation_steps
 
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", weights_only=False)
-        set_peft_model_state_dict(peft_model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
+    def micro_step(batch: dict) -> dict:
+        with autocast:
+            loss, ce, kd = batch_loss(model, teacher, batch, dist)
+        scaler.scale(loss / gas).backward()
+        return {"loss": loss.item(), "ce": ce.item(), "kd": kd.item()}
 
-    def save(directory: Path) -> None:
+    def apply() -> None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def save(directory: Path, step: int) -> None:
         if rank == 0:  # LoRA weights are replicated (DDP): one copy is the checkpoint
             torch.save({"adapter": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "step": step}, Path(directory) / "state.pt")
 
-    gas = training.gradient_accumulation_steps
-    micro_batches = (
-        b for epoch in itertools.count()
-        for b in batches(config["examples"], training.batch_size, rank, world, training.seed, epoch)
-    )
-    micro_batches = itertools.islice(micro_batches, start_step * gas, None)
-    step, acc = start_step, []
-    while step < total:
-        batch = collate_distill(next(micro_batches), tokenizer.pad_token_id)
-        loss, ce, kd = batch_loss(model, teacher, batch, dist)
-        (loss / gas).backward()
-        acc.append((loss.item(), ce.item(), kd.item()))
-        if len(acc) < gas:
-            continue
-        torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        mean = [sum(v) / len(v) for v in zip(*acc)]
-        acc = []
-        tc.maybe_crash(step, config.get("crash_after"), Path(config["out_dir"]))
-        metrics = {"step": step, "loss": mean[0], "ce": mean[1], "kd": mean[2], "resumed_from_step": start_step}
-        if step % training.checkpoint_every_steps == 0 or step == total:
-            tc.report(metrics, save=save)
-        else:
-            tc.report(metrics)
+    def load(directory: Path) -> int:
+        state = torch.load(Path(directory) / "state.pt", weights_only=False, map_location=device)
+        set_peft_model_state_dict(peft_model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"])
 
+    recipe = Recipe(collate=lambda ex: collate_distill(ex, tokenizer.pad_token_id), micro_step=micro_step,
+                    apply=apply, save=save, load=load)
+    run_steps(config, training, examples, device, recipe)
     if rank == 0:
         target = Path(config["out_dir"]) / "adapter"
         shutil.rmtree(target, ignore_errors=True)
@@ -260,8 +257,6 @@ def check_cache_settings(cache: Path, dist) -> None:
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:
-    from ray.train.torch import TorchTrainer
-
     from meddistill.jobs.student import materialize_student_base
 
     spec = ctx.spec
@@ -274,16 +269,10 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     config = {
         "student": student.model_dump(), "distillation": spec.distillation.model_dump(), "base": base,
         "teacher_dir": str(teacher_dir), "online": spec.distillation.teacher_cache == "online",
-        "examples": examples, "total_steps": total, "out_dir": str(out), "crash_after": tc.crash_after_from_env(),
+        "total_steps": total, "out_dir": str(out), "crash_after": tc.crash_after_from_env(),
     }
-    trainer = TorchTrainer(
-        distill_loop,
-        train_loop_config=config,
-        scaling_config=tc.scaling_config(student.resources),
-        torch_config=tc.torch_config(student.resources),
-        run_config=tc.run_config(out, f"{ctx.name}-distill", spec.run_policy.backoff_limit),
-    )
-    result = trainer.fit()
+    run_config = tc.run_config(out, f"{ctx.name}-distill", spec.run_policy.backoff_limit)
+    result = tc.fit(distill_loop, config, examples, student.resources, run_config)
     if not (out / "adapter" / "adapter_config.json").is_file():
         raise StageError(f"distillation finished without writing {out / 'adapter'}; see the worker logs above")
     metrics = {k: result.metrics[k] for k in ("step", "loss", "ce", "kd", "resumed_from_step") if k in result.metrics}

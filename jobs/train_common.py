@@ -12,6 +12,7 @@ reach the driver only when fit() returns). The manifest never lists that file.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from meddistill.artifacts import PROGRESS
 
+log = logging.getLogger(__name__)
 CRASH_ENV = "MEDDISTILL_CRASH_AFTER_STEP"  # fault injection for tests: rank 0 dies once after step N
 
 
@@ -62,6 +64,107 @@ def run_config(out_dir: Path, name: str, max_failures: int):
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
     )
+
+
+def fit(loop, config: dict, examples: list[dict], resources, run_config):
+    """Run `loop` on Ray Train workers; the examples reach them through Ray Data, not the config.
+
+    Every worker gets the whole (unsplit) dataset and keeps its share with sft_data.batches: Ray
+    Data's split shards differ from run to run, and a resumed run must see the same micro-batches
+    in the same order to skip exactly the ones already trained on.
+    """
+    import ray.data
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
+
+    rows = [{**e, ORDER_KEY: i} for i, e in enumerate(examples)]
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=scaling_config(resources),
+        torch_config=torch_config(resources),
+        run_config=run_config,
+        datasets={"train": ray.data.from_items(rows)},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    return trainer.fit()
+
+
+ORDER_KEY = "_order"  # an example's index in the driver's list, restored in the worker
+
+
+def worker_examples() -> list[dict]:
+    """This worker's copy of the training examples, in the driver's order, tensors back as torch."""
+    import numpy as np
+    import ray.train
+    import torch
+
+    rows = sorted(ray.train.get_dataset_shard("train").iter_rows(), key=lambda r: r[ORDER_KEY])
+    return [{k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+             for k, v in r.items() if k != ORDER_KEY} for r in rows]
+
+
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def runnable_precision(precision: str, device, field: str) -> str:
+    """The spec's training precision, or fp32 where the device cannot train in it (fp16 on CPU)."""
+    if precision == "fp16" and device.type == "cpu":
+        log.warning("%s=fp16 cannot train on CPU; training in fp32 (set bf16 or fp32 to silence this)", field)
+        return "fp32"
+    return precision
+
+
+def worker_device(engine=None):
+    """Where this worker's model lives and its batches must go: the DeepSpeed engine's device,
+    else the one Ray Train assigned (cuda:<local rank> on GPU workers, cpu otherwise)."""
+    import torch
+
+    if engine is not None:
+        return torch.device(engine.device)
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def load_training_model(src: str, dtype: str, device, quantization_config=None, gradient_checkpointing: bool = False):
+    """(model, tokenizer) for training, in `dtype`, on `device`, in train mode.
+
+    Under a live transformers HfDeepSpeedConfig with ZeRO-3, from_pretrained builds the model
+    inside deepspeed.zero.Init: each rank materialises only its partition, so it is not moved
+    here (DeepSpeed places the partitions). A 4-bit (QLoRA) base is quantised straight onto this
+    worker's GPU. Not modelsource.load_model: that one is for inference and always ends with a
+    `.to(device)` of the whole model on an absolute device index.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from meddistill.modelsource import load_tokenizer, resolve_model_source
+
+    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": device} if device.type == "cuda" else None)
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_source(src)), **kwargs)
+    if quantization_config is None and not is_deepspeed_zero3_enabled():
+        model = model.to(device)
+    if gradient_checkpointing:
+        model.config.use_cache = False
+        # non-reentrant: works with a frozen base (LoRA) without forcing input grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, load_tokenizer(src)
+
+
+def resident_parameter_bytes(model) -> int:
+    """Parameter bytes this rank holds: a ZeRO-3 parameter's own partition (ds_tensor), else the
+    whole tensor. Logged after load: under ZeRO-3 it is about 1/world of the model."""
+    total = 0
+    for p in model.parameters():
+        held = getattr(p, "ds_tensor", None)
+        held = p if held is None else held
+        total += held.numel() * held.element_size()
+    return total
 
 
 def torch_config(resources):

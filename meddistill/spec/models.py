@@ -102,8 +102,9 @@ class Training(SpecModel):
     max_seq_length: int = Field(512, ge=16, le=131072, description="Tokens per training example (longer ones are truncated from the left of the prompt).")
     warmup_ratio: float = Field(0.05, ge=0, le=0.5, description="Fraction of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Training precision; CPU runs use fp32 or bf16.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Training precision (weights loaded and computed in it; fp32 master weights for the optimizer); CPU runs use fp32 or bf16 (fp16 falls back to fp32 there).")
     checkpoint_every_steps: int = Field(50, ge=1, description="Report a checkpoint to Ray Train every N optimizer steps.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass instead of storing them (less memory, ~30% more compute); needed for 70B at long sequences.")
     max_samples: int = Field(0, ge=0, description="Use at most this many training records (0 = all).")
     seed: int = Field(42, description="Random seed (data order, LoRA init).")
 
