@@ -74,7 +74,7 @@ def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: 
     """One Ray task: load one model, evaluate it on every dataset, write its detail reports."""
     from meddistill.evaluation import evaluate, write_report
 
-    model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"], settings.get("gpus", 0))
+    model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"], settings["gpus"])
     results = []
     for ref, records in datasets.items():
         for scoring in settings["scoring"]:
