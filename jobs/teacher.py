@@ -73,7 +73,12 @@ def build_model(teacher, ds_config: dict, precision: str, device):
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, dtype))
-    partitioned = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    partitioned = None
+    if ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        deepspeed.init_distributed()  # adopts Ray Train's process group: zero.Init partitions over all ranks
+        partitioned = HfDeepSpeedConfig(ds_config)
     try:
         # Stages 0-2 load on the CPU; deepspeed.initialize moves the model to the worker's device.
         model, tokenizer = tc.load_training_model(
