@@ -13,8 +13,10 @@ Features: the student is spec.student.model or the teacher pruned to derive.keep
                    character, not with the teacher token at the same position (Boizard et al.
                    2024 pair by position), which drifts as soon as one tokenizer splits a number
                    or word the other keeps whole.
-Checkpoints (adapter + optimizer + scheduler + step) every checkpointEverySteps; a restarted
-worker or run resumes from the latest. Output: <artifact>/adapter (PEFT, base = <artifact>/base
+The frozen base (and an online teacher) sit on the worker's device in training.precision, the
+fp32 adapters compute under autocast (fp16 with loss scaling). Examples reach the workers through
+Ray Data; the step loop is the teacher's (train_loop.py). Checkpoints (adapter + optimizer +
+scheduler + step) every checkpointEverySteps; a restarted worker or run resumes from the latest. Output: <artifact>/adapter (PEFT, base = <artifact>/base
 for a derived student), merged into the base by the quantize stage.
 """
 from __future__ import annotations
@@ -264,7 +266,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     teacher_dir = ctx.input_dir("teacher") / "model"
     base = materialize_student_base(ctx, teacher_dir, out / "base")
     examples = student_examples(ctx, base)
-    total = tc.total_steps(len(examples), student.resources.workers, student.training)
+    total = tc.total_steps(len(examples), tc.ranks(student.resources), student.training)
     log.info("distill (%s): %d examples, %d steps, base %s", spec.distillation.mode, len(examples), total, base)
     config = {
         "student": student.model_dump(), "distillation": spec.distillation.model_dump(), "base": base,

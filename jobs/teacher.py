@@ -1,14 +1,17 @@
 """Recipe: supervised fine-tuning of the teacher with Ray Train + DeepSpeed ZeRO.
 
 Features: full / LoRA / QLoRA fine-tuning; ZeRO stage and CPU/NVMe offload from
-spec.teacher.deepspeed; data-parallel workers from spec.teacher.resources (gloo on CPU); loss on
-answer tokens only; training data decontaminated against the evaluation sets; checkpoints every
-`checkpointEverySteps` through Ray Train, resumed after a worker failure or a restart.
+spec.teacher.deepspeed; data-parallel ranks from spec.teacher.resources (one per GPU with nccl,
+one per worker with gloo on CPU); weights and compute in training.precision; gradient
+checkpointing; loss on answer tokens only; training data decontaminated against the evaluation
+sets; checkpoints every `checkpointEverySteps` through Ray Train, resumed after a worker failure
+or a restart.
 
-    setup: records -> token ids (driver) -> TorchTrainer(train_loop) on N workers
-    train: each worker loads the model, wraps it in a DeepSpeed engine, resumes from the latest
-           checkpoint if there is one, steps, checkpoints
-    save:  ZeRO-3 shards gathered to rank 0 -> <artifact>/model (safetensors, LoRA merged)
+    setup: records -> token ids (driver) -> Ray Data -> TorchTrainer(train_loop) on N workers
+    train: each worker loads the model (ZeRO-3: partitioned at load, no rank holds all of it),
+           wraps it in a DeepSpeed engine, then runs the shared step loop (train_loop.py)
+    save:  full: 16-bit weights gathered one module at a time to rank 0 -> <artifact>/model;
+           LoRA/QLoRA: <artifact>/adapter, merged once into the base -> <artifact>/model
 
 On CPU DeepSpeed runs with DS_ACCELERATOR=cpu and torch's AdamW (`zero_force_ds_cpu_optimizer:
 false`: DeepSpeedCPUAdam needs a C++ JIT build; torch AdamW on the offloaded fp32 state is exact).
@@ -202,8 +205,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     data = load_training_records(ctx, teacher.datasets, training.max_samples, training.seed)
     tokenizer = load_tokenizer(teacher.model)
     examples = [tokenize_example(r, tokenizer, teacher.prompt_style, training.max_seq_length) for r in data.records]
-    total = tc.total_steps(len(examples), teacher.resources.workers, training)
-    log.info("teacher: %d examples, %d optimizer steps on %d workers", len(examples), total, teacher.resources.workers)
+    total = tc.total_steps(len(examples), tc.ranks(teacher.resources), training)
+    log.info("teacher: %d examples, %d optimizer steps on %d ranks", len(examples), total, tc.ranks(teacher.resources))
     config = {
         "teacher": teacher.model_dump(),
         "total_steps": total,

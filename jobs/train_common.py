@@ -45,13 +45,21 @@ def lr_lambda(total: int, warmup_ratio: float):
     return factor
 
 
+def ranks(resources) -> int:
+    """Data-parallel ranks: one per GPU, since DeepSpeed and DDP drive one device per process (a
+    Ray Train worker given 8 GPUs would use only its first), or one per worker on CPU."""
+    return resources.workers * max(1, resources.gpus_per_worker)
+
+
 def scaling_config(resources):
+    """`workers` x `gpusPerWorker` one-GPU ranks; a worker's CPUs are shared by its ranks."""
     from ray.train import ScalingConfig
 
+    gpus = resources.gpus_per_worker
     return ScalingConfig(
-        num_workers=resources.workers,
-        use_gpu=resources.gpus_per_worker > 0,
-        resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+        num_workers=ranks(resources),
+        use_gpu=gpus > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker / max(1, gpus), "GPU": 1 if gpus else 0},
     )
 
 

@@ -105,3 +105,15 @@ def test_distill_online_teacher_lives_and_gets_batches_on_the_students_device(ti
     job = tiny_job(distillation={"mode": "logits", "teacherCache": "online"})
     loop = _checked("meddistill.jobs.distill", "load_online_teacher", "distill_loop", check_params=True)
     _fit_expecting_sentinel(loop, _distill_config(job, tiny_model_dir, tmp_path, True), job.spec.student.resources, tmp_path)
+
+
+def test_one_rank_per_gpu_so_no_gpu_of_a_worker_idles():
+    """DeepSpeed and DDP drive one device per process: 4 workers of 8 GPUs are 32 one-GPU ranks."""
+    from meddistill.jobs import train_common
+    from meddistill.spec.models import Resources
+
+    gpu = train_common.scaling_config(Resources(workers=4, gpus_per_worker=8, cpus_per_worker=64))
+    assert gpu.num_workers == train_common.ranks(Resources(workers=4, gpus_per_worker=8)) == 32
+    assert gpu.use_gpu and gpu.resources_per_worker == {"CPU": 8, "GPU": 1}
+    cpu = train_common.scaling_config(Resources(workers=2, cpus_per_worker=3))
+    assert cpu.num_workers == 2 and not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 3, "GPU": 0}
