@@ -117,3 +117,26 @@ def test_one_rank_per_gpu_so_no_gpu_of_a_worker_idles():
     assert gpu.use_gpu and gpu.resources_per_worker == {"CPU": 8, "GPU": 1}
     cpu = train_common.scaling_config(Resources(workers=2, cpus_per_worker=3))
     assert cpu.num_workers == 2 and not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 3, "GPU": 0}
+
+
+def test_student_base_loads_in_its_training_precision_with_fp32_adapters(tiny_job, tiny_model_dir):
+    import torch
+
+    from meddistill.jobs.distill import build_student
+
+    student = tiny_job(student={"training": {"precision": "bf16"}}).spec.student
+    model, _ = build_student(str(tiny_model_dir), student.training, student.lora, torch.device("cpu"), "bf16")
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+
+
+def test_fp16_falls_back_to_fp32_on_cpu_and_says_so(caplog):
+    import torch
+
+    from meddistill.jobs import train_common
+
+    assert train_common.runnable_precision("bf16", torch.device("cpu"), "spec.student.training.precision") == "bf16"
+    assert train_common.runnable_precision("fp16", torch.device("cuda", 0), "spec.student.training.precision") == "fp16"
+    assert train_common.runnable_precision("fp16", torch.device("cpu"), "spec.student.training.precision") == "fp32"
+    assert "spec.student.training.precision=fp16 cannot train on CPU" in caplog.text
