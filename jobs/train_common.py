@@ -1,4 +1,6 @@
-"""Pieces both training recipes (teacher, distill) share: Ray Train wiring, schedule, checkpoints.
+"""Pieces both training recipes (teacher, distill) share: Ray Train wiring (one rank per GPU,
+examples through Ray Data), device and precision, model loading for training, schedule,
+checkpoints. The step loop itself is train_loop.py.
 
 Checkpoints go through `ray.train.report(..., checkpoint=...)` into RunConfig(storage_path=
 <artifact dir>/ray_train, name=<job>-<stage>): a worker restarted by FailureConfig, or a fresh
