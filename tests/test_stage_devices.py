@@ -92,6 +92,23 @@ def test_checkpoint_weight_bytes_reads_the_headers_at_the_load_dtype(tiny_model_
     assert checkpoint_weight_bytes(str(tmp_path / "adapter")) == 2 * (params + adapter_params)
 
 
+def test_load_model_honours_the_decisions_device_map(monkeypatch, tiny_model_dir, tiny_data_refs):
+    """device_map="auto" reaches from_pretrained (accelerate's placement; on this CPU machine all on
+    cpu) and the model evaluates from there."""
+    from transformers import AutoModelForCausalLM
+
+    from meddistill.evaluation import evaluate
+
+    real, seen = AutoModelForCausalLM.from_pretrained, []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    model, tokenizer = load_model(str(tiny_model_dir), **StageDevice("cpu", "bfloat16", "auto").load_kwargs())
+    assert seen[0]["device_map"] == "auto" and seen[0]["dtype"] == torch.bfloat16
+    assert input_device(model).type == "cpu" and next(model.parameters()).dtype == torch.bfloat16
+    result = evaluate(model, tokenizer, _records(tiny_data_refs)[:2], batch_size=2, max_new_tokens=2,
+                      latency_questions=0, warmup=False, progress=False)
+    assert result.n == 2 and result.peak_cuda_bytes is None and result.device == "cpu"
+
+
 # ------------------------------------------------------------------ inputs reach the model's device
 
 
