@@ -124,11 +124,17 @@ def test_student_base_loads_in_its_training_precision_with_fp32_adapters(tiny_jo
 
     from meddistill.jobs.distill import build_student
 
-    student = tiny_job(student={"training": {"precision": "bf16"}}).spec.student
+    student = tiny_job(student={"training": {"precision": "bf16", "gradientCheckpointing": True}}).spec.student
     model, _ = build_student(str(tiny_model_dir), student.training, student.lora, torch.device("cpu"), "bf16")
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    assert model.base_model.model.is_gradient_checkpointing  # spec.student.training.gradientCheckpointing
+    # and a backward pass through the checkpointed, frozen bf16 base still reaches the adapters
+    ids = torch.arange(10, 20).unsqueeze(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_fp16_falls_back_to_fp32_on_cpu_and_says_so(caplog):
