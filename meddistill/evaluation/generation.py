@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+from meddistill.modelsource import input_device
+
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -41,8 +43,6 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
                    add_special: bool, stop: list[int]) -> tuple[list[list[int]], float]:
     """(new token ids per prompt, cut at EOS; seconds the generate call took)."""
     import torch  # noqa: PLC0415
-
-    from meddistill.modelsource import input_device  # noqa: PLC0415
 
     device = input_device(model)
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special).to(device)
