@@ -75,8 +75,8 @@ def collate(examples: list[dict], pad_id: int):
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
+        ids[i, :n] = torch.as_tensor(e["input_ids"])  # a list (driver) or an int32 tensor (worker)
+        labels[i, :n] = torch.as_tensor(e["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
