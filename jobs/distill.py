@@ -170,7 +170,8 @@ def distill_loop(config: dict) -> None:
                         "scheduler": scheduler.state_dict(), "step": step}, Path(directory) / "state.pt")
 
     def load(directory: Path) -> int:
-        state = torch.load(Path(directory) / "state.pt", weights_only=False, map_location=device)
+        # weights_only: a checkpoint on shared storage is data, not code (a pickle could run anything)
+        state = torch.load(Path(directory) / "state.pt", weights_only=True, map_location=device)
         set_peft_model_state_dict(peft_model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -55,6 +55,24 @@ def local_path(uri: str, base_dir: str | os.PathLike | None = None) -> Path | No
     return path.resolve()
 
 
+class UnsafePathError(ValueError):
+    """A manifest or bucket listing names a path outside the directory it is written to."""
+
+
+def contained_path(root: Path, rel: str, source: str) -> Path:
+    """`root / rel`, refused unless it stays inside root once resolved.
+
+    Manifests and bucket listings come from storage other tenants or an attacker may write:
+    `../`, an absolute path or a symlink already in the cache must not place a file elsewhere.
+    """
+    root = Path(root).resolve()
+    path = (root / rel).resolve()  # follows symlinks: a link planted in the cache is caught too
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_relative_to(root) or path == root:
+        raise UnsafePathError(f"{source}: refusing key {rel!r}: it resolves outside {root}; "
+                              "rewrite the manifest/bucket with relative paths inside the prefix")
+    return path
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -117,7 +135,11 @@ def verify(directory: Path) -> Manifest | None:
     if manifest is None:
         return None
     for rel, digest in manifest.files.items():
-        p = Path(directory) / rel
+        try:
+            p = contained_path(directory, rel, f"{directory}/{MANIFEST}")
+        except UnsafePathError as e:
+            log.warning("%s", e)
+            return None
         if not p.is_file() or sha256_file(p) != digest:
             return None
     return manifest
@@ -178,8 +200,14 @@ class ArtifactStore:
             (target / MANIFEST).unlink(missing_ok=True)  # never leave a stale manifest claiming 'complete'
             return None
         wanted = None if only is None else set(only)
-        for rel, digest in json.loads((target / MANIFEST).read_text())["files"].items():
-            path = target / rel
+        files = json.loads((target / MANIFEST).read_text())["files"]
+        try:  # every path is checked before anything is downloaded
+            paths = {rel: contained_path(target, rel, f"{self.uri}/{MANIFEST}") for rel in files}
+        except UnsafePathError:
+            (target / MANIFEST).unlink(missing_ok=True)  # a hostile manifest never counts as 'complete'
+            raise
+        for rel, digest in files.items():
+            path = paths[rel]
             if (wanted is not None and rel not in wanted) or (path.is_file() and sha256_file(path) == digest):
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)

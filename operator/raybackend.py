@@ -35,6 +35,7 @@ import yaml
 from meddistill.serve.config import TOKEN_ENV, render_serve_config_v2
 from meddistill.spec.models import MedDistillJob
 
+from .failures import redacted_failure
 from .kuberay import job_document
 from .planner import Serve, ServingApp, StageRun, StartStage
 from .sizing import entrypoint_resources
@@ -191,19 +192,13 @@ def _rfc3339_ms(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def failure_message(details: dict, logs: str) -> str:
-    """Why a Ray job failed, short: the stage's own `error:` line, Ray's message head and the log tail."""
-    lines = [ln for ln in (logs or "").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")][-1:]
-    # "Job entrypoint command failed with exit code 1, last available logs (...):" -> its first clause
-    head = [m.split(", last available logs")[0] for m in (details.get("message") or "").splitlines()[:1]]
-    tail = [ln for ln in lines[-6:] if ln not in errors]
-    parts = errors + head + (["log tail:"] + tail if tail else [])
-    text = " | ".join(parts) or "no message"
-    return text if len(text) <= FAILURE_MESSAGE_CHARS else "..." + text[-FAILURE_MESSAGE_CHARS:]
+def failure_message(details: dict, logs: str, address: str = "RAY_ADDRESS") -> str:
+    """Why a Ray job failed, redacted (error class + Ray's message head; see failures.py)."""
+    full_log = f"ray job logs {details.get('submission_id') or '?'} --address {address}"
+    return redacted_failure(details.get("message") or "", logs, full_log)
 
 
-def stage_run(details: dict, logs: str = "") -> StageRun | None:
+def stage_run(details: dict, logs: str = "", address: str = "RAY_ADDRESS") -> StageRun | None:
     """A Ray job (JobDetails as a dict) as the planner sees it; None when it is not a stage run."""
     meta = details.get("metadata") or {}
     try:
@@ -216,7 +211,7 @@ def stage_run(details: dict, logs: str = "") -> StageRun | None:
     reason = message = ""
     if state == "Failed":
         reason = details.get("error_type") or "JobFailed"
-        message = failure_message(details, logs)
+        message = failure_message(details, logs, address)
     elif state == "Pending":
         message = details.get("message") or ""
     return StageRun(stage=stage, attempt=attempt, name=details.get("submission_id") or "", state=state,
@@ -284,7 +279,7 @@ class RayCluster:
             # uid: a re-created job with the same name must not adopt the old job's runs.
             if meta[META_JOB] != f"{namespace}/{name}" or meta.get(META_UID) != uid:
                 continue
-            run = stage_run(d, self._logs_if_failed(d))
+            run = stage_run(d, self._logs_if_failed(d), self.address)
             if run is not None:
                 runs.append(run)
         return runs

@@ -52,15 +52,15 @@ def test_ray_job_status_maps_to_run_state(status, state):
     assert run.start_time == "2023-11-14T22:13:20Z"
 
 
-def test_failure_message_has_the_stage_error_and_a_short_tail():
+def test_failure_message_has_the_error_class_and_ray_message_head_only():
     logs = "loading\nTraceback (most recent call last):\n  File x\nFileNotFoundError: /nope\nerror: stage teacher: FileNotFoundError: /nope\n"
     d = details(status="FAILED", error_type="JOB_ENTRYPOINT_COMMAND_ERROR",
                 message="Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n" + logs)
-    run = rb.stage_run(d, logs)
+    run = rb.stage_run(d, logs, "https://ray.example:8265")
     assert run.reason == "JOB_ENTRYPOINT_COMMAND_ERROR"
-    assert run.message.startswith("error: stage teacher: FileNotFoundError: /nope | Job entrypoint command failed with exit code 1 |")
-    assert "last available logs" not in run.message and run.message.count("error: stage teacher") == 1
-    assert len(rb.failure_message(d, "x" * 10_000)) <= rb.FAILURE_MESSAGE_CHARS + 3
+    assert run.message == ("stage teacher raised FileNotFoundError | Job entrypoint command failed with exit code 1 | "
+                           "full log: ray job logs team-a-qs-teacher-a1 --address https://ray.example:8265")
+    assert len(rb.failure_message(d, "x" * 10_000)) <= 400
 
 
 def test_a_job_that_is_not_a_stage_run_is_ignored():
