@@ -391,17 +391,5 @@ def test_apiserver_refuses_too_long_name(kube):
     assert res.returncode != 0 and "at most 30 characters" in res.stderr, res.stderr
 
 
-# Rules only the typed spec can check (they need the dataset-reference parser), so `meddistill
-# validate` refuses these files while the API server's schema + CEL accept them.
-PYTHON_ONLY_RULES = {"dataset-missing-path.yaml", "unknown-dataset-format.yaml"}
-
-
-def test_apiserver_refuses_the_invalid_spec_collection(kube):
-    accepted = []
-    for path in sorted((REPO_ROOT / "tests" / "invalid_specs").glob("*.yaml")):
-        res = kube.cluster.kubectl("create", "--dry-run=server", "-n", kube.ns, "-f", str(path), check=False)
-        if res.returncode == 0:
-            accepted.append(path.name)
-        else:
-            assert res.stderr.strip(), path.name  # refused with a message, not silently
-    assert set(accepted) == PYTHON_ONLY_RULES, accepted
+# The whole tests/invalid_specs/ collection runs through both the CLI and the API server in
+# tests/test_cli_crd_parity.py.

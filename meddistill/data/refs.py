@@ -29,6 +29,10 @@ DATASET_FORMATS: dict[str, str] = {
     "hf": "Hugging Face dataset by hub name or saved local path (needs `datasets`)",
 }
 
+# The canonical form as one regex (Go RE2 and Rust regex alike): the CRD's schema carries it so the
+# API server refuses what parse_dataset_ref refuses (no format, unknown format, empty PATH or SPLIT).
+DATASET_REF_PATTERN = "^(" + "|".join(DATASET_FORMATS) + r"):\s*[^\s#][^#]*(#\s*[^\s#][^#]*)?$"
+
 SAMPLES_PREFIX = "@samples/"
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .models import NAME_MAX, API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, MedDistillJobSpec, MedDistillJobStatus
+from .models import NAME_MAX, NAME_PATTERN, API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, MedDistillJobSpec, MedDistillJobStatus
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Overall phase"},
@@ -118,7 +118,12 @@ def build_crd() -> dict:
                                     "rule": f"size(self.metadata.name) <= {NAME_MAX}",
                                     "message": f"metadata.name must be at most {NAME_MAX} characters: "
                                     "stage RayJobs are named <name>-<stage>-a<attempt> and KubeRay caps those at 47",
-                                }
+                                },
+                                {
+                                    "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+                                    "message": "metadata.name must be lowercase letters, digits and '-' (no '.'): "
+                                    "child Services are named after the job and a Service name is a DNS label",
+                                },
                             ],
                             "properties": {
                                 "apiVersion": {"type": "string"},

@@ -10,11 +10,13 @@ emitted as a CEL `x-kubernetes-validations` entry, so the API server refuses wha
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
+
+from meddistill.data.refs import DATASET_REF_PATTERN
 
 API_GROUP = "meddistill.io"
 API_VERSION = "v1alpha1"
@@ -22,6 +24,8 @@ KIND = "MedDistillJob"
 PLURAL = "meddistilljobs"
 SHORT_NAMES = ["mdj"]
 NAME_MAX = 30  # <name>-distill-data-a10 must fit KubeRay's 47-character RayJob name limit
+# A DNS label: child Services are named after the job, and a '.' (valid in a resource name) is not.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 STAGES = ("teacher", "distill-data", "distill", "quantize", "evaluate")
 """All pipeline stages in order; `pipeline_stages(spec)` gives the ones a job runs."""
@@ -64,6 +68,11 @@ class SpecModel(BaseModel):
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
+
+
+# The CRD's schema carries the reference pattern, so the API server refuses what the parser refuses;
+# in Python the parser itself checks (its messages name the bad part and the fix).
+DatasetRefStr = Annotated[str, Field(json_schema_extra={"pattern": DATASET_REF_PATTERN})]
 
 
 def _dataset_refs(value: list[str]) -> list[str]:
@@ -170,7 +179,7 @@ class Teacher(SpecModel):
         min_length=1,
         description="Model source: a Hugging Face id, a local/PVC directory, a .gguf file, s3://bucket/prefix, or builtin:smollm2-135m-instruct.",
     )
-    datasets: list[str] = Field(
+    datasets: list[DatasetRefStr] = Field(
         ...,
         min_length=1,
         description="Training data as dataset references FORMAT:PATH[#SPLIT], e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#train.",
@@ -259,7 +268,7 @@ class Quantization(SpecModel):
 class Evaluation(SpecModel):
     """Medical QA evaluation of the base model, teacher, student and quantized student (the paper's table)."""
 
-    datasets: list[str] = Field(..., min_length=1, description="Evaluation sets as dataset references, e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#test.")
+    datasets: list[DatasetRefStr] = Field(..., min_length=1, description="Evaluation sets as dataset references, e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#test.")
     limit: int = Field(0, ge=0, description="Questions per dataset (0 = all): a seeded sample stratified by label, then questions seen in training are excluded.")
     seed: int = Field(0, description="Seed of the evaluation sample (evaluation.limit).")
     batch_size: int = Field(8, ge=1, le=1024, description="Generation batch size.")
@@ -511,7 +520,7 @@ class MedDistillJobStatus(SpecModel):
 
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(..., min_length=1, max_length=NAME_MAX, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(..., min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)
     namespace: str | None = None
 
 
