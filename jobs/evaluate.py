@@ -14,6 +14,7 @@ after another so their latencies are comparable. Outputs in the artifact directo
   results.json   spec Results (by alias): rows, comparisons, exclusions, the paper's comparison
   results.md     the same for people;  eval.md  per-model detail reports
   results.png    accuracy (with CI), weight memory and batch-1 latency side by side
+  README.md, model_card.json   the model card (jobs/model_card.py): data, settings, results, lineage
   <model>/<dataset>/eval.json   every question, prediction and reason
 """
 from __future__ import annotations
@@ -127,9 +128,20 @@ def evaluation_records(ctx: StageContext) -> tuple[dict[str, list], dict[str, li
     return datasets, excluded
 
 
+def upstream_manifests(ctx: StageContext) -> dict[str, Path]:
+    """Every earlier stage's artifact folder, fetched with its manifest (and the teacher's
+    decontamination report) only: the model card reads what they recorded, not their weights."""
+    from meddistill.artifacts import ArtifactStore
+    from meddistill.spec.models import pipeline_stages
+
+    return {stage: ArtifactStore(ctx.uri(stage)).fetch(only=["decontamination.json"])
+            for stage in pipeline_stages(ctx.spec) if stage != "evaluate"}
+
+
 def run(ctx: StageContext, out: Path) -> StageOutput:
     import ray
 
+    from meddistill.jobs.model_card import write_model_card
     from meddistill.jobs.results_table import build_results, markdown_table, plot
 
     spec = ctx.spec
@@ -156,6 +168,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     details = sorted(out.glob("*/*/eval.md"))
     (out / "eval.md").write_text("\n\n".join(p.read_text() for p in details))
     plot(results, out / "results.png")
+    write_model_card(ctx, out, upstream_manifests(ctx))
     headline = results.model_dump(include={"memory_reduction_pct", "latency_reduction_pct", "accuracy_retention_pct",
                                            "retention_ci_low", "retention_ci_high"})
     # Per model, the largest GPU peak over its datasets (each evaluation resets the peak); CPU runs have none.

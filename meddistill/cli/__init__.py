@@ -18,6 +18,8 @@ COMMANDS = [
     ("run_cmd", "run a MedDistillJob's whole pipeline on a local (or given) Ray cluster"),
     ("data_cmd", "load a dataset reference and show counts, question types and a normalized record"),
     ("eval_cmd", "evaluate one model on medical QA: accuracy with 95% CI, latency, memory"),
+    ("card_cmd", "print a job's model card: data, settings, results and lineage from its manifests"),
+    ("verify_cmd", "re-hash a job's artifacts and lineage; exit 1 naming any file that does not match"),
     ("serve_cmd", "serve a job's quantized student (or any model) with an OpenAI-compatible API"),
     ("crd_cmd", "print the MedDistillJob CustomResourceDefinition generated from the typed spec"),
     ("operator_cmd", "run the Kubernetes operator (kopf) that drives MedDistillJobs"),

@@ -515,6 +515,7 @@ class MedDistillJobStatus(SpecModel):
     stages: list[StageStatus] = Field(default_factory=list, description="Per-stage state.")
     results: Results | None = Field(None, description="The accuracy / memory / latency table.")
     serving: ServingStatus | None = Field(None, description="The serving endpoint.")
+    model_card: str = Field("", description="The job's model card: README.md in the evaluate artifact (`meddistill card JOB_DIR` prints it).")
     observed_generation: int = Field(0, description="Spec generation this status reflects.")
 
 
