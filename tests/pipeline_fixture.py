@@ -6,6 +6,8 @@ Fixtures
   tiny_model_dir   a 2-layer random Llama with SmolLM2's real tokenizer, saved once per session
   tiny_data_dir    small labelled medical QA files (yes/no/maybe + multiple choice), jsonl
   tiny_job         factory: a MedDistillJob over both, artifacts in a temp dir, overrides merged
+  tiny_pipeline    the tiny job through every stage, once per session (a teacher worker killed once):
+                   (StageContext, {stage: StageResult}); its data is private, so a test may change a byte
   quickstart_run   the artifact root (<tmp>/runs/quickstart) of the session's one real quickstart
                    pipeline run (tests/e2e_fixture.py). Minutes: marked slow users.
 """
@@ -133,6 +135,34 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+TINY_CRASH_STEP = 2  # tiny_pipeline's teacher rank 0 dies once after checkpointing this step
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model_dir, tmp_path_factory, ray_local):
+    """Run every stage of the tiny job once per session; shared by the stage tests
+    (tests/test_jobs_pipeline.py), the model card's and the lineage check's."""
+    import os
+
+    from meddistill.jobs import train_common
+    from meddistill.jobs.stage import StageContext, run_stage
+    from meddistill.spec.models import MedDistillJob
+
+    root = tmp_path_factory.mktemp("pipeline")
+    refs = write_tiny_data(root / "data")  # not tiny_data_refs: tests here may tamper with these files
+    job = MedDistillJob.model_validate(tiny_job_document(str(tiny_model_dir), refs, str(root / "runs")))
+    ctx = StageContext(job)
+    results = {}
+    os.environ[train_common.CRASH_ENV] = str(TINY_CRASH_STEP)
+    try:
+        results["teacher"] = run_stage(ctx, "teacher")
+    finally:
+        del os.environ[train_common.CRASH_ENV]
+    for stage in ("distill-data", "distill", "quantize", "evaluate"):
+        results[stage] = run_stage(ctx, stage)
+    return ctx, results
 
 
 @pytest.fixture(scope="session")

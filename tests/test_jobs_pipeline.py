@@ -1,7 +1,8 @@
 """The stage recipes end to end on a tiny model (2-layer Llama, SmolLM2's tokenizer), in-process.
 
-One module-scoped run goes teacher (with a worker killed mid-run) -> distill-data -> distill ->
-quantize -> evaluate; each test checks one stage's promise on its artifact.
+One session-scoped run (tiny_pipeline in tests/pipeline_fixture.py, shared with the model card and
+lineage tests) goes teacher (with a worker killed mid-run) -> distill-data -> distill -> quantize ->
+evaluate; each test checks one stage's promise on its artifact.
 """
 from __future__ import annotations
 
@@ -11,33 +12,16 @@ from pathlib import Path
 import pytest
 
 from meddistill.artifacts import verify
-from meddistill.jobs import train_common
-from meddistill.jobs.stage import StageContext, run_stage
+from tests.pipeline_fixture import TINY_CRASH_STEP as CRASH_STEP
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-CRASH_STEP = 2
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_model_dir, tiny_data_refs, tmp_path_factory, ray_local):
-    """Run every stage once; the teacher's rank 0 dies once after checkpointing step 2."""
-    import os
-
-    from meddistill.spec.models import MedDistillJob
-    from tests.pipeline_fixture import tiny_job_document
-
-    root = tmp_path_factory.mktemp("pipeline")
-    job = MedDistillJob.model_validate(tiny_job_document(str(tiny_model_dir), tiny_data_refs, str(root / "runs")))
-    ctx = StageContext(job)
-    results = {}
-    os.environ[train_common.CRASH_ENV] = str(CRASH_STEP)
-    try:
-        results["teacher"] = run_stage(ctx, "teacher")
-    finally:
-        del os.environ[train_common.CRASH_ENV]
-    for stage in ("distill-data", "distill", "quantize", "evaluate"):
-        results[stage] = run_stage(ctx, stage)
-    return ctx, results
+def pipeline(tiny_pipeline):
+    """Every stage run once per session (tests/pipeline_fixture.py); the teacher's rank 0 dies once
+    after checkpointing step 2."""
+    return tiny_pipeline
 
 
 def _dir(ctx, stage) -> Path:
