@@ -30,6 +30,17 @@ HEAD_RESOURCES = {"cpu": "1", "memory": "2Gi"}  # the head only schedules: worke
 # places a driver on the head (which has 0 CPUs for Ray and 2Gi), even a coordinating one that
 # reserves no CPU. The Ray-cluster backend cannot do this (it does not start that cluster's nodes).
 DRIVER_RESOURCE = "meddistill_stage_driver"
+# Stage and serving pods pass PodSecurity "restricted". They run as the image's own non-root user
+# (Dockerfile: USER 65532, HOME /home/meddistill, cache in /tmp); fsGroup makes PVCs writable to it.
+POD_UID = 65532
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": POD_UID, "runAsGroup": POD_UID, "fsGroup": POD_UID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"runAsNonRoot": True, "runAsUser": POD_UID, "allowPrivilegeEscalation": False,
+                      "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+# NCCL and DeepSpeed exchange tensors through /dev/shm; a container's default is 64Mi.
+SHM_VOLUME, SHM_PATH = "dshm", "/dev/shm"
+# What KubeRay's default submitter pod gets (common/job.go), restated so it can carry the securityContext.
+SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
 
 def _labels(job: MedDistillJob, component: str) -> dict[str, str]:
@@ -73,9 +84,8 @@ def _container(job: MedDistillJob, name: str, cpus: int, memory: str, gpus: int)
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
     c = {"name": name, "image": job.spec.image, "resources": {"requests": dict(limits), "limits": limits},
-         "env": [{"name": PVC_ROOT_ENV, "value": PVC_ROOT}]}
-    if mounts:
-        c["volumeMounts"] = mounts
+         "env": [{"name": PVC_ROOT_ENV, "value": PVC_ROOT}], "securityContext": CONTAINER_SECURITY,
+         "volumeMounts": [{"name": SHM_VOLUME, "mountPath": SHM_PATH}, *mounts]}
     if env_from:
         c["envFrom"] = env_from
     return c
@@ -83,10 +93,20 @@ def _container(job: MedDistillJob, name: str, cpus: int, memory: str, gpus: int)
 
 def _pod(job: MedDistillJob, container: dict) -> dict:
     volumes, _, _ = _storage(job)
-    spec = {"containers": [container]}
-    if volumes:
-        spec["volumes"] = volumes
+    # The pods never call the Kubernetes API: no ServiceAccount token to steal from them.
+    spec = {"containers": [container], "securityContext": POD_SECURITY, "automountServiceAccountToken": False,
+            "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory",
+                                                         "sizeLimit": container["resources"]["limits"]["memory"]}},
+                        *volumes]}
     return {"spec": spec}
+
+
+def _submitter_pod(job: MedDistillJob) -> dict:
+    """KubeRay's default submitter pod plus the restricted securityContext (KubeRay fills the command)."""
+    container = {"name": "ray-job-submitter", "image": job.spec.image, "resources": SUBMITTER_RESOURCES,
+                 "securityContext": CONTAINER_SECURITY}
+    return {"spec": {"containers": [container], "restartPolicy": "Never", "securityContext": POD_SECURITY,
+                     "automountServiceAccountToken": False}}
 
 
 def ray_start_resources(resources: dict[str, int]) -> str:
@@ -134,6 +154,7 @@ def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
             # command `meddistill run` uses in-process.
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"MEDDISTILL_JOB": job_document(job)}}, width=1 << 30),
             "submissionMode": "K8sJobMode",
+            "submitterPodTemplate": _submitter_pod(job),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": spec.run_policy.ttl_seconds_after_finished,
             "rayClusterSpec": ray_cluster_spec(job, res, "workers", res.workers, res.workers, res.workers,

@@ -38,8 +38,8 @@ def test_pvc_store_is_mounted_and_s3_secret_is_env_from():
     assert body["spec"]["activeDeadlineSeconds"] == 7200 and body["spec"]["ttlSecondsAfterFinished"] == 60
     for group in (body["spec"]["rayClusterSpec"]["headGroupSpec"], body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]):
         pod = group["template"]["spec"]
-        assert pod["volumes"] == [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "models"}}]
-        assert pod["containers"][0]["volumeMounts"] == [{"name": "artifacts", "mountPath": "/mnt/pvc/models"}]
+        assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
+        assert {"name": "artifacts", "mountPath": "/mnt/pvc/models"} in pod["containers"][0]["volumeMounts"]
         assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
 
 
