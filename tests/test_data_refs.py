@@ -54,3 +54,30 @@ def test_resolve_relative_samples_and_absolute(tmp_path):
 def test_hub_name_detection(tmp_path):
     assert parse_dataset_ref("hf:org/name#test").is_hub_name
     assert not parse_dataset_ref(f"hf:{tmp_path}#test").is_hub_name
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_dataset_ref(text)
+    except DatasetRefError:
+        return False
+    return True
+
+
+def test_the_crd_pattern_accepts_exactly_what_the_parser_accepts():
+    """DATASET_REF_PATTERN goes into the CRD: the API server must refuse what `validate` refuses, no more."""
+    import random
+    import re
+
+    from meddistill.data.refs import DATASET_REF_PATTERN
+
+    pieces = ["pubmedqa", "PubMedQA", "hf", "mmlu", "pubmed", ":", ":", "#", "#", " ", "x", "a/b.json", "test",
+              "train", "dev", "@samples/"]
+    rng = random.Random(0)
+    samples = ["just/a/path.json", "x.json#", "pubmedqa:x.json#", "pubmedqa:", "pubmedqa:x#dev", "hf:a#b#c",
+               "jsonl:##test", " medquad : MedQuAD/ ", "pubmedqa: x # test "]
+    samples += [rng.choice(["", "pubmedqa:", "hf:", " MMLU :"]) + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+                for _ in range(4000)]
+    disagree = [s for s in samples if _parses(s) != bool(re.fullmatch(DATASET_REF_PATTERN, s))]
+    assert disagree == []
+    assert sum(map(_parses, samples)) > 1000  # both outcomes are well represented

@@ -29,9 +29,21 @@ DATASET_FORMATS: dict[str, str] = {
     "hf": "Hugging Face dataset by hub name or saved local path (needs `datasets`)",
 }
 
-# The canonical form as one regex (Go RE2 and Rust regex alike): the CRD's schema carries it so the
-# API server refuses what parse_dataset_ref refuses (no format, unknown format, empty PATH or SPLIT).
-DATASET_REF_PATTERN = "^(" + "|".join(DATASET_FORMATS) + r"):\s*[^\s#][^#]*(#\s*[^\s#][^#]*)?$"
+# parse_dataset_ref as one regex (RE2 syntax, which Python's re reads alike): the CRD's schema
+# carries it, so the API server refuses what the parser refuses. tests/test_data_refs.py keeps the
+# two in step. PATH may hold '#': the SPLIT is after the last one.
+_NO_SPLIT = r"[^#]*[^\s#][^#]*"
+_SPLIT = r".*\S.*#"
+
+
+def _formats(names) -> str:
+    return "(?i:" + "|".join(names) + r")\s*:"
+
+
+DATASET_REF_PATTERN = (
+    r"^\s*(?:" + _formats(["pubmedqa"]) + f"(?:{_NO_SPLIT}|{_SPLIT}\\s*(?:test|train)\\s*)"
+    + "|" + _formats([f for f in DATASET_FORMATS if f != "pubmedqa"]) + f"(?:{_NO_SPLIT}|{_SPLIT}{_NO_SPLIT})" + ")$"
+)
 
 SAMPLES_PREFIX = "@samples/"
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"

@@ -10,6 +10,7 @@ emitted as a CEL `x-kubernetes-validations` entry, so the API server refuses wha
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -263,6 +264,14 @@ class Quantization(SpecModel):
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Dtype of matmuls on de-quantized weights.")
     skip_modules: list[str] = Field(["lm_head"], description="Modules kept in high precision.")
+    mixed_precision: Literal["none", "q4_k_m"] = Field(
+        "none",
+        description=(
+            "q4_k_m: as llama.cpp's Q4_K_M, v_proj and down_proj stay 16-bit in the layers it gives more bits "
+            "(first and last eighth, every third between), the projections most hurt by 4 bits; none: only "
+            "skipModules stay unquantized."
+        ),
+    )
 
 
 class Evaluation(SpecModel):
@@ -521,8 +530,17 @@ class MedDistillJobStatus(SpecModel):
 
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(..., min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN)
+    name: str = Field(..., min_length=1, max_length=NAME_MAX)
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        # The CRD refuses the same names with CEL (crd.py); here the message can say how to fix it.
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError("use lowercase letters, digits and '-', starting and ending with a letter or digit "
+                             "(no '.' or '_'): child RayJobs and Services are named after the job")
+        return v
 
 
 class MedDistillJob(BaseModel):
