@@ -13,6 +13,7 @@ modelsource.model_weight_bytes on the loaded models (packed uint8 storage counts
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,23 +21,54 @@ from pathlib import Path
 from meddistill.jobs.stage import StageContext, StageOutput
 
 log = logging.getLogger(__name__)
+# The projections llama.cpp's Q4_K_M gives more bits (attn_v, ffn_down): also the two most
+# quantization-sensitive kinds we measured on the quickstart student (docs/results.md).
+SENSITIVE_PROJECTIONS = (".self_attn.v_proj", ".mlp.down_proj")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def bnb_config(quantization):
-    """The BitsAndBytesConfig for spec.quantization (None for method: none)."""
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice (llama-quant.cpp): the first and last eighth, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def sensitive_modules(module_names: list[str], n_layers: int) -> list[str]:
+    """Full names of the v_proj / down_proj modules in the layers use_more_bits picks."""
+    keep = []
+    for name in module_names:
+        match = _LAYER.search(name)
+        if match and name.endswith(SENSITIVE_PROJECTIONS) and use_more_bits(int(match.group(1)), n_layers):
+            keep.append(name)
+    return keep
+
+
+def skip_modules(quantization, model=None) -> list[str]:
+    """spec.quantization.skipModules, plus the Q4_K_M-style 16-bit projections of `model` when
+    mixedPrecision is q4_k_m (bitsandbytes matches a full module name exactly)."""
+    skip = list(quantization.skip_modules)
+    if quantization.mixed_precision == "q4_k_m" and model is not None:
+        names = [n for n, _ in model.named_modules()]
+        skip += sensitive_modules(names, model.config.num_hidden_layers)
+    return skip
+
+
+def bnb_config(quantization, model=None):
+    """The BitsAndBytesConfig for spec.quantization (None for method: none); `model` is the merged
+    student, whose module names mixedPrecision needs."""
     import torch
     from transformers import BitsAndBytesConfig
 
     if quantization.method == "none":
         return None
+    skip = skip_modules(quantization, model)
     if quantization.method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=quantization.skip_modules)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization.method,
         bnb_4bit_use_double_quant=quantization.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
-        llm_int8_skip_modules=quantization.skip_modules,
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -65,7 +97,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     bytes_before = model_weight_bytes(merged)
     for old in out.iterdir():  # a previous attempt's files would end up in the manifest
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    config = bnb_config(quantization)
+    config = bnb_config(quantization, merged)
     if config is None:
         merged.save_pretrained(out, safe_serialization=True)
         bytes_after = bytes_before
@@ -80,6 +112,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     tokenizer.save_pretrained(out)
     metrics = {
         "method": quantization.method,
+        "unquantized_modules": len(config.llm_int8_skip_modules) if config is not None else 0,
         "device": placement.device,
         "dtype": placement.dtype,
         "weight_bytes_before": bytes_before,

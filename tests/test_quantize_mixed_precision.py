@@ -1,0 +1,37 @@
+"""mixedPrecision: q4_k_m keeps llama.cpp's more-bits projections (v_proj, down_proj) 16-bit, the rest 4-bit."""
+from __future__ import annotations
+
+from meddistill.jobs.quantize import bnb_config, sensitive_modules, use_more_bits
+from meddistill.spec.models import Quantization
+
+
+def test_use_more_bits_matches_llama_cpp_for_28_layers():
+    # llama-quant.cpp: i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2, integer division
+    assert [i for i in range(28) if use_more_bits(i, 28)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27]
+    assert [i for i in range(8) if use_more_bits(i, 8)] == [0, 3, 6, 7]
+
+
+def test_sensitive_modules_are_v_and_down_projections_of_those_layers():
+    names = [f"model.layers.{i}.{m}" for i in range(16)
+             for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
+    kept = sensitive_modules(names + ["lm_head", "model.embed_tokens"], 16)
+    layers = [0, 1, 4, 7, 10, 13, 14, 15]
+    assert kept == [f"model.layers.{i}.{m}" for i in layers for m in ("self_attn.v_proj", "mlp.down_proj")]
+
+
+def test_q4_k_m_model_keeps_exactly_those_modules_unquantized(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2)
+    merged = LlamaForCausalLM(config)
+    merged.save_pretrained(tmp_path)
+    spec = Quantization.model_validate({"method": "nf4", "computeDtype": "float32", "mixedPrecision": "q4_k_m"})
+    quantized = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config(spec, merged))
+    plain = [n for n, m in quantized.named_modules() if type(m) is torch.nn.Linear]
+    expected = {f"model.layers.{i}.{p}" for i in (0, 3, 6, 7) for p in ("self_attn.v_proj", "mlp.down_proj")}
+    assert set(plain) == expected | {"lm_head"}
+    default = Quantization.model_validate({"method": "nf4", "computeDtype": "float32"})
+    assert bnb_config(default, merged).llm_int8_skip_modules == ["lm_head"]
