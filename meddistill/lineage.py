@@ -126,22 +126,28 @@ def check_sources(card: dict) -> StageCheck:
     return check
 
 
-def verify_job(job_dir: str | Path) -> list[StageCheck]:
-    """One check per stage present in `job_dir`, in pipeline order, then the card's sources."""
+def verify_job(job_dir: str | Path, only: tuple[str, ...] | None = None) -> list[StageCheck]:
+    """One check per stage present in `job_dir`, in pipeline order, then the card's `sources`.
+
+    only: the stages (and/or "sources") to re-hash, e.g. ("quantize", "evaluate") for a check before
+    serving that skips re-reading a 140 GB teacher; their input links are still checked against the
+    upstream manifests (cheap). None checks everything.
+    """
     job_dir = Path(job_dir)
     if not job_dir.is_dir():
         raise FileNotFoundError(f"{job_dir}: no such job directory (expected <spec.artifacts.uri>/<job name>)")
-    referenced = set()
+    wanted = set(only) if only is not None else set(STAGES) | {"sources"}
     stages = [s for s in STAGES if (job_dir / s).is_dir()]
-    checks = [check_stage(job_dir / s, s, job_dir) for s in stages]
+    checks = [check_stage(job_dir / s, s, job_dir) for s in stages if s in wanted]
+    referenced = set()
     for s in stages:
         if (job_dir / s / MANIFEST).is_file():
             referenced |= set(json.loads((job_dir / s / MANIFEST).read_text()).get("inputs", {}))
-    missing = [s for s in STAGES if s in referenced and s not in stages]
-    for s in missing:
-        checks.append(StageCheck(s, problems=[f"{s}/: missing, yet a later stage was built from it"]))
+    for s in STAGES:
+        if s in referenced and s not in stages and s in wanted:
+            checks.append(StageCheck(s, problems=[f"{s}/: missing, yet a later stage was built from it"]))
     card = job_dir / CARD_STAGE / CARD_JSON
-    card_check = next((c for c in checks if c.stage == CARD_STAGE), None)
-    if card.is_file() and card_check is not None and card_check.ok:  # only a card its manifest vouches for
+    card_verified = CARD_STAGE in wanted and all(c.ok for c in checks if c.stage == CARD_STAGE)
+    if "sources" in wanted and card.is_file() and card_verified:  # only a card its manifest vouches for
         checks.append(check_sources(json.loads(card.read_text())))
     return checks
