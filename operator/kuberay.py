@@ -91,22 +91,39 @@ def _container(job: MedDistillJob, name: str, cpus: int, memory: str, gpus: int)
     return c
 
 
-def _pod(job: MedDistillJob, container: dict) -> dict:
+def _placement(job: MedDistillJob, stage: str) -> dict:
+    """Pod spec fields from spec.scheduling for one stage (or "serving")."""
+    s = job.spec.scheduling.for_stage(stage)
+    # Stage code never calls the Kubernetes API: no ServiceAccount token in its pods unless asked for.
+    out: dict = {"securityContext": POD_SECURITY, "automountServiceAccountToken": bool(s.automount_service_account_token)}
+    if s.node_selector:
+        out["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        out["tolerations"] = [{k: v for k, v in t.model_dump(by_alias=True).items() if v not in ("", None)}
+                              for t in s.tolerations]
+    if s.priority_class_name:
+        out["priorityClassName"] = s.priority_class_name
+    if s.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
+    if s.service_account_name:
+        out["serviceAccountName"] = s.service_account_name
+    return out
+
+
+def _pod(job: MedDistillJob, container: dict, stage: str) -> dict:
     volumes, _, _ = _storage(job)
-    # The pods never call the Kubernetes API: no ServiceAccount token to steal from them.
-    spec = {"containers": [container], "securityContext": POD_SECURITY, "automountServiceAccountToken": False,
+    spec = {"containers": [container], **_placement(job, stage),
             "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory",
                                                          "sizeLimit": container["resources"]["limits"]["memory"]}},
                         *volumes]}
     return {"spec": spec}
 
 
-def _submitter_pod(job: MedDistillJob) -> dict:
+def _submitter_pod(job: MedDistillJob, stage: str) -> dict:
     """KubeRay's default submitter pod plus the restricted securityContext (KubeRay fills the command)."""
     container = {"name": "ray-job-submitter", "image": job.spec.image, "resources": SUBMITTER_RESOURCES,
                  "securityContext": CONTAINER_SECURITY}
-    return {"spec": {"containers": [container], "restartPolicy": "Never", "securityContext": POD_SECURITY,
-                     "automountServiceAccountToken": False}}
+    return {"spec": {"containers": [container], "restartPolicy": "Never", **_placement(job, stage)}}
 
 
 def ray_start_resources(resources: dict[str, int]) -> str:
@@ -114,18 +131,18 @@ def ray_start_resources(resources: dict[str, int]) -> str:
     return '"' + json.dumps(resources).replace('"', '\\"') + '"'
 
 
-def ray_cluster_spec(job: MedDistillJob, res: Resources, group: str, min_replicas: int, max_replicas: int,
+def ray_cluster_spec(job: MedDistillJob, stage: str, res: Resources, group: str, min_replicas: int, max_replicas: int,
                      replicas: int, worker_resources: dict[str, int] | None = None) -> dict:
     head = _container(job, "ray-head", int(HEAD_RESOURCES["cpu"]), HEAD_RESOURCES["memory"], 0)
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                      {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
     worker = _container(job, "ray-worker", res.cpus_per_worker, res.memory, res.gpus_per_worker)
     return {
-        "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": _pod(job, head)},
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": _pod(job, head, stage)},
         "workerGroupSpecs": [{
             "groupName": group, "replicas": replicas, "minReplicas": min_replicas, "maxReplicas": max_replicas,
             "rayStartParams": {"resources": ray_start_resources(worker_resources)} if worker_resources else {},
-            "template": _pod(job, worker),
+            "template": _pod(job, worker, stage),
         }],
     }
 
@@ -154,10 +171,10 @@ def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
             # command `meddistill run` uses in-process.
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"MEDDISTILL_JOB": job_document(job)}}, width=1 << 30),
             "submissionMode": "K8sJobMode",
-            "submitterPodTemplate": _submitter_pod(job),
+            "submitterPodTemplate": _submitter_pod(job, start.stage),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": spec.run_policy.ttl_seconds_after_finished,
-            "rayClusterSpec": ray_cluster_spec(job, res, "workers", res.workers, res.workers, res.workers,
+            "rayClusterSpec": ray_cluster_spec(job, start.stage, res, "workers", res.workers, res.workers, res.workers,
                                                worker_resources={DRIVER_RESOURCE: 1}),
         },
     }
@@ -176,7 +193,7 @@ def rayservice(job: MedDistillJob, owner_uid: str, serve: Serve) -> dict:
     res = Resources(workers=1, gpus_per_worker=group["gpusPerWorker"], cpus_per_worker=group["cpusPerWorker"],
                     memory=group["memory"])
     replicas = s.initial_replicas if s.initial_replicas is not None else group["minReplicas"]
-    cluster = ray_cluster_spec(job, res, "serve", min_replicas=group["minReplicas"], max_replicas=group["maxReplicas"],
+    cluster = ray_cluster_spec(job, "serving", res, "serve", min_replicas=group["minReplicas"], max_replicas=group["maxReplicas"],
                                replicas=replicas)
     cluster["enableInTreeAutoscaling"] = hints["enableInTreeAutoscaling"]
     for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):

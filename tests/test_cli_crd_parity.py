@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+import yaml
 
 from tests.support.kube_cluster import REPO_ROOT
 
@@ -17,6 +18,7 @@ pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
 
 INVALID = sorted((REPO_ROOT / "tests" / "invalid_specs").glob("*.yaml"))
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +66,23 @@ def test_api_server_names_the_field_of_the_new_rules(kube_cluster, generated_crd
     res = kube_cluster.kubectl("create", "--dry-run=server", "-n", generated_crd_namespace,
                                "-f", str(REPO_ROOT / "tests" / "invalid_specs" / name), check=False)
     assert res.returncode != 0 and message in res.stderr, res.stderr
+
+
+def test_api_server_accepts_every_valid_example(kube_cluster, generated_crd_namespace, tmp_path):
+    """The other half of parity: the new patterns and CEL do not refuse what `validate` accepts."""
+    edge = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    edge["metadata"]["name"] = "edge-0"
+    edge["spec"]["evaluation"]["datasets"] = ["PubMedQA : @samples/pubmedqa/ori_pqal.json # test ", "jsonl:a#b.jsonl#dev"]
+    edge["spec"]["scheduling"] = {"nodeSelector": {"pool": "cpu"}, "stages": {"teacher": {
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}}
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump(edge))
+    valid = [*EXAMPLES, tmp_path / "edge.yaml"]
+    accepted_by_cli = subprocess.run([sys.executable, "-m", "meddistill.cli", "validate", *map(str, valid)],
+                                     capture_output=True, text=True, cwd=REPO_ROOT)
+    assert accepted_by_cli.returncode == 0, accepted_by_cli.stderr
+    for path in valid:
+        doc = yaml.safe_load(path.read_text())
+        doc["metadata"].pop("namespace", None)  # into the test's namespace
+        res = kube_cluster.kubectl("create", "--dry-run=server", "-n", generated_crd_namespace, "-f", "-",
+                                   input=yaml.safe_dump(doc), check=False)
+        assert res.returncode == 0, f"{path.name}: {res.stderr}"

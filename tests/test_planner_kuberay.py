@@ -134,3 +134,22 @@ def test_stage_drivers_reserve_what_the_ray_backend_reserves_and_never_land_on_t
     worker = quant["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert quant["entrypointNumCpus"] == int(worker["cpu"]) == j.spec.teacher.resources.cpus_per_worker
     assert quant["entrypointNumGpus"] == int(worker.get("nvidia.com/gpu", 0)) == j.spec.teacher.resources.gpus_per_worker
+
+
+def test_scheduling_is_job_wide_with_per_stage_overrides():
+    gpu_taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    j = job(scheduling={"nodeSelector": {"pool": "cpu"}, "priorityClassName": "batch", "imagePullSecrets": ["regcred"],
+                        "stages": {"teacher": {"nodeSelector": {"pool": "a100"}, "tolerations": [gpu_taint]},
+                                   "serving": {"serviceAccountName": "serve-sa", "automountServiceAccountToken": True}}})
+    teacher = kuberay.rayjob(j, "uid", StartStage("teacher", 1, "quickstart-teacher-a1"))["spec"]
+    for pod in (teacher["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"], teacher["submitterPodTemplate"]["spec"]):
+        assert pod["nodeSelector"] == {"pool": "a100"} and pod["tolerations"] == [gpu_taint]
+        assert pod["priorityClassName"] == "batch" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+    quant = kuberay.rayjob(j, "uid", StartStage("quantize", 1, "quickstart-quantize-a1"))["spec"]
+    head = quant["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["nodeSelector"] == {"pool": "cpu"} and "tolerations" not in head
+    serving = kuberay.rayservice(j, "uid", Serve("quickstart", "/runs/q"))["spec"]["rayClusterConfig"]
+    pod = serving["workerGroupSpecs"][0]["template"]["spec"]
+    assert pod["serviceAccountName"] == "serve-sa" and pod["automountServiceAccountToken"] is True
+    assert pod["nodeSelector"] == {"pool": "cpu"}

@@ -22,12 +22,15 @@ pytestmark = pytest.mark.kube
 
 
 def hospital_job() -> MedDistillJob:
-    """The quickstart with every pod-shaping option on: PVC store, S3 secret, serving token, Kueue."""
+    """The quickstart with every pod-shaping option on: PVC store, S3 secret, serving token, Kueue, scheduling."""
     doc = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
     doc["metadata"] = {"name": "ward", "namespace": "team-a"}
     doc["spec"]["artifacts"] = {"uri": "pvc://models/runs", "secretName": "s3-creds"}
     doc["spec"]["serving"]["auth"] = {"secretName": "api-token"}
     doc["spec"]["queueName"] = "gpu-queue"
+    doc["spec"]["scheduling"] = {"priorityClassName": "medical-batch", "imagePullSecrets": ["regcred"],
+                                 "stages": {"teacher": {"nodeSelector": {"pool": "a100"}, "tolerations": [
+                                     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}}
     return MedDistillJob.model_validate(doc)
 
 
@@ -51,6 +54,8 @@ def restricted_namespace(kube_cluster):
     ns = f"restricted-{uuid.uuid4().hex[:8]}"
     kube_cluster.kubectl("create", "namespace", ns)
     kube_cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    # Priority admission refuses a pod naming a PriorityClass that does not exist.
+    kube_cluster.kubectl("create", "priorityclass", "medical-batch", "--value=1000", check=False)
     yield ns
     kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
 

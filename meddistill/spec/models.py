@@ -378,6 +378,54 @@ class RayTarget(SpecModel):
     )
 
 
+class Toleration(SpecModel):
+    """A Kubernetes toleration (e.g. of a GPU node pool's taint)."""
+
+    key: str = Field("", description="Taint key; empty with operator Exists tolerates every taint.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal: key and value match; Exists: the key alone.")
+    value: str = Field("", description="Taint value (operator Equal).")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field("", description="Taint effect; empty: all.")
+    toleration_seconds: int | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated.")
+
+
+class PodScheduling(SpecModel):
+    """Where and as whom the pods of a stage (or of serving) run."""
+
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods require, e.g. a GPU pool.")
+    tolerations: list[Toleration] | None = Field(None, description="Taints the pods tolerate.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    image_pull_secrets: list[str] | None = Field(None, description="Secrets for pulling spec.image from a private registry.")
+    service_account_name: str | None = Field(None, description="ServiceAccount of the pods (default: the namespace's default).")
+    automount_service_account_token: bool | None = Field(
+        None, description="Mount the ServiceAccount's API token into the pods (default false: stage code never calls the Kubernetes API).")
+
+
+class StageScheduling(SpecModel):
+    """Per-stage overrides: a field set here replaces the job-wide value for that stage's pods."""
+
+    teacher: PodScheduling | None = Field(None, description="Teacher fine-tune pods.")
+    distill_data: PodScheduling | None = Field(None, description="Teacher-output caching pods.")
+    distill: PodScheduling | None = Field(None, description="Distillation pods.")
+    quantize: PodScheduling | None = Field(None, description="Quantization pods.")
+    evaluate: PodScheduling | None = Field(None, description="Evaluation pods.")
+    serving: PodScheduling | None = Field(None, description="Serving (RayService) pods.")
+
+
+class Scheduling(PodScheduling):
+    """Pod placement for every stage and serving, with per-stage overrides (`stages`)."""
+
+    stages: StageScheduling = Field(default_factory=StageScheduling, description="Per-stage overrides.")
+
+    def for_stage(self, stage: str) -> PodScheduling:
+        """The job-wide settings with the stage's own (stage name, or "serving") laid over them."""
+        fields = PodScheduling.model_fields
+        merged = {k: getattr(self, k) for k in fields}
+        override = getattr(self.stages, stage.replace("-", "_"))
+        if override is not None:
+            merged.update({k: getattr(override, k) for k in fields if getattr(override, k) is not None})
+        return PodScheduling(**merged)
+
+
 class MedDistillJobSpec(SpecModel):
     """One medical-LLM pipeline: teacher fine-tune -> distillation -> quantization -> evaluation -> serving."""
 
@@ -393,6 +441,7 @@ class MedDistillJobSpec(SpecModel):
     image: str = Field("ghcr.io/meddistill/meddistill:0.1.0", min_length=1, description="Container image of the stage and serving pods.")
     suspend: bool = Field(False, description="Stop before the next stage and remove the running child; set false to resume.")
     queue_name: str = Field("", description="Kueue LocalQueue for the stage RayJobs (sets the kueue.x-k8s.io/queue-name label).")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Node selection, tolerations, priority, pull secrets and ServiceAccount of the stage and serving pods (KubeRay backend).")
 
 
 # --------------------------------------------------------------------------------------------
