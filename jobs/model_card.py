@@ -96,7 +96,9 @@ def dataset_entry(ref: str, roles: list[str], base_dir) -> dict:
     from meddistill.data.refs import parse_dataset_ref
 
     parsed = parse_dataset_ref(ref)
-    entry = {"ref": ref, "roles": roles, "format": parsed.format, "split": parsed.split}
+    # Hashed when the evaluate stage runs: the training stages record the ids they kept (their manifests'
+    # data_digest), not the files' bytes.
+    entry = {"ref": ref, "roles": roles, "format": parsed.format, "split": parsed.split, "hashed_by": "evaluate"}
     if parsed.is_hub_name:
         entry.update(path="", files={}, digest="", note="Hugging Face hub dataset: not local, digest not recorded")
     else:
