@@ -224,7 +224,7 @@ def gate_entry(spec) -> dict:
 
 def render_markdown(card: dict) -> str:
     """README.md: Hugging Face YAML metadata, then the card for people."""
-    base, served = card["models"]["base"], card["models"]["served"]
+    base, teacher, student, served = (card["models"][k] for k in ("base", "teacher", "student", "served"))
     meta = {"library_name": "transformers", "pipeline_tag": "text-generation", "base_model": base["source"],
             "tags": ["medical", "distillation", "lora", "quantized", "meddistill"],
             "datasets": [d["ref"] for d in card["datasets"]]}
@@ -237,13 +237,15 @@ def render_markdown(card: dict) -> str:
     out += [f"- {item}" for item in card["limitations"]]
     out += ["", "## Models", "", "| model | what | digest |", "|---|---|---|",
             f"| base | `{base['source']}` | `{base['digest'] or base.get('note', '')}` |",
-            f"| teacher | fine-tuned ({card['models']['teacher']['method']}) from the base | weights `{card['models']['teacher']['weights_digest']}` |",
-            f"| student | {json.dumps(card['models']['student']['derivation'])}, distilled with LoRA | base `{card['models']['student']['base_digest']}`, adapter `{card['models']['student']['adapter_digest']}` |",
+            f"| teacher | fine-tuned ({teacher['method']}) from the base | weights `{teacher['weights_digest']}` |",
+            f"| student | {json.dumps(student['derivation'])}, distilled with LoRA "
+            f"| base `{student['base_digest']}`, adapter `{student['adapter_digest']}` |",
             f"| served | {served['format']} | `{served['digest']}` |", "",
             "## Datasets", "", "| role | dataset | records | sha256 | license |", "|---|---|---|---|---|"]
     for d in card["datasets"]:
         digest = next(iter(d["files"].values())) if len(d["files"]) == 1 else f"{d['digest']} ({len(d['files'])} files)"
-        out.append(f"| {', '.join(d['roles'])} | `{d['ref']}` | {d.get('records')} | `{digest or d.get('note', '')}` | {d.get('license', '')} |")
+        out.append(f"| {', '.join(d['roles'])} | `{d['ref']}` | {d.get('records')} | `{digest or d.get('note', '')}` "
+                   f"| {d.get('license', '')} |")
     attributed = [d for d in card["datasets"] if d.get("sample")]
     if attributed:
         out += ["", "### Attribution", ""]
