@@ -139,3 +139,12 @@ def test_shipped_sample_carries_its_license_attribution_and_published_sha256():
     assert "MedQA-USMLE" in entry.get("notice", "MedQA-USMLE") and entry["source_file"] == "meddistill/samples/medqa/SOURCE.txt"
     chatdoctor = dataset_entry("instruction:@samples/chatdoctor/chatdoctor5k.sample300.json", ["training"], None)
     assert chatdoctor["license"].startswith("Apache License 2.0") and "NOT clinically validated" in chatdoctor["caveat"]
+
+
+def test_run_summary_points_to_the_card(card, capsys):
+    from meddistill.cli.run_cmd import print_summary
+
+    ctx, _, _ = card
+    print_summary(ctx, [], 0)
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"model card: {Path(ctx.uri('evaluate')) / 'README.md'}" in out and "meddistill verify" in out

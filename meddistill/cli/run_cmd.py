@@ -159,7 +159,9 @@ def print_summary(ctx, results, wall: float) -> None:
     table("results (the paper's table)", ROW_COLUMNS, [row_cells(r) for r in res.rows])
     table("open questions (free-text answers)", OPEN_COLUMNS, [open_cells(r) for r in open_rows(res)])
     table("paired comparisons (same questions)", COMPARISON_COLUMNS, [comparison_cells(c) for c in res.comparisons])
-    for line in [paper_line(res), teacher_line(res), *excluded_lines(res), f"report: {path}"]:
+    card = (f"model card: {path / 'README.md'}   (meddistill card {path.parent}; meddistill verify {path.parent})"
+            if (path / "README.md").is_file() else "")
+    for line in [paper_line(res), teacher_line(res), *excluded_lines(res), f"report: {path}", card]:
         if line:
             console.print(line, markup=False, highlight=False)
 
