@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meddistill.artifacts import PROGRESS, ArtifactStore, read_manifest, sha256_json, stage_uri, verify, write_manifest
+from meddistill.jobs import storage
 from meddistill.spec.models import STAGES, MedDistillJob, pipeline_stages
 
 log = logging.getLogger(__name__)
@@ -228,14 +229,22 @@ def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> 
     out = store.working_dir()
     (out / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it writes a new one
     (out / PROGRESS).unlink(missing_ok=True)  # an interrupted run's steps are not this run's
+    if store.local is not None:  # several nodes write here: it must be one filesystem for all of them
+        try:
+            storage.require_shared_filesystem(out, "spec.artifacts.uri", ctx.spec.artifacts.uri)
+        except storage.SharedFilesystemError as e:
+            raise StageError(str(e)) from None
     started = time.time()
     recipe = importlib.import_module(f"meddistill.jobs.{RECIPES[stage]}")
-    output: StageOutput = run_recipe_keeping_sigint(recipe, ctx, out)
+    with storage.stage_scope(store.uri) as scope:  # training helpers upload/checkpoint under this URI
+        output: StageOutput = run_recipe_keeping_sigint(recipe, ctx, out)
     wall = time.time() - started
     metrics = {**output.metrics, "wall_s": round(wall, 2)}
     manifest = write_manifest(out, stage=stage, config=output.config, data_digest=output.data_digest, metrics=metrics,
                               fingerprint=spec_fingerprint(ctx, stage), inputs=inputs)
-    store.publish(out)
+    storage.publish(store, out, scope.uploaded)  # files rank 0 already uploaded are not sent again
+    if scope.on_s3:
+        storage.delete_checkpoints(store.uri)  # the artifact supersedes them; a re-run starts fresh
     log.info("stage %s done in %.1fs: %s", stage, wall, store.uri)
     return StageResult(stage, store.uri, manifest.digest, metrics, wall)
 

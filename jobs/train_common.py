@@ -3,9 +3,12 @@ examples through Ray Data), device and precision, model loading for training, sc
 checkpoints. The step loop itself is train_loop.py.
 
 Checkpoints go through `ray.train.report(..., checkpoint=...)` into RunConfig(storage_path=
-<artifact dir>/ray_train, name=<job>-<stage>): a worker restarted by FailureConfig, or a fresh
-trainer started later on the same storage and name, gets the latest one from
-`ray.train.get_checkpoint()` and resumes at its step.
+<artifact dir>/ray_train, name=<job>-<stage>), on S3 for an s3:// store (storage.py): a worker
+restarted by FailureConfig, or a fresh trainer started later on the same storage and name (a
+retried stage, on any node), gets the latest one from `ray.train.get_checkpoint()` and resumes.
+
+Several nodes: each worker writes into its own node's working dir for the stage; on an s3:// store
+rank 0 uploads what it wrote and the driver pulls it back after fit() (storage.py).
 
 Progress: rank 0 also appends {"step", "total", "loss", "time"} to <artifact dir>/progress.jsonl
 on every report, which `meddistill run` polls to draw its progress bar (Ray Train's own metrics
@@ -13,6 +16,7 @@ reach the driver only when fit() returns). The manifest never lists that file.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 from meddistill.artifacts import PROGRESS
+from meddistill.jobs import storage
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "MEDDISTILL_CRASH_AFTER_STEP"  # fault injection for tests: rank 0 dies once after step N
@@ -68,8 +73,10 @@ def scaling_config(resources):
 def run_config(out_dir: Path, name: str, max_failures: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+    storage_path, filesystem = storage.checkpoint_storage(out_dir)
     return RunConfig(
-        storage_path=str(Path(out_dir) / "ray_train"),
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
         name=name,
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -88,8 +95,13 @@ def fit(loop, config: dict, examples: list[dict], resources, run_config):
     from ray.train.torch import TorchTrainer
 
     rows = [{**e, ORDER_KEY: i} for i, e in enumerate(examples)]
+    scope = storage.current()
+    on_s3 = scope is not None and scope.on_s3
+    if on_s3:  # workers write into their own node's cache and upload from there
+        config = {**config, "stage_uri": scope.uri}
+        storage.forget_node_outputs(scope.uri)
     trainer = TorchTrainer(
-        loop,
+        functools.partial(_worker, loop),
         train_loop_config=config,
         scaling_config=scaling_config(resources),
         torch_config=torch_config(resources),
@@ -97,7 +109,21 @@ def fit(loop, config: dict, examples: list[dict], resources, run_config):
         datasets={"train": ray.data.from_items(rows)},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if on_s3:
+        scope.uploaded.update(storage.pull_node_outputs(scope.uri, Path(config["out_dir"])))
+    return result
+
+
+def _worker(loop, config: dict) -> None:
+    """A recipe's loop on one worker, writing into this node's working dir; on an s3:// store rank 0
+    then uploads what it wrote, since the driver may run on another node."""
+    import ray.train
+
+    out = storage.worker_out_dir(config)
+    loop(config)
+    if config.get("stage_uri") and ray.train.get_context().get_world_rank() == 0:
+        storage.upload_node_outputs(out, config["stage_uri"])
 
 
 ORDER_KEY = "_order"  # an example's index in the driver's list, restored in the worker

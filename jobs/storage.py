@@ -1,0 +1,223 @@
+"""Where a stage's files and Ray Train checkpoints go when its processes run on several nodes.
+
+With an `s3://` store every node stages files in its *own* local cache (artifacts.ArtifactStore.
+working_dir), so what rank 0 writes on a worker node never appears in the driver's directory:
+
+    worker (rank 0)  writes into its node's working dir, then uploads those files to the stage's
+                     prefix plus a listing, NODE_OUTPUTS (upload_node_outputs)
+    driver           after fit(), downloads the listed files into its working dir (pull_node_outputs),
+                     so its checks and the manifest cover them; publish skips what is already there
+    checkpoints      Ray Train's storage_path is `<stage prefix>/ray_train` on S3 through a pyarrow
+                     S3FileSystem built from the same AWS_* settings boto3 uses, so a retried stage
+                     (new driver, other node) resumes from the latest checkpoint; removed on success
+
+A local `artifacts.uri` (a path or pvc://) must be the same filesystem on every node:
+`require_shared_filesystem` checks it on a multi-node cluster and refuses otherwise.
+`run_stage` opens a `stage_scope` around the recipe, so the training helpers know the stage's URI
+without every recipe passing it along.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from meddistill.artifacts import MANIFEST, PROGRESS, ArtifactStore, contained_path
+
+NODE_OUTPUTS = ".node-outputs.json"  # {relative path: size} that rank 0 uploaded from its node
+CHECKPOINTS = "ray_train"  # Ray Train's storage under the stage (local dir or object prefix)
+_NOT_OUTPUTS = {MANIFEST, PROGRESS, NODE_OUTPUTS}
+
+
+@dataclass
+class StageScope:
+    uri: str  # the stage's artifact URI
+    uploaded: dict[str, int] = field(default_factory=dict)  # files the nodes uploaded (rel -> size)
+
+    @property
+    def on_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+
+_scope: StageScope | None = None
+
+
+@contextlib.contextmanager
+def stage_scope(uri: str):
+    """The stage whose recipe runs inside this block (run_stage opens it)."""
+    global _scope
+    previous, _scope = _scope, StageScope(uri)
+    try:
+        yield _scope
+    finally:
+        _scope = previous
+
+
+def current() -> StageScope | None:
+    return _scope
+
+
+def bucket_prefix(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    return bucket, prefix.rstrip("/")
+
+
+def s3_client():
+    import boto3  # same settings as ArtifactStore: AWS_ENDPOINT_URL (MinIO, Ceph) + the default chain
+
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def s3_filesystem():
+    """pyarrow's S3 filesystem with the settings boto3 reads from the environment (pyarrow does not
+    read AWS_ENDPOINT_URL itself): an in-cluster MinIO or the moto server in tests."""
+    from pyarrow import fs
+
+    kwargs = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def checkpoint_storage(out_dir: Path) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray Train: the stage's S3 prefix on an s3:// store
+    (reachable from every node), else <out_dir>/ray_train (a shared filesystem by requirement)."""
+    scope = current()
+    if scope is None or not scope.on_s3:
+        return str(Path(out_dir) / CHECKPOINTS), None
+    bucket, prefix = bucket_prefix(scope.uri)
+    return f"{bucket}/{prefix}/{CHECKPOINTS}", s3_filesystem()
+
+
+def delete_checkpoints(uri: str) -> int:
+    """Remove a finished stage's checkpoints from S3 (the artifact supersedes them, and a later run
+    of the same stage must start fresh, not resume a finished one). Returns the objects removed."""
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
+    removed = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{CHECKPOINTS}/"):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+            removed += len(keys)
+    return removed
+
+
+def node_output_files(directory: Path) -> list[Path]:
+    """The stage files a node wrote: everything but checkpoints, scratch and the manifest."""
+    directory = Path(directory)
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and p.name not in _NOT_OUTPUTS and p.relative_to(directory).parts[0] != CHECKPOINTS
+    )
+
+
+def upload_node_outputs(directory: Path, uri: str) -> dict[str, int]:
+    """From the node that wrote them: upload a stage's files and NODE_OUTPUTS (last) listing them."""
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
+    listing = {}
+    for path in node_output_files(directory):
+        rel = str(path.relative_to(directory))
+        s3.upload_file(str(path), bucket, f"{prefix}/{rel}")
+        listing[rel] = path.stat().st_size
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}", Body=json.dumps(listing).encode())
+    return listing
+
+
+def forget_node_outputs(uri: str) -> None:
+    """Before a run: a listing left by an earlier run must not be taken for this one's."""
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}")
+
+
+def pull_node_outputs(uri: str, target: Path) -> dict[str, int]:
+    """On the driver: download the files rank 0 listed in NODE_OUTPUTS into `target` (a copy of
+    the same size already there, as when rank 0 ran on this node, is kept); returns the listing."""
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}")["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return {}
+    listing = json.loads(body)
+    for rel, size in listing.items():
+        path = contained_path(Path(target), rel, f"{uri}/{NODE_OUTPUTS}")
+        if path.is_file() and path.stat().st_size == size:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, f"{prefix}/{rel}", str(path))
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}")
+    return listing
+
+
+def publish(store: ArtifactStore, directory: Path, uploaded: dict[str, int]) -> None:
+    """ArtifactStore.publish, less the files a node already uploaded with the same bytes (a 70B
+    model is not sent twice); the manifest is always sent, last."""
+    if store.local is not None or not uploaded:
+        store.publish(directory)
+        return
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(store.uri)
+    directory = Path(directory)
+    for path in sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST):
+        rel = str(path.relative_to(directory))
+        if rel == MANIFEST or uploaded.get(rel) != path.stat().st_size:
+            s3.upload_file(str(path), bucket, f"{prefix}/{rel}")
+
+
+def worker_out_dir(config: dict) -> Path:
+    """Inside a worker: this node's working dir for the stage (its own cache on s3), recorded in
+    config["out_dir"] so the recipe writes there."""
+    uri = config.get("stage_uri")
+    if uri:
+        config["out_dir"] = str(ArtifactStore(uri).working_dir())
+    return Path(config["out_dir"])
+
+
+class SharedFilesystemError(RuntimeError):
+    """A local artifacts.uri that some Ray node cannot see."""
+
+
+def require_shared_filesystem(directory: Path, field_name: str, value: str) -> None:
+    """On a multi-node Ray cluster, refuse a local store that is not the same filesystem on every
+    node: a token written here must be readable from each alive node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    marker = Path(directory) / f".shared-check-{token}"
+    marker.write_text(token)
+    try:
+        seen = ray.get([
+            ray.remote(num_cpus=0)(_reads_token).options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(marker), token)
+            for node in nodes
+        ])
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [node for node, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise SharedFilesystemError(
+            f"{field_name}={value!r} is a local path, but Ray node(s) {', '.join(n[:12] for n in blind)} do not see "
+            f"{directory}: stage outputs written there would be lost. Use an s3:// URI, or a pvc:// claim "
+            "(ReadWriteMany) mounted on every node, or mount the same shared filesystem at that path on every node"
+        )
+
+
+def _reads_token(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
