@@ -211,6 +211,8 @@ def quantization_format(config: dict) -> str:
     if method == "none":
         return "unquantized (merged student, safetensors)"
     extra = " double quant" if config.get("doubleQuant") and method in ("nf4", "fp4") else ""
+    mixed = config.get("mixedPrecision") or "none"
+    extra += f", mixed precision {mixed} (its sensitive projections kept 16-bit)" if mixed != "none" else ""
     return f"bitsandbytes {method}{extra}, compute {config.get('computeDtype', '')}, skipped {config.get('skipModules', [])}"
 
 
