@@ -15,7 +15,6 @@ import pytest
 from meddistill.cli import main
 from meddistill.lineage import verify_job
 
-pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 @pytest.fixture(scope="module")

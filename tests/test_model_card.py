@@ -14,7 +14,6 @@ import yaml
 
 from meddistill.cli import main
 
-pytestmark = pytest.mark.usefixtures("ray_local")
 STAGES_BEFORE_EVALUATE = ("teacher", "distill-data", "distill", "quantize")
 
 
