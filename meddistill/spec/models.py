@@ -91,7 +91,7 @@ def _dataset_refs(value: list[str]) -> list[str]:
 class Resources(SpecModel):
     """Ray Train workers for a stage: how many, and what each one gets."""
 
-    workers: int = Field(1, ge=1, le=512, description="Ray Train workers (data-parallel ranks).")
+    workers: int = Field(1, ge=1, le=512, description="Worker pods (nodes). Training runs one data-parallel rank per GPU (workers x gpusPerWorker), one per worker on CPU.")
     gpus_per_worker: int = Field(0, ge=0, le=16, description="GPUs per worker; 0 runs on CPU (gloo backend).")
     cpus_per_worker: int = Field(1, ge=1, le=256, description="CPUs per worker.")
     memory: str = Field(
