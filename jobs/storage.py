@@ -91,14 +91,22 @@ def s3_filesystem():
     return fs.S3FileSystem(**kwargs)
 
 
-def checkpoint_storage(out_dir: Path) -> tuple[str, object | None]:
-    """(storage_path, storage_filesystem) for Ray Train: the stage's S3 prefix on an s3:// store
-    (reachable from every node), else <out_dir>/ray_train (a shared filesystem by requirement)."""
+# What reaches the store: the workers get the driver's values (as a Ray job's runtime env would
+# give them), never MEDDISTILL_CACHE, which is each node's own.
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+          "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE")
+
+
+def checkpoint_storage(out_dir: Path) -> tuple[str, object | None, dict | None]:
+    """(storage_path, storage_filesystem, worker_runtime_env) for Ray Train: the stage's S3 prefix
+    on an s3:// store (reachable from every node), else <out_dir>/ray_train (a shared filesystem
+    by requirement)."""
     scope = current()
     if scope is None or not scope.on_s3:
-        return str(Path(out_dir) / CHECKPOINTS), None
+        return str(Path(out_dir) / CHECKPOINTS), None, None
     bucket, prefix = bucket_prefix(scope.uri)
-    return f"{bucket}/{prefix}/{CHECKPOINTS}", s3_filesystem()
+    env = {k: os.environ[k] for k in S3_ENV if os.environ.get(k)}
+    return f"{bucket}/{prefix}/{CHECKPOINTS}", s3_filesystem(), {"env_vars": env} if env else None
 
 
 def delete_checkpoints(uri: str) -> int:

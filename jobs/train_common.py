@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,10 +74,11 @@ def scaling_config(resources):
 def run_config(out_dir: Path, name: str, max_failures: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    storage_path, filesystem = storage.checkpoint_storage(out_dir)
+    storage_path, filesystem, worker_env = storage.checkpoint_storage(out_dir)
     return RunConfig(
         storage_path=storage_path,
         storage_filesystem=filesystem,
+        worker_runtime_env=worker_env,
         name=name,
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -90,6 +92,7 @@ def fit(loop, config: dict, examples: list[dict], resources, run_config):
     Data's split shards differ from run to run, and a resumed run must see the same micro-batches
     in the same order to skip exactly the ones already trained on.
     """
+    import ray
     import ray.data
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
@@ -98,7 +101,7 @@ def fit(loop, config: dict, examples: list[dict], resources, run_config):
     scope = storage.current()
     on_s3 = scope is not None and scope.on_s3
     if on_s3:  # workers write into their own node's cache and upload from there
-        config = {**config, "stage_uri": scope.uri}
+        config = {**config, "stage_uri": scope.uri, "driver_node": ray.get_runtime_context().get_node_id()}
         storage.forget_node_outputs(scope.uri)
     trainer = TorchTrainer(
         functools.partial(_worker, loop),
@@ -118,12 +121,16 @@ def fit(loop, config: dict, examples: list[dict], resources, run_config):
 def _worker(loop, config: dict) -> None:
     """A recipe's loop on one worker, writing into this node's working dir; on an s3:// store rank 0
     then uploads what it wrote, since the driver may run on another node."""
+    import ray
     import ray.train
 
+    driver_dir = Path(config["out_dir"])
     out = storage.worker_out_dir(config)
     loop(config)
     if config.get("stage_uri") and ray.train.get_context().get_world_rank() == 0:
         storage.upload_node_outputs(out, config["stage_uri"])
+        if out != driver_dir or ray.get_runtime_context().get_node_id() != config["driver_node"]:
+            shutil.rmtree(out, ignore_errors=True)  # uploaded; a node's disk must not keep a copy of every model
 
 
 ORDER_KEY = "_order"  # an example's index in the driver's list, restored in the worker

@@ -15,12 +15,11 @@ from tests.support.kube_cluster import free_port
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    server_mod = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
-    port = free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+    from tests.support.moto_s3 import moto_s3_server
+
+    with moto_s3_server(free_port()) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
