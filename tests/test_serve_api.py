@@ -38,7 +38,7 @@ def start_app(name: str, serving: Serving, **extra) -> str:
     from meddistill.serve.local import start
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)  # logical CPUs: several 0.5-CPU replicas on 2 cores
+        ray.init(address="local", num_cpus=4, include_dashboard=False)  # logical CPUs: several 0.5-CPU replicas on 2 cores
     args = serving_args(serving, MODEL, overrides={"ray_actor_options": {"num_cpus": 0.5}})
     args.update(num_threads=1, **extra)
     return start(args, port=serve_port(), name=name, route_prefix=f"/{name}")

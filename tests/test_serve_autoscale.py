@@ -50,7 +50,7 @@ def test_step_load_scales_up_then_down():
     from meddistill.serve.local import start
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
     serving = Serving(min_replicas=1, max_replicas=2, target_ongoing_requests=1, max_ongoing_requests=8,
                       max_batch_size=8, max_model_len=512)
     args = serving_args(serving, "builtin:smollm2-135m-instruct",
