@@ -42,6 +42,13 @@ def replica_device(cuda_available: bool) -> tuple[str, str]:
     return ("cuda", "bfloat16") if cuda_available else ("cpu", "float32")
 
 
+def with_system_prompt(messages: list[dict], system: str) -> list[dict]:
+    """`messages` led by `system` when the client sent no system message of its own (and system != "")."""
+    if not system or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
 def read_token() -> str | None:
     """The bearer token from $MEDDISTILL_SERVE_TOKEN or the file named by $MEDDISTILL_SERVE_TOKEN_FILE."""
     if os.environ.get(TOKEN_ENV):
@@ -67,6 +74,7 @@ class MedDistillServer:
         self.model_name = args["model_name"]
         self.prompt_style = args.get("prompt_style", "plain")
         self.log_prompts = bool(args.get("log_prompts"))
+        self.chat_system = args.get("chat_system_prompt") or ""
         self.token = read_token() if args.get("require_auth") else None
         if args.get("require_auth") and not self.token:
             raise RuntimeError(
@@ -200,7 +208,9 @@ class MedDistillServer:
         self._authorize(request)
         body = P.parse_body(await request.body(), P.ChatCompletionRequest)
         self._check_model(body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        messages = with_system_prompt(
+            [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages],
+            self.chat_system)
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         params = self._params(len(self._encode(prompt)), body.max_completion_tokens or body.max_tokens,
                               body.temperature, body.top_p, body.stop_list(), body.ignore_eos)

@@ -111,6 +111,19 @@ def llm_config(serving: Any, model_uri: str, quantization_method: str = "none") 
     }
 
 
+def chat_system_prompt(serving: Any) -> str:
+    """The system message a chat without one gets: the spec's, else the open-question template's.
+
+    The student was fine-tuned only under our templates' system prompts; under the base model's
+    chat-template default ("You are a helpful AI assistant named SmolLM...") it answers worse.
+    """
+    if serving.chat_system_prompt is not None:
+        return serving.chat_system_prompt
+    from meddistill.prompts.render import get_template
+
+    return get_template("open").system
+
+
 def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", quantization_method: str = "none",
                  engine: str | None = None, overrides: dict | None = None) -> dict:
     """The JSON-serialisable args of `build_app` (also `serveConfigV2.applications[0].args`).
@@ -129,6 +142,7 @@ def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", q
         "prompt_style": prompt_style,
         "require_auth": serving.auth is not None,
         "log_prompts": serving.log_prompts,
+        "chat_system_prompt": chat_system_prompt(serving),
         "deployment": deployment_options(serving, overrides),
     }
     if engine == "vllm" or (engine == "auto" and may_use_vllm(serving)):

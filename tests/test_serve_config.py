@@ -119,3 +119,17 @@ def test_cli_serve_without_quantized_student_names_the_fix(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1
     assert "meddistill run" in done.stderr and "--model" in done.stderr
+
+
+def test_chats_without_a_system_message_get_the_template_the_student_was_trained_with(job):
+    from meddistill.prompts.render import get_template
+    from meddistill.serve.app import with_system_prompt
+
+    trained = get_template("open").system
+    assert config.app_args(job)["chat_system_prompt"] == trained
+    user = [{"role": "user", "content": "What is hypertension?"}]
+    assert with_system_prompt(user, trained) == [{"role": "system", "content": trained}, *user]
+    own = [{"role": "system", "content": "Be brief."}, *user]
+    assert with_system_prompt(own, trained) == own  # the client's own system message wins
+    job.spec.serving.chat_system_prompt = ""
+    assert config.app_args(job)["chat_system_prompt"] == "" and with_system_prompt(user, "") == user

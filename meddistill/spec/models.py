@@ -346,6 +346,13 @@ class Serving(SpecModel):
     cpus_per_replica: int = Field(1, ge=1, le=256, description="CPUs per replica.")
     auth: ServingAuth | None = Field(None, description="Require a bearer token from this Secret.")
     log_prompts: bool = Field(False, description="Write prompts and answers to logs (off: they may hold patient data).")
+    chat_system_prompt: str | None = Field(
+        None,
+        description=(
+            "System message for chats that send none (transformers engine). Unset: the open-question "
+            "template's, the one the student was fine-tuned with; \"\": none (the model's chat-template default)."
+        ),
+    )
 
 
 class RunPolicy(SpecModel):
