@@ -95,6 +95,10 @@ def test_teacher_on_another_node_publishes_to_s3_and_resumes_from_an_s3_checkpoi
     assert any(rel.startswith("model/") and rel.endswith(".safetensors") for rel in manifest["files"])
     assert "runs/mn/teacher/" + storage.NODE_OUTPUTS not in stored
 
+    # a local artifacts.uri passes the shared-filesystem check only where every node sees it (all do here)
+    storage.require_shared_filesystem(driver_cache, "spec.artifacts.uri", str(driver_cache))
+    assert not list(driver_cache.glob(".shared-check-*"))
+
     # another machine fetches it and it verifies
     from meddistill.artifacts import ArtifactStore, verify
 
