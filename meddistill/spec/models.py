@@ -264,12 +264,12 @@ class Quantization(SpecModel):
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Dtype of matmuls on de-quantized weights.")
     skip_modules: list[str] = Field(["lm_head"], description="Modules kept in high precision.")
-    mixed_precision: Literal["none", "q4_k_m"] = Field(
+    mixed_precision: Literal["none", "sensitive"] = Field(
         "none",
         description=(
-            "q4_k_m: as llama.cpp's Q4_K_M, v_proj and down_proj stay 16-bit in the layers it gives more bits "
-            "(first and last eighth, every third between), the projections most hurt by 4 bits; none: only "
-            "skipModules stay unquantized."
+            "sensitive: the projections 4 bits hurt most stay 16-bit: v_proj and down_proj in the layers "
+            "llama.cpp's Q4_K_M gives more bits (first and last eighth, every third between), and every v_proj "
+            "of a grouped-query-attention model (small). none: only skipModules stay unquantized."
         ),
     )
 
