@@ -155,10 +155,9 @@ def test_served_student_answers_the_readme_examples_without_repeating_itself(qui
     assert answer["text"].strip() and _max_4gram_count(answer["text"]) <= 2, answer["text"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known miss (issue 10): the quickstart's NF4 student answers 'What is hypertension?' without naming blood "
-    "pressure, and copies 'Final answer: X' from the multiple-choice instruction instead of a letter"))
 def test_served_student_answers_the_readme_examples_correctly(quickstart_e2e):
+    """Names blood pressure (the chat gets the system prompt the student was trained under) and answers
+    with a letter (the instruction no longer shows a placeholder 'X' to copy)."""
     text, answer = _readme_answers(quickstart_e2e)
     assert "blood pressure" in text.lower(), text
     assert answer["answer"] in ("A", "B"), answer
@@ -184,10 +183,8 @@ def test_general_answers_survive_fine_tuning_and_distillation(quickstart_e2e):
         assert rows[kind].repetitive_n <= base.repetitive_n, (kind, rows[kind].repetitive_n, base.repetitive_n)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known miss (issue 10): in the batched evaluation the NF4 student hits 14/24 general keyword questions "
-    "(16-bit student 21/24, base 24/24), below 80 % of the base model"))
 def test_quantized_student_keeps_80_percent_of_the_base_models_keyword_hits(quickstart_e2e):
+    """Plain NF4 hit 14/24 here; mixedPrecision: sensitive keeps the projections 4 bits hurt most in 16 bits."""
     rows = _general_rows(quickstart_e2e)
     assert rows["quantized"].keyword_hits >= 0.8 * rows["base"].keyword_hits
 
