@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from meddistill.artifacts import MANIFEST, PROGRESS, ArtifactStore, contained_path
+from meddistill.artifacts import MANIFEST, PROGRESS, ArtifactStore, bucket_prefix, contained_path, s3_client
 
 NODE_OUTPUTS = ".node-outputs.json"  # {relative path: size} that rank 0 uploaded from its node
 CHECKPOINTS = "ray_train"  # Ray Train's storage under the stage (local dir or object prefix)
@@ -59,17 +59,6 @@ def stage_scope(uri: str):
 
 def current() -> StageScope | None:
     return _scope
-
-
-def bucket_prefix(uri: str) -> tuple[str, str]:
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    return bucket, prefix.rstrip("/")
-
-
-def s3_client():
-    import boto3  # same settings as ArtifactStore: AWS_ENDPOINT_URL (MinIO, Ceph) + the default chain
-
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
 def s3_filesystem():

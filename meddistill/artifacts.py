@@ -145,6 +145,21 @@ def verify(directory: Path) -> Manifest | None:
     return manifest
 
 
+def s3_client(uri: str = "s3://"):
+    """A boto3 S3 client: AWS_ENDPOINT_URL (MinIO, Ceph, moto) + the default credential chain."""
+    try:
+        import boto3
+    except ImportError:
+        raise RuntimeError(f"{uri}: s3:// artifact stores need boto3: pip install 'meddistill[s3]'") from None
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def bucket_prefix(uri: str) -> tuple[str, str]:
+    """("bucket", "key/prefix") of an s3:// URI."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    return bucket, prefix.rstrip("/")
+
+
 class ArtifactStore:
     """Move a stage directory between a URI and a local working directory."""
 
@@ -153,15 +168,10 @@ class ArtifactStore:
         self.local = local_path(uri, base_dir)
 
     def _s3(self):
-        try:
-            import boto3
-        except ImportError:
-            raise RuntimeError(f"{self.uri}: s3:// artifact stores need boto3: pip install 'meddistill[s3]'") from None
-        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+        return s3_client(self.uri)
 
     def _bucket_prefix(self) -> tuple[str, str]:
-        bucket, _, prefix = self.uri[len("s3://"):].partition("/")
-        return bucket, prefix.rstrip("/")
+        return bucket_prefix(self.uri)
 
     def working_dir(self) -> Path:
         """A local directory to write into (the store itself when it is a filesystem)."""
