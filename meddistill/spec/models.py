@@ -272,6 +272,16 @@ class Quantization(SpecModel):
             "of a grouped-query-attention model (small). none: only skipModules stay unquantized."
         ),
     )
+    formats: list[Literal["nf4", "w4a16", "gguf"]] | None = Field(
+        None,
+        description=(
+            "4-bit artifacts to make, each with its manifest and evaluation row. nf4: bitsandbytes (the "
+            "method above; the paper's and QLoRA's format); w4a16: 4-bit weights, 16-bit activations, group "
+            "size 128, compressed-tensors (vLLM's Marlin kernels on GPU); gguf: llama.cpp GGUF (ggufType), "
+            "for CPU serving and edge devices. Unset: chosen per hardware."
+        ),
+    )
+    gguf_type: Literal["Q4_K_M", "Q8_0"] = Field("Q4_K_M", description="llama.cpp quantization type of the gguf format.")
 
 
 class Evaluation(SpecModel):
@@ -298,6 +308,34 @@ class Evaluation(SpecModel):
     @classmethod
     def _check_datasets(cls, v: list[str]) -> list[str]:
         return _dataset_refs(v)
+
+
+class GateMinAccuracy(SpecModel):
+    """A floor on the quantized student's accuracy on one evaluation set."""
+
+    dataset: DatasetRefStr = Field(..., description="One of evaluation.datasets, written the same way.")
+    min_accuracy: float = Field(..., ge=0, le=1, description="Accuracy in [0, 1] the quantized student must reach on it.")
+
+
+class EvaluationGate(SpecModel):
+    """What the quantized student must show on the evaluation before it is served.
+
+    A failing gate leaves the job Succeeded but not Serving, with an EvaluationGate condition giving each
+    number against its threshold. The annotation meddistill.io/gate-override: "NAME: REASON" serves it
+    anyway; the override is recorded in status and in the model card.
+    """
+
+    enabled: bool = Field(False, description="Serve only a quantized student that passes the checks below.")
+    scoring: Literal["generative", "loglik"] = Field("generative", description="Which scoring of evaluation.scoring the checks read.")
+    min_accuracy: list[GateMinAccuracy] = Field(default_factory=list, description="Per-dataset accuracy floors for the quantized student.")
+    min_retention_pct: float | None = Field(
+        None, ge=0, le=200,
+        description="Floor on the lower bound of the 95% paired-bootstrap interval of quantized / 16-bit student accuracy, in % (needs evaluation.models student and quantized).",
+    )
+    not_worse_than_base: bool = Field(
+        True,
+        description="Refuse a quantized student significantly worse than the base model on the same questions (McNemar exact, p < 0.05; needs evaluation.models base).",
+    )
 
 
 class ServingAuth(SpecModel):
@@ -346,6 +384,11 @@ class Serving(SpecModel):
     cpus_per_replica: int = Field(1, ge=1, le=256, description="CPUs per replica.")
     auth: ServingAuth | None = Field(None, description="Require a bearer token from this Secret.")
     log_prompts: bool = Field(False, description="Write prompts and answers to logs (off: they may hold patient data).")
+    gate: EvaluationGate = Field(default_factory=EvaluationGate, description="Evaluation gate: what the quantized student must show before it is served.")
+    replaces: str | None = Field(
+        None, min_length=1,
+        description="Name of another MedDistillJob in this namespace whose served model this job's replaces: the old one keeps answering until the new one is ready and has passed its gate.",
+    )
     chat_system_prompt: str | None = Field(
         None,
         description=(
@@ -561,6 +604,26 @@ class Results(SpecModel):
     report_uri: str = Field("", description="Where the JSON/markdown/PNG report is.")
 
 
+class GateCheck(SpecModel):
+    """One check of the evaluation gate, its number against its threshold."""
+
+    name: str = Field(..., description="minAccuracy, minRetentionPct or notWorseThanBase.")
+    dataset: str = Field("", description="Evaluation set the check reads (empty = all pooled).")
+    value: float | None = Field(None, description="The measured number (accuracy in [0, 1], retention lower bound in %, or the p-value).")
+    threshold: float | None = Field(None, description="What it had to reach.")
+    passed: bool = Field(False, description="Whether it did.")
+    message: str = Field("", description="The check in plain words.")
+
+
+class GateStatus(SpecModel):
+    """The evaluation gate's verdict for the quantized student."""
+
+    passed: bool = Field(False, description="All checks passed.")
+    checks: list[GateCheck] = Field(default_factory=list, description="Each check with its number and threshold.")
+    overridden_by: str = Field("", description="Who overrode a failing gate (the meddistill.io/gate-override annotation).")
+    override_reason: str = Field("", description="The reason they gave.")
+
+
 class ServingStatus(SpecModel):
     """Where the model is served."""
 
@@ -580,6 +643,7 @@ class MedDistillJobStatus(SpecModel):
     stages: list[StageStatus] = Field(default_factory=list, description="Per-stage state.")
     results: Results | None = Field(None, description="The accuracy / memory / latency table.")
     serving: ServingStatus | None = Field(None, description="The serving endpoint.")
+    gate: GateStatus | None = Field(None, description="The evaluation gate's verdict (serving.gate).")
     model_card: str = Field("", description="The job's model card: README.md in the evaluate artifact (`meddistill card JOB_DIR` prints it).")
     observed_generation: int = Field(0, description="Spec generation this status reflects.")
 
