@@ -287,7 +287,8 @@ class Quantization(SpecModel):
 class Evaluation(SpecModel):
     """Medical QA evaluation of the base model, teacher, student and quantized student (the paper's table)."""
 
-    datasets: list[DatasetRefStr] = Field(..., min_length=1, description="Evaluation sets as dataset references, e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#test.")
+    # max_length bounds (here and on serving.gate.minAccuracy) keep the CRD's gate rule within the API server's CEL cost budget.
+    datasets: list[DatasetRefStr] = Field(..., min_length=1, max_length=64, description="Evaluation sets as dataset references, e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#test.")
     limit: int = Field(0, ge=0, description="Questions per dataset (0 = all): a seeded sample stratified by label, then questions seen in training are excluded.")
     seed: int = Field(0, description="Seed of the evaluation sample (evaluation.limit).")
     batch_size: int = Field(8, ge=1, le=1024, description="Generation batch size.")
@@ -313,7 +314,7 @@ class Evaluation(SpecModel):
 class GateMinAccuracy(SpecModel):
     """A floor on the quantized student's accuracy on one evaluation set."""
 
-    dataset: DatasetRefStr = Field(..., description="One of evaluation.datasets, written the same way.")
+    dataset: DatasetRefStr = Field(..., max_length=4096, description="One of evaluation.datasets, written the same way.")
     min_accuracy: float = Field(..., ge=0, le=1, description="Accuracy in [0, 1] the quantized student must reach on it.")
 
 
@@ -327,7 +328,7 @@ class EvaluationGate(SpecModel):
 
     enabled: bool = Field(False, description="Serve only a quantized student that passes the checks below.")
     scoring: Literal["generative", "loglik"] = Field("generative", description="Which scoring of evaluation.scoring the checks read.")
-    min_accuracy: list[GateMinAccuracy] = Field(default_factory=list, description="Per-dataset accuracy floors for the quantized student.")
+    min_accuracy: list[GateMinAccuracy] = Field(default_factory=list, max_length=64, description="Per-dataset accuracy floors for the quantized student.")
     min_retention_pct: float | None = Field(
         None, ge=0, le=200,
         description="Floor on the lower bound of the 95% paired-bootstrap interval of quantized / 16-bit student accuracy, in % (needs evaluation.models student and quantized).",
@@ -476,8 +477,60 @@ class Scheduling(PodScheduling):
         return PodScheduling(**merged)
 
 
+# serving.gate's rules hold only for an enabled gate; has() guards because a section left out of the
+# object has no defaults applied inside it.
+_GATE_OFF = ("!has(self.serving) || !has(self.serving.gate) || !has(self.serving.gate.enabled) || "
+             "!self.serving.gate.enabled || ")
+_EVAL_MODELS = "(has(self.evaluation.models) ? self.evaluation.models : ['base', 'teacher', 'student', 'quantized'])"
+_EVAL_SCORING = "(has(self.evaluation.scoring) ? self.evaluation.scoring : ['generative', 'loglik'])"
+
+
+def _gate_on(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda s: not s.serving.gate.enabled or check(s)
+
+
 class MedDistillJobSpec(SpecModel):
     """One medical-LLM pipeline: teacher fine-tune -> distillation -> quantization -> evaluation -> serving."""
+
+    RULES = (
+        Rule(
+            _GATE_OFF + f"'quantized' in {_EVAL_MODELS}",
+            "serving.gate judges the quantized student: add quantized to evaluation.models or disable the gate",
+            _gate_on(lambda s: "quantized" in s.evaluation.models),
+            field="serving.gate.enabled",
+        ),
+        Rule(
+            _GATE_OFF + "!has(self.serving.gate.minAccuracy) || "
+            "self.serving.gate.minAccuracy.all(m, m.dataset in self.evaluation.datasets)",
+            "each serving.gate.minAccuracy dataset must be one of evaluation.datasets, written exactly the same way",
+            _gate_on(lambda s: all(m.dataset in s.evaluation.datasets for m in s.serving.gate.min_accuracy)),
+            field="serving.gate.minAccuracy",
+        ),
+        Rule(
+            _GATE_OFF + f"(has(self.serving.gate.scoring) ? self.serving.gate.scoring : 'generative') in {_EVAL_SCORING}",
+            "serving.gate.scoring must be one of evaluation.scoring: add it there or change the gate's scoring",
+            _gate_on(lambda s: s.serving.gate.scoring in s.evaluation.scoring),
+            field="serving.gate.scoring",
+        ),
+        Rule(
+            _GATE_OFF + "!has(self.serving.gate.minRetentionPct) || "
+            f"('student' in {_EVAL_MODELS} && 'quantized' in {_EVAL_MODELS} && 'generative' in {_EVAL_SCORING})",
+            "serving.gate.minRetentionPct compares the generative answers of the 16-bit and quantized student: it needs "
+            "evaluation.models student and quantized and evaluation.scoring generative (add them, or remove minRetentionPct)",
+            _gate_on(lambda s: s.serving.gate.min_retention_pct is None or (
+                {"student", "quantized"} <= set(s.evaluation.models) and "generative" in s.evaluation.scoring)),
+            field="serving.gate.minRetentionPct",
+        ),
+        Rule(
+            _GATE_OFF + f"!(has(self.serving.gate.notWorseThanBase) ? self.serving.gate.notWorseThanBase : true) || "
+            f"'base' in {_EVAL_MODELS}",
+            "serving.gate.notWorseThanBase compares with the base model: add base to evaluation.models or set "
+            "notWorseThanBase: false",
+            _gate_on(lambda s: not s.serving.gate.not_worse_than_base or "base" in s.evaluation.models),
+            field="serving.gate.notWorseThanBase",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=_cel(*RULES))
 
     teacher: Teacher = Field(..., description="The teacher and its fine-tune.")
     student: Student = Field(..., description="The student and how it is made.")
