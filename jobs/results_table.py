@@ -18,7 +18,9 @@ from meddistill.evaluation.stats import mcnemar_exact, paired_bootstrap, verdict
 from meddistill.spec.models import Comparison, ExcludedQuestions, Reductions, Results, ResultRow
 
 ORDER = ("base", "teacher", "student", "quantized")
-PAIRS = (("base", "teacher"), ("teacher", "student"), ("student", "quantized"))  # (a, b): b - a
+# (a, b): b - a. The last pair is what the evaluation gate's notWorseThanBase reads (meddistill/gate.py):
+# the whole pipeline's effect on the served model, paired on the same questions.
+PAIRS = (("base", "teacher"), ("teacher", "student"), ("student", "quantized"), ("base", "quantized"))
 
 
 def result_row(kind: str, r: dict) -> ResultRow:
@@ -59,7 +61,7 @@ def _by_dataset(results: list[dict]) -> dict[str, dict]:
 
 
 def comparisons(evals: dict[str, list[dict]], seed: int = 0) -> list[Comparison]:
-    """teacher - base, student - teacher, quantized - student on each dataset both were evaluated on."""
+    """teacher - base, student - teacher, quantized - student, quantized - base on each dataset both were evaluated on."""
     out = []
     for a_kind, b_kind in PAIRS:
         if a_kind in evals and b_kind in evals:

@@ -62,7 +62,7 @@ def test_comparisons_pair_answers_by_question_id_not_position():
 def test_quantized_that_lost_6_of_40_gets_the_exact_p_and_a_verdict(evals):
     results = build_results(evals, {DATASET: []})
     pairs = {(c.a, c.b): c for c in results.comparisons}
-    assert list(pairs) == [("base", "teacher"), ("teacher", "student"), ("student", "quantized")]
+    assert list(pairs) == [("base", "teacher"), ("teacher", "student"), ("student", "quantized"), ("base", "quantized")]
     q = pairs[("student", "quantized")]
     assert (q.n, q.only_a_correct, q.only_b_correct) == (40, 6, 0)
     assert q.p_value == pytest.approx(0.03125)
@@ -117,7 +117,7 @@ def test_without_a_student_row_there_is_no_papers_figure(evals):
     del evals["student"]
     results = build_results(evals, {DATASET: []})
     assert results.memory_reduction_pct is None and results.accuracy_retention_pct is None
-    assert [(c.a, c.b) for c in results.comparisons] == [("base", "teacher")]
+    assert [(c.a, c.b) for c in results.comparisons] == [("base", "teacher"), ("base", "quantized")]
     assert "not available" in markdown_table(results)
 
 
@@ -208,6 +208,7 @@ def test_loglik_rows_are_compared_apart_and_never_pooled_into_the_papers_figures
     assert results.latency_reduction_pct == generative_only.latency_reduction_pct is not None
     assert results.accuracy_retention_pct == generative_only.accuracy_retention_pct == 80.0  # 24 of 30
     loglik_cmp = [c for c in results.comparisons if c.dataset == loglik]
-    assert [(c.a, c.b) for c in loglik_cmp] == [("base", "teacher"), ("teacher", "student"), ("student", "quantized")]
-    assert loglik_cmp[-1].only_a_correct == 40 and loglik_cmp[-1].p_value < 1e-6
+    assert [(c.a, c.b) for c in loglik_cmp] == [("base", "teacher"), ("teacher", "student"), ("student", "quantized"),
+                                                ("base", "quantized")]
+    assert loglik_cmp[2].only_a_correct == 40 and loglik_cmp[2].p_value < 1e-6
     assert {r.scoring for r in results.rows if r.dataset == loglik} == {"loglik"}
