@@ -24,6 +24,7 @@ import base64
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from pydantic import ValidationError
 from meddistill import artifacts
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
 
-from . import kuberay, metrics, raybackend
+from . import kuberay, metrics, raybackend, served_lineage
 from .planner import ArtifactRecord, Observed, Plan, StageRun, StartStage, plan, rfc3339
 
 log = logging.getLogger("meddistill.operator")
@@ -296,7 +297,9 @@ def _reconcile(namespace: str, name: str) -> None:
         # Not the user's fault: re-plan from the children alone (recorded stages are re-read
         # from their manifests) instead of failing the job.
         log.warning("%s/%s: ignoring an unreadable status: %s", namespace, name, e)
-    p = plan(job, observe(job, meta["uid"]), datetime.now(timezone.utc))
+    observed = observe(job, meta["uid"])
+    observed = replace(observed, lineage=served_lineage.check(job, observed))  # re-hashed before serving
+    p = plan(job, observed, datetime.now(timezone.utc))
     try:
         apply(job, meta["uid"], p)
         _secret_warned.pop((namespace, name), None)

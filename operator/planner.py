@@ -17,6 +17,9 @@ Rules, in the order they apply:
   same attempt (a suspension does not use up a retry).
 - After the last stage: the serving app (when serving.enabled), updated in place when the model
   changes; phase Serving once it reports ready.
+- Only a model that passes serving.gate (or is overridden) and whose artifact chain re-hashes is
+  served (`serving_gate.py`); otherwise phase Succeeded with the EvaluationGate / LineageVerified
+  condition saying why.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from meddistill.spec.models import (
     StageStatus,
     pipeline_stages,
 )
+
+from .serving_gate import ServedLineage
+from .serving_gate import decide as decide_serving
 
 RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Deleting"]
 ARTIFACT_GRACE_SECONDS = 300  # a run that succeeded but left no manifest this long counts as failed
@@ -83,6 +89,7 @@ class ServingApp:
 class Observed:
     runs: tuple[StageRun, ...] = ()
     serving: ServingApp | None = None
+    lineage: ServedLineage | None = None  # the served artifact's chain, re-hashed (served_lineage.py); None: not yet
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,20 +281,23 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
         stages.append(st)
 
     pipeline_done = not blocked
-    serving_status, serving_ready = _plan_serving(job, observed, stages, pipeline_done and failed is None, out)
+    # The evaluation gate and the lineage check decide whether the evaluated model may be served.
+    serving = decide_serving(job, prev, pipeline_done and failed is None, results, observed.lineage)
+    out.events += [Event(*e) for e in serving.events]
+    serving_status, serving_ready = _plan_serving(job, observed, stages, pipeline_done and failed is None and serving.allowed, out)
 
     if failed is not None:
         phase, current = "Failed", failed.name
     elif suspended:
         phase = "Suspended"
-    elif pipeline_done and not spec.serving.enabled:
-        phase, current = "Succeeded", ""
+    elif pipeline_done and not (spec.serving.enabled and serving.allowed):
+        phase, current = "Succeeded", ""  # done; a model that failed its gate or lineage is withheld
     elif pipeline_done:
         phase, current = ("Serving", "") if serving_ready else ("Running", "serving")
     else:
         phase = "Running"
 
-    conditions = _conditions(prev.conditions, phase, failed, suspended, current, job_generation(job), now)
+    conditions = _conditions(prev.conditions, phase, failed, suspended, current, job_generation(job), now, serving.conditions)
     if prev.phase != phase:
         out.events.append(_phase_event(prev.phase, phase, failed, serving_status))
 
@@ -299,6 +309,8 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
         stages=stages,
         results=results,
         serving=serving_status,
+        gate=serving.gate,
+        model_card=serving.model_card,
         observed_generation=job_generation(job),
     )
     out.status = status.model_dump(by_alias=True, exclude_none=True)
@@ -354,8 +366,10 @@ def _accuracy(results: Results | None) -> str:
 
 
 def _conditions(prev: list[Condition], phase: str, failed: StageStatus | None, suspended: bool, current: str,
-                generation: int, now: datetime) -> list[Condition]:
-    """metav1.Conditions; lastTransitionTime only moves when a condition's status changes."""
+                generation: int, now: datetime, extra: dict | None = None) -> list[Condition]:
+    """metav1.Conditions; lastTransitionTime only moves when a condition's status changes.
+
+    extra: more conditions by type, (status, reason, message) (EvaluationGate, LineageVerified)."""
     want = {
         "Ready": ("True", "Serving", "the model is served") if phase == "Serving"
         else ("True", "Succeeded", "all stages succeeded") if phase == "Succeeded"
@@ -366,6 +380,7 @@ def _conditions(prev: list[Condition], phase: str, failed: StageStatus | None, s
         else ("False", "NoFailure", ""),
         "Suspended": ("True", "Suspended", "spec.suspend is true") if suspended and phase != "Failed"
         else ("False", "NotSuspended", ""),
+        **(extra or {}),
     }
     old = {c.type: c for c in prev}
     out = []

@@ -111,3 +111,11 @@ def test_parse_override_keeps_colons_in_the_reason():
     assert parse_override({OVERRIDE_ANNOTATION: " Dr Roe : see ticket MED-12: approved "}) == (
         "Dr Roe", "see ticket MED-12: approved", "")
     assert parse_override({"other": "x"}) == ("", "", "")
+
+
+def test_an_open_questions_only_dataset_has_nothing_to_compare_with_base():
+    results = results_for()
+    for row in results.rows:
+        row.n = 0  # what the evaluate stage writes for a dataset of open questions
+    [check] = judge(gate(), results, EVALUATION).status.checks
+    assert check.passed and "open questions only" in check.message
