@@ -12,6 +12,7 @@ import uuid
 import pytest
 import yaml
 
+from meddistill.spec.models import NAME_MAX
 from tests.support.kube_cluster import REPO_ROOT
 
 pytest_plugins = ["tests.support.kube_fixtures"]
@@ -40,7 +41,8 @@ def generated_crd_namespace(kube_cluster):
 
 def test_the_issue_12_specs_are_in_the_collection():
     names = {p.name for p in INVALID}
-    assert {"dataset-no-format.yaml", "dataset-empty-split.yaml", "name-with-dot.yaml"} <= names
+    assert {"dataset-no-format.yaml", "dataset-empty-split.yaml", "name-with-dot.yaml",
+            "name-overflows-child-names.yaml", "ray-client-address.yaml"} <= names
 
 
 def test_cli_and_api_server_refuse_every_invalid_spec(kube_cluster, generated_crd_namespace):
@@ -61,6 +63,8 @@ def test_cli_and_api_server_refuse_every_invalid_spec(kube_cluster, generated_cr
     ("dataset-no-format.yaml", "spec.teacher.datasets[1]: Invalid value"),
     ("dataset-empty-split.yaml", "spec.evaluation.datasets[0]: Invalid value"),
     ("name-with-dot.yaml", "metadata.name must be lowercase letters, digits and '-'"),
+    ("name-overflows-child-names.yaml", f"metadata.name must be at most {NAME_MAX} characters"),
+    ("ray-client-address.yaml", "spec.ray.address: Invalid value"),
 ])
 def test_api_server_names_the_field_of_the_new_rules(kube_cluster, generated_crd_namespace, name, message):
     res = kube_cluster.kubectl("create", "--dry-run=server", "-n", generated_crd_namespace,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from meddistill import artifacts
-from meddistill.spec.models import MedDistillJob, MedDistillJobStatus, Results
+from meddistill.spec.models import NAME_MAX, MedDistillJob, MedDistillJobStatus, Results
 from tests.support.kube_cluster import OPERATOR_NAMESPACE, REPO_ROOT, free_port
 
 pytest_plugins = ["tests.support.kube_fixtures"]
@@ -388,7 +388,7 @@ def test_apiserver_refuses_invalid_jobs(kube, change, message):
 def test_apiserver_refuses_too_long_name(kube):
     doc = quickstart("a-name-that-is-much-longer-than-30", "/tmp/x")
     res = kube.cluster.kubectl("create", "--dry-run=server", "-n", kube.ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
-    assert res.returncode != 0 and "at most 30 characters" in res.stderr, res.stderr
+    assert res.returncode != 0 and f"at most {NAME_MAX} characters" in res.stderr, res.stderr
 
 
 # The whole tests/invalid_specs/ collection runs through both the CLI and the API server in

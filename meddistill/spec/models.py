@@ -24,12 +24,22 @@ API_VERSION = "v1alpha1"
 KIND = "MedDistillJob"
 PLURAL = "meddistilljobs"
 SHORT_NAMES = ["mdj"]
-NAME_MAX = 30  # <name>-distill-data-a10 must fit KubeRay's 47-character RayJob name limit
-# A DNS label: child Services are named after the job, and a '.' (valid in a resource name) is not.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-
 STAGES = ("teacher", "distill-data", "distill", "quantize", "evaluate")
 """All pipeline stages in order; `pipeline_stages(spec)` gives the ones a job runs."""
+
+KUBERAY_NAME_MAX = 47  # KubeRay refuses longer RayJob names (the RayCluster and Services it makes grow from them)
+BACKOFF_LIMIT_MAX = 100  # runPolicy.backoffLimit's ceiling: the last attempt of a stage is a<BACKOFF_LIMIT_MAX + 1>
+
+
+def stage_run_suffix(stage: str, attempt: int) -> str:
+    """What a stage run's child name adds to the job's name: `<job>-<stage>-a<attempt>`."""
+    return f"-{stage}-a{attempt}"
+
+
+# The longest job name whose every child fits KubeRay's limit: the longest stage at the last attempt.
+NAME_MAX = KUBERAY_NAME_MAX - max(len(stage_run_suffix(s, BACKOFF_LIMIT_MAX + 1)) for s in STAGES)
+# A DNS label: child Services are named after the job, and a '.' (valid in a resource name) is not.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
 class Rule:
@@ -402,7 +412,7 @@ class Serving(SpecModel):
 class RunPolicy(SpecModel):
     """Retries and time limits for each stage's Ray job."""
 
-    backoff_limit: int = Field(2, ge=0, le=100, description="Retries of a failed stage before the job fails.")
+    backoff_limit: int = Field(2, ge=0, le=BACKOFF_LIMIT_MAX, description="Retries of a failed stage before the job fails.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of each stage's RayJob.")
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="How long a finished RayJob is kept.")
 
@@ -422,10 +432,11 @@ class Artifacts(SpecModel):
 class RayTarget(SpecModel):
     """Run on an existing Ray cluster instead of KubeRay-created ones."""
 
+    # Not ray:// (Ray Client): the operator submits through the dashboard's Jobs and Serve REST APIs.
     address: str = Field(
         "",
-        pattern=r"^(|https?://.+|ray://.+)$",
-        description="Ray dashboard/Jobs API address (http://head:8265). Empty: the operator creates KubeRay RayJobs.",
+        pattern=r"^(|https?://.+)$",
+        description="Ray dashboard/Jobs API address (http://head:8265; a ray:// client address has no Jobs API). Empty: the operator creates KubeRay RayJobs (unless it was started with --ray-address).",
     )
 
 
