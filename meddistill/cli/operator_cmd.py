@@ -28,9 +28,13 @@ def register(subparsers, summary: str) -> None:
 
 def _load_kube_config(kubeconfig: str | None) -> None:
     from kubernetes import config
+    from kubernetes.config import kube_config
 
     if kubeconfig:
-        os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads it too
+        os.environ["KUBECONFIG"] = kubeconfig  # for anything started from here that reads it
+        # kopf logs in with `config.load_kube_config()`, whose default path the kubernetes client fixed
+        # from $KUBECONFIG when it was imported (before this flag was parsed): point that default here.
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = kubeconfig
         config.load_kube_config(config_file=kubeconfig)
         return
     try:
