@@ -160,6 +160,27 @@ def bucket_prefix(uri: str) -> tuple[str, str]:
     return bucket, prefix.rstrip("/")
 
 
+class ArtifactStoreUnavailable(RuntimeError):
+    """The store did not answer 'found' or 'not found' (403, no such bucket, an outage): a reader must
+    not take this as 'no artifact', which would re-run (and overwrite) a stage that succeeded."""
+
+    def __init__(self, what: str, cause: BaseException):
+        code = _s3_error_code(cause)
+        hint = {"403": "the credentials (spec.artifacts.secretName) may not read it; S3 also answers 403 for a "
+                       "missing key when they lack s3:ListBucket, so grant s3:GetObject and s3:ListBucket on the prefix",
+                "AccessDenied": "the credentials (spec.artifacts.secretName) lack s3:GetObject/s3:ListBucket on the prefix",
+                "NoSuchBucket": "the bucket in spec.artifacts.uri does not exist: create it or fix the URI"}.get(
+            code, "the store is unreachable: check AWS_ENDPOINT_URL and that the S3 service is up")
+        super().__init__(f"{what}: {code or type(cause).__name__}: {hint}")
+        self.code = code
+
+
+def _s3_error_code(e: BaseException) -> str:
+    """botocore's error code ('404', 'NoSuchKey', '403', 'AccessDenied', ...); '' when S3 never answered."""
+    response = getattr(e, "response", None)
+    return str(((response or {}).get("Error") or {}).get("Code") or "") if isinstance(response, dict) else ""
+
+
 class ArtifactStore:
     """Move a stage directory between a URI and a local working directory."""
 
@@ -204,11 +225,11 @@ class ArtifactStore:
         target = self.working_dir()
         try:
             s3.download_file(bucket, f"{prefix}/{MANIFEST}", str(target / MANIFEST))
-        except Exception as e:  # noqa: BLE001 - no manifest (404) means 'not complete'; say why otherwise
-            if "404" not in str(e) and "Not Found" not in str(e):
-                log.warning("%s/%s: %s", self.uri, MANIFEST, e)
+        except Exception as e:  # noqa: BLE001 - classified below: only a 404 means 'not complete'
             (target / MANIFEST).unlink(missing_ok=True)  # never leave a stale manifest claiming 'complete'
-            return None
+            if _s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise ArtifactStoreUnavailable(f"{self.uri}/{MANIFEST}", e) from e
         wanted = None if only is None else set(only)
         files = json.loads((target / MANIFEST).read_text())["files"]
         try:  # every path is checked before anything is downloaded

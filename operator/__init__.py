@@ -1,2 +1,3 @@
-"""The MedDistillJob operator: a pure planner (planner.py), a KubeRay backend (kuberay.py) and
-thin kopf handlers (handlers.py). Imports neither torch nor ray."""
+"""The MedDistillJob operator: a pure planner (planner.py), two backends behind one protocol
+(backends/: KubeRay, an existing Ray cluster) and thin kopf handlers (handlers.py). Imports
+neither torch nor ray (the Ray backend imports ray's job client lazily)."""

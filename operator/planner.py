@@ -5,7 +5,8 @@ what exists now (the observed children), never on which event woke the operator 
 twice on the same input gives the same plan, so a restarted operator simply carries on.
 
 Backend-agnostic: children are abstract *stage runs* (one per stage attempt) and one *serving
-app*; a backend adapter (`kuberay.py`: RayJob/RayService) renders and observes them.
+app*; a backend (`backends/`: KubeRay RayJob/RayService, or a Ray cluster's Jobs API and Serve)
+renders and observes them, and names where the serving app answers (`ServingTarget`).
 
 Rules, in the order they apply:
 - A stage recorded as Succeeded (with its artifact digest) or terminally Failed in status is never
@@ -86,9 +87,18 @@ class ServingApp:
 
 
 @dataclass(frozen=True)
+class ServingTarget:
+    """Where the backend puts the serving app: its child name and the OpenAI base URL it answers at."""
+
+    name: str = ""
+    endpoint: str = ""
+
+
+@dataclass(frozen=True)
 class Observed:
     runs: tuple[StageRun, ...] = ()
     serving: ServingApp | None = None
+    target: ServingTarget = ServingTarget()
     lineage: ServedLineage | None = None  # the served artifact's chain, re-hashed (served_lineage.py); None: not yet
 
 
@@ -142,11 +152,6 @@ class Plan:
 def run_name(job_name: str, stage: str, attempt: int) -> str:
     """Deterministic child name: a second reconcile finds (or conflicts with) the same child."""
     return f"{job_name}-{stage}-a{attempt}"
-
-
-def serving_name(job_name: str) -> str:
-    # KubeRay names the serve Service <rayservice>-serve-svc.
-    return job_name
 
 
 def rfc3339(now: datetime) -> str:
@@ -332,7 +337,7 @@ def job_generation(job: MedDistillJob) -> int:
 
 def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStatus], done: bool, out: Plan):
     """Desired serving app; returns (status.serving or None, ready)."""
-    spec, name = job.spec, job.metadata.name
+    spec = job.spec
     app = observed.serving
     want = done and spec.serving.enabled and not spec.suspend
     if not want:
@@ -341,11 +346,11 @@ def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStat
             out.events.append(Event("Normal", "ServingRemoved", f"removed {app.name} ({'suspended' if spec.suspend else 'serving disabled'})"))
         return None, False
     model_uri = next(s.artifact_uri for s in stages if s.name == "quantize")
-    endpoint = f"http://{serving_name(name)}-serve-svc.{job.metadata.namespace or 'default'}.svc:8000/v1"
-    status = ServingStatus(endpoint=endpoint, model_name=spec.serving.model_name, ready=False, child=serving_name(name))
+    target = observed.target
+    status = ServingStatus(endpoint=target.endpoint, model_name=spec.serving.model_name, ready=False, child=target.name)
     if app is None:
-        out.create.append(Serve(serving_name(name), model_uri))
-        out.events.append(Event("Normal", "ServingCreated", f"created RayService {serving_name(name)} for {model_uri}"))
+        out.create.append(Serve(target.name, model_uri))
+        out.events.append(Event("Normal", "ServingCreated", f"created serving app {target.name} for {model_uri}"))
         return status, False
     if app.deleting:
         return status, False

@@ -78,14 +78,14 @@ def test_a_stage_without_manifest_is_not_there(bucket, tmp_path):
 
 
 def test_operator_reads_manifest_and_results_but_never_the_weights(bucket, tmp_path):
-    from meddistill.operator.handlers import _read_artifact
+    from meddistill.operator.stage_artifacts import read_artifact
     from meddistill.spec.models import MedDistillJob
     from tests.test_operator_kube import quickstart
 
     local = stage_dir(tmp_path / "src")
     job = MedDistillJob.model_validate(quickstart("job", f"s3://{bucket}/runs"))
     artifacts.ArtifactStore(artifacts.stage_uri(job.spec.artifacts.uri, "job", "evaluate")).publish(local)
-    record = _read_artifact(job, "evaluate")
+    record = read_artifact(job, "evaluate")
     assert record.digest == artifacts.read_manifest(local).digest
     assert record.results == json.loads((local / "results.json").read_text())
     cache = Path(os.environ["MEDDISTILL_CACHE"])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from meddistill import artifacts, modelsource
-from meddistill.operator import kuberay
-from meddistill.operator import raybackend as rb
+from meddistill.operator.backends import kuberay_objects as kuberay
+from meddistill.operator.backends import raycluster_objects as rb
 from meddistill.operator.planner import Observed, plan
 from tests.test_artifacts_s3 import bucket, s3_endpoint  # noqa: F401 - fixtures
 from tests.test_planner_raybackend import details, job

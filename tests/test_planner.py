@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import yaml
 
+from meddistill.operator.backends.kuberay_objects import serving_target
 from meddistill.operator.planner import (
     ArtifactRecord,
     DeleteChild,
@@ -41,8 +43,8 @@ def make_job(status: dict | None = None, **spec_changes) -> MedDistillJob:
 
 
 def advance(job: MedDistillJob, observed: Observed, now=NOW) -> tuple[MedDistillJob, object]:
-    """Plan, then 'write' the status back as the handlers do."""
-    p = plan(job, observed, now)
+    """Plan (the KubeRay backend naming the serving app), then 'write' the status back as the handlers do."""
+    p = plan(job, replace(observed, target=serving_target(job)), now)
     MedDistillJobStatus.model_validate(p.status)  # the status is always valid as written
     doc = job.model_dump(by_alias=True, mode="json")
     doc["metadata"] = {**doc["metadata"], **(job.metadata.model_extra or {})}
@@ -132,7 +134,8 @@ def test_succeeded_run_waits_for_its_manifest_then_counts_as_failed():
 
 def test_failures_retry_up_to_backoff_limit_then_fail():
     job, _ = advance(make_job(runPolicy={"backoffLimit": 1}), Observed())
-    failed1 = run("teacher", 1, "Failed", reason="DeadlineExceeded", message="took too long")
+    # Failed a minute ago: attempt 1's 10 s backoff is over (tests/test_planner_retries.py waits it out).
+    failed1 = run("teacher", 1, "Failed", reason="DeadlineExceeded", message="took too long", end_time="2026-01-01T11:59:00Z")
     job, p = advance(job, Observed(runs=(failed1,)))
     assert p.create == [StartStage("teacher", 2, "quickstart-teacher-a2")]
     assert p.status["phase"] == "Running" and p.status["stages"][0]["attempt"] == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meddistill.operator import kuberay
+from meddistill.operator.backends import kuberay_objects as kuberay
 from meddistill.operator.planner import Serve, StartStage
 from meddistill.spec.models import MedDistillJob
 
@@ -111,7 +111,7 @@ def test_stage_drivers_reserve_what_the_ray_backend_reserves_and_never_land_on_t
     import jsonschema
     from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
 
-    from meddistill.operator import raybackend
+    from meddistill.operator.backends import raycluster_objects as raybackend
     from meddistill.spec.models import pipeline_stages
 
     j, schema = example(example_file), rayjob_schema()

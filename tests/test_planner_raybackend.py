@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 import pytest
 import yaml
 
-from meddistill.operator import raybackend as rb
+from meddistill.operator.backends import raycluster
+from meddistill.operator.backends import raycluster_objects as rb
 from meddistill.operator.planner import Observed, Serve, StartStage, plan
 from meddistill.serve.config import IMPORT_PATH
 from meddistill.spec.models import MedDistillJob
@@ -108,7 +109,7 @@ def test_the_same_planner_starts_the_first_stage_on_ray():
     assert rb.submission(job(), "u1", p.create[0])["submission_id"] == "team-a-qs-teacher-a1"
 
 
-class RecordingCluster(rb.RayCluster):
+class RecordingCluster(raycluster.RayCluster):
     """Records what garbage collection removes instead of calling the cluster (the decisions are tested here)."""
 
     def __init__(self):
@@ -128,7 +129,7 @@ def test_garbage_collection_removes_what_no_live_job_owns():
         return {"submission_id": rb.submission_id(ns, name, stage, 1), "status": status,
                 "metadata": {rb.META_JOB: job_key, rb.META_UID: uid, rb.META_STAGE: stage, rb.META_ATTEMPT: "1"}}
 
-    snapshot = rb.Snapshot(
+    snapshot = raycluster.Snapshot(
         runs=[run("a/live", "u1"), run("a/live", "u1", "distill", "STOPPED"), run("a/gone", "u2"),
               run("a/renewed", "old-uid"), run("b/elsewhere", "u3")],
         apps={"mdj-a-live": {"route_prefix": "/a/live"}, "mdj-a-gone": {"route_prefix": "/a/gone"},

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import yaml
 
-from meddistill.operator import kuberay
+from meddistill.operator.backends import kuberay_objects as kuberay
 from meddistill.operator.planner import Serve, StartStage
 from meddistill.spec.models import MedDistillJob, pipeline_stages
 from tests.support.kube_cluster import REPO_ROOT

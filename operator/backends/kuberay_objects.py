@@ -1,9 +1,9 @@
-"""The KubeRay backend: stage runs as `ray.io/v1` RayJobs, the serving app as a RayService.
+"""KubeRay objects: stage runs as `ray.io/v1` RayJobs, the serving app as a RayService.
 
 Two halves, both plain functions of plain data so they are tested without an API server:
 - render: `rayjob(job, owner_uid, start)` and `rayservice(job, owner_uid, serve)` -> manifests;
 - observe: `stage_run(rayjob)` and `serving_app(rayservice)` -> the planner's abstract children.
-The planner never sees a KubeRay field; a second backend (Ray Jobs API) is another module like this.
+The planner never sees a KubeRay field; kuberay.py is the backend that sends and lists them.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from meddistill.artifacts import PVC_ROOT, PVC_ROOT_ENV
 from meddistill.serve.config import ray_cluster_hints, render_serve_config_v2
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
 
-from .failures import redacted_failure
-from .planner import Serve, ServingApp, StageRun, StartStage
-from .sizing import entrypoint_resources, stage_resources
+from ..failures import redacted_failure
+from ..planner import Serve, ServingApp, ServingTarget, StageRun, StartStage
+from ..sizing import entrypoint_resources, stage_resources
+from .common import ATTEMPT_KEY, JOB_KEY, STAGE_KEY, job_document, stage_entrypoint
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 RAYJOBS, RAYSERVICES = "rayjobs", "rayservices"
-LABEL_JOB, LABEL_STAGE, LABEL_ATTEMPT = "meddistill.io/job", "meddistill.io/stage", "meddistill.io/attempt"
+LABEL_JOB, LABEL_STAGE, LABEL_ATTEMPT = JOB_KEY, STAGE_KEY, ATTEMPT_KEY
 ANNOTATION_MODEL = "meddistill.io/model-uri"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 HEAD_RESOURCES = {"cpu": "1", "memory": "2Gi"}  # the head only schedules: workers do the work
@@ -57,13 +58,6 @@ def _owner(job: MedDistillJob, owner_uid: str) -> list[dict]:
     # controller + blockOwnerDeletion: the garbage collector removes children with the job.
     return [{"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": job.metadata.name,
              "uid": owner_uid, "controller": True, "blockOwnerDeletion": True}]
-
-
-def job_document(job: MedDistillJob) -> str:
-    """The MedDistillJob as the stage entrypoint reads it from MEDDISTILL_JOB (no status)."""
-    doc = job.model_dump(by_alias=True, mode="json", exclude={"status"}, exclude_none=True)
-    doc["metadata"] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
-    return json.dumps(doc, sort_keys=True)
 
 
 def _storage(job: MedDistillJob) -> tuple[list[dict], list[dict], list[dict]]:
@@ -160,7 +154,7 @@ def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
         "metadata": {"name": start.name, "namespace": job.metadata.namespace, "labels": labels,
                      "ownerReferences": _owner(job, owner_uid)},
         "spec": {
-            "entrypoint": f"python -m meddistill.jobs {start.stage}",
+            "entrypoint": stage_entrypoint(start.stage),
             # What the driver reserves: the Ray-cluster backend's numbers (sizing.entrypoint_resources).
             # KubeRay has no entrypoint memory (and Ray refuses "memory" in entrypointResources); a
             # driver that does the work reserves a whole worker's CPUs, so it has that pod's memory.
@@ -211,6 +205,12 @@ def rayservice_model_patch(job: MedDistillJob, serve: Serve) -> dict:
     """A merge patch pointing a RayService at a new model in place (KubeRay rolls it out)."""
     return {"metadata": {"annotations": {ANNOTATION_MODEL: serve.model_uri}},
             "spec": {"serveConfigV2": render_serve_config_v2(job, serve.model_uri)}}
+
+
+def serving_target(job: MedDistillJob) -> ServingTarget:
+    """The RayService is named after the job; KubeRay names its Serve Service `<rayservice>-serve-svc`."""
+    name = job.metadata.name
+    return ServingTarget(name=name, endpoint=f"http://{name}-serve-svc.{job.metadata.namespace or 'default'}.svc:8000/v1")
 
 
 # --------------------------------------------------------------------------------------------

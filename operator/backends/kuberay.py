@@ -1,0 +1,136 @@
+"""The KubeRay backend: each stage attempt a RayJob, the serving app a RayService, in the job's namespace.
+
+Children carry an owner reference to their MedDistillJob, so the garbage collector removes them
+with it (no garbage collection here) and a re-created job with the same name never adopts the old
+job's children. A create that finds its name taken (409) is checked the same way: a child this job
+owns is a restart finding its own work; anything else is a ChildConflict, never "Running".
+API errors become ReconcileBlocked with the cause and the fix, so they reach the job's conditions
+and events, not only the operator's log. Manifests are rendered in kuberay_objects.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from meddistill.spec.models import MedDistillJob
+
+from .. import metrics
+from ..failures import CHILD_CONFLICT, CHILD_REFUSED, FORBIDDEN, KUBERAY_MISSING, ReconcileBlocked
+from ..planner import Observed, Plan, ServingTarget, StartStage
+from .kuberay_objects import (
+    KUEUE_QUEUE_LABEL,
+    LABEL_JOB,
+    RAY_GROUP,
+    RAY_VERSION,
+    RAYJOBS,
+    RAYSERVICES,
+    rayjob,
+    rayservice,
+    rayservice_model_patch,
+    serving_app,
+    serving_target,
+    stage_run,
+)
+
+log = logging.getLogger("meddistill.operator")
+KIND_OF = {RAYJOBS: "RayJob", RAYSERVICES: "RayService"}
+
+
+def owned_by(obj: dict, uid: str) -> bool:
+    return any(o.get("uid") == uid for o in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message") or e.reason
+    except (TypeError, ValueError, AttributeError):
+        return str(e.reason)
+
+
+def blocked(e: ApiException, verb: str, what: str, plural: str) -> ReconcileBlocked | None:
+    """What an API error on a child means for the job's owner; None when it is not theirs to fix."""
+    if e.status == 403 and "NamespaceTerminating" not in str(e.body):
+        return ReconcileBlocked(
+            f"403 Forbidden: cannot {verb} {what}: {_api_message(e)}; the operator's RBAC role lacks a permission: "
+            f"install the chart's ClusterRole/Role (with rbac.scope=namespace, list this namespace in watchNamespace)",
+            FORBIDDEN)
+    if e.status == 404 and verb == "create":
+        return ReconcileBlocked(
+            f"the API server does not serve {plural}.{RAY_GROUP}/{RAY_VERSION} ({what}): install KubeRay v1.x "
+            f"(its CRDs), or set spec.ray.address to run on an existing Ray cluster", KUBERAY_MISSING)
+    if e.status in (400, 422):
+        detail = _api_message(e)
+        fix = (f"spec.queueName must be a valid label value ({KUEUE_QUEUE_LABEL})" if KUEUE_QUEUE_LABEL in detail
+               else "fix the spec field it names (spec.scheduling, spec.queueName, spec.image)")
+        return ReconcileBlocked(f"the API server refused {what} ({e.status}): {detail}; {fix}", CHILD_REFUSED)
+    return None
+
+
+class KubeRayBackend:
+    """backends.Backend for KubeRay; stateless (every call reads the API server)."""
+
+    def _api(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi()
+
+    def _list(self, plural: str, job: MedDistillJob, uid: str) -> list[dict]:
+        items = self._api().list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, job.metadata.namespace, plural,
+                                                          label_selector=f"{LABEL_JOB}={job.metadata.name}")["items"]
+        return [o for o in items if owned_by(o, uid)]  # a re-created job must not adopt old children
+
+    def observe(self, job: MedDistillJob, uid: str) -> Observed:
+        runs = [run for obj in self._list(RAYJOBS, job, uid) if (run := stage_run(obj)) is not None]
+        services = self._list(RAYSERVICES, job, uid)
+        return Observed(runs=tuple(runs), serving=serving_app(services[0]) if services else None)
+
+    def endpoint(self, job: MedDistillJob) -> ServingTarget:
+        return serving_target(job)
+
+    def _create(self, ns: str, plural: str, body: dict, uid: str) -> None:
+        name, what = body["metadata"]["name"], f"{KIND_OF[plural]} {ns}/{body['metadata']['name']}"
+        api = self._api()
+        try:
+            api.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, plural, body)
+            metrics.CHILDREN_CREATED.labels(plural).inc()
+            log.info("created %s", what)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise blocked(e, "create", what, plural) or e from None
+        existing = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, plural, name)
+        if not owned_by(existing, uid):  # deterministic names: ours means a restart found its own child
+            owners = [f"{o.get('kind')}/{o.get('name')}" for o in existing["metadata"].get("ownerReferences") or []]
+            raise ReconcileBlocked(
+                f"{what} exists and is not owned by this MedDistillJob (owners: {', '.join(owners) or 'none'}): "
+                f"delete it (kubectl delete {plural}.{RAY_GROUP} -n {ns} {name}) or rename this job", CHILD_CONFLICT)
+
+    def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
+        api, ns = self._api(), job.metadata.namespace
+        for item in p.create:
+            if isinstance(item, StartStage):
+                self._create(ns, RAYJOBS, rayjob(job, uid, item), uid)
+            else:
+                self._create(ns, RAYSERVICES, rayservice(job, uid, item), uid)
+        for item in p.update:
+            try:
+                api.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, RAYSERVICES, item.name,
+                                                   rayservice_model_patch(job, item))
+            except ApiException as e:
+                raise blocked(e, "patch", f"RayService {ns}/{item.name}", RAYSERVICES) or e from None
+            log.info("updated RayService %s/%s to model %s", ns, item.name, item.model_uri)
+        for item in p.delete:
+            plural = RAYJOBS if item.kind == "stage" else RAYSERVICES
+            try:
+                api.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, plural, item.name,
+                                                    propagation_policy="Background")
+                log.info("deleted %s %s/%s", plural, ns, item.name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise blocked(e, "delete", f"{KIND_OF[plural]} {ns}/{item.name}", plural) or e from None
+
+    def collect_garbage(self, list_live: Callable[[], dict[tuple[str, str], str]], namespace: str | None) -> list[str]:
+        return []  # owner references: the garbage collector removes a deleted job's children

@@ -1,0 +1,332 @@
+"""The Ray-cluster backend: stages through the Ray Jobs API, the serving app through Serve's REST
+API, on an existing Ray cluster (spec.ray.address, else the operator's --ray-address).
+
+`RayCluster` is the thin client (one per address: it holds a Serve lock and a log cache);
+`RayClusterBackend` is the backends.Backend a job on that cluster gets. What is sent and how it is
+read back are plain functions in raycluster_objects.py.
+
+Nothing on a Ray cluster carries owner references, so deletion is observed, not delegated:
+`collect_garbage` (run by the periodic resync, and on a job's DELETED event) stops the Ray jobs
+and removes the Serve apps whose MedDistillJob is gone or was re-created.
+
+Serve's REST API is declarative over *all* applications (a PUT replaces the whole set), so every
+change reads the deployed configs, changes only our app and writes the set back, under one lock.
+There are no pods to mount the job's Secrets in, so the operator reads them and passes their values
+in the runtime_env (never logged). Imports ray's job client lazily and never torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlparse
+
+from kubernetes import client as kube
+from kubernetes.client.exceptions import ApiException
+
+from meddistill.spec.models import MedDistillJob
+
+from .. import metrics
+from ..failures import CHILD_CONFLICT, ReconcileBlocked
+from ..planner import Observed, Plan, Serve, ServingApp, ServingTarget, StageRun, StartStage
+from .raycluster_objects import (
+    APP_PREFIX,
+    META_JOB,
+    META_UID,
+    RayBackendError,
+    SecretUnavailable,
+    app_name,
+    dashboard_address,
+    deploy_config,
+    job_of_route,
+    route_prefix,
+    secret_env,
+    secret_refs,
+    serve_application,
+    serving_app,
+    stage_run,
+    submission,
+    submission_id,
+)
+
+log = logging.getLogger("meddistill.operator")
+SERVE_API = "/api/serve/applications/"
+STOP_WAIT_SECONDS = 15.0
+FAILURE_MESSAGE_CHARS = 1500
+
+
+@dataclass
+class Snapshot:
+    """Our Ray jobs and Serve apps, read before the live jobs are listed (see collect_garbage)."""
+
+    runs: list[dict]
+    apps: dict[str, dict]
+
+
+class RayCluster:
+    """One Ray cluster's Jobs API and Serve REST API."""
+
+    def __init__(self, address: str):
+        self.address = dashboard_address(address)
+        self._client = self._serve = None
+        self._serve_lock = threading.Lock()  # read-modify-write of the whole Serve config
+        self._failure_logs: dict[str, str] = {}  # a failed job's logs never change
+
+    # ---- Jobs API ----------------------------------------------------------------------------
+
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.address)
+            except Exception as e:  # noqa: BLE001 - connection, HTTP and ray's AuthenticationError alike
+                raise RayBackendError(f"spec.ray.address {self.address}: the Ray Jobs API does not answer ({e}); "
+                                      f"check the address, that the dashboard runs on the head and, with token "
+                                      f"auth, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in the operator") from None
+        return self._client
+
+    def jobs(self) -> list[dict]:
+        """Every Ray job of ours on the cluster (any MedDistillJob), as plain dicts."""
+        try:
+            listed = self.client().list_jobs()
+        except RayBackendError:
+            raise
+        except Exception as e:  # noqa: BLE001 - connection, HTTP and auth errors alike
+            raise RayBackendError(f"GET {self.address}/api/jobs/: {e}; check spec.ray.address and that the "
+                                  f"Ray dashboard runs on the head") from None
+        out = []
+        for d in listed:
+            d = d.dict() if hasattr(d, "dict") else dict(d)
+            if META_JOB in (d.get("metadata") or {}):
+                out.append(d)
+        return out
+
+    def runs(self, namespace: str, name: str, uid: str) -> list[StageRun]:
+        runs = []
+        for d in self.jobs():
+            meta = d["metadata"]
+            # uid: a re-created job with the same name must not adopt the old job's runs.
+            if meta[META_JOB] != f"{namespace}/{name}" or meta.get(META_UID) != uid:
+                continue
+            run = stage_run(d, self._logs_if_failed(d), self.address)
+            if run is not None:
+                runs.append(run)
+        return runs
+
+    def _logs_if_failed(self, d: dict) -> str:
+        if str(d.get("status") or "").rsplit(".", 1)[-1].upper() != "FAILED":
+            return ""
+        sid = d["submission_id"]
+        if sid not in self._failure_logs:
+            try:
+                self._failure_logs[sid] = self.client().get_job_logs(sid)
+            except Exception as e:  # noqa: BLE001 - the failure is reported either way
+                return f"(logs unavailable: {e})"
+        return self._failure_logs[sid]
+
+    def submit(self, job: MedDistillJob, uid: str, start: StartStage, env: dict[str, str] | None = None) -> bool:
+        """Submit one stage attempt; False when this job submitted it already (a restart found it)."""
+        kwargs = submission(job, uid, start, env)
+        sid = kwargs["submission_id"]
+        try:
+            self.client().submit_job(**kwargs)
+        except RuntimeError as e:
+            if "already exists" not in str(e):
+                raise RayBackendError(f"submitting {sid} to {self.address}: {e}") from None
+            owner = (self.client().get_job_info(sid).metadata or {}).get(META_UID)
+            if owner != uid:  # not ours: another job (or a same-named one deleted earlier) holds the id
+                raise ReconcileBlocked(
+                    f"Ray job {sid} on {self.address} exists and belongs to another MedDistillJob (uid {owner}), not "
+                    f"this one: stop and delete it (ray job stop/delete {sid}) or rename this job", CHILD_CONFLICT) from None
+            return False
+        return True
+
+    def stop_and_delete(self, sid: str) -> None:
+        """Stop a Ray job and drop its record, so the submission id is free again."""
+        client = self.client()
+        try:
+            client.stop_job(sid)
+            deadline = time.monotonic() + STOP_WAIT_SECONDS
+            while str(client.get_job_status(sid)).rsplit(".", 1)[-1].upper() not in ("STOPPED", "SUCCEEDED", "FAILED"):
+                if time.monotonic() > deadline:
+                    return  # still stopping: the next garbage collection deletes the record
+                time.sleep(0.5)
+            client.delete_job(sid)
+        except RuntimeError as e:
+            if "does not exist" not in str(e):  # gone already (a concurrent collection): done
+                raise RayBackendError(f"stopping Ray job {sid} on {self.address}: {e}") from None
+        self._failure_logs.pop(sid, None)
+
+    # ---- Serve REST API ----------------------------------------------------------------------
+
+    def serve_client(self):
+        if self._serve is None:
+            # The client `serve deploy` uses: same REST API, same auth headers as the Jobs client.
+            from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+            try:
+                self._serve = ServeSubmissionClient(self.address)
+            except Exception as e:  # noqa: BLE001 - connection, HTTP and auth errors alike
+                raise RayBackendError(f"{self.address}{SERVE_API}: {e}; is the Ray dashboard up?") from None
+        return self._serve
+
+    def serve_details(self) -> dict:
+        try:
+            return self.serve_client().get_serve_details()
+        except Exception as e:  # noqa: BLE001 - connection, HTTP and auth errors alike
+            raise RayBackendError(f"GET {self.address}{SERVE_API}: {e}") from None
+
+    def _put_serve_config(self, config: dict) -> None:
+        try:
+            self.serve_client().deploy_applications(config)
+        except Exception as e:  # noqa: BLE001 - connection, HTTP and auth errors alike
+            raise RayBackendError(f"PUT {self.address}{SERVE_API}: {str(e)[-FAILURE_MESSAGE_CHARS:]}") from None
+
+    def serving(self, namespace: str, name: str) -> ServingApp | None:
+        apps = self.serve_details().get("applications") or {}
+        app = apps.get(app_name(namespace, name))
+        return serving_app(app_name(namespace, name), app) if app else None
+
+    def deploy(self, job: MedDistillJob, serve: Serve, env: dict[str, str] | None = None) -> None:
+        """Create our app, or point it at a new model in place (other apps are left as they are)."""
+        with self._serve_lock:
+            self._put_serve_config(deploy_config(self.serve_details(), put=[serve_application(job, serve, env)]))
+
+    def remove_apps(self, names: set[str]) -> None:
+        with self._serve_lock:
+            details = self.serve_details()
+            present = {n for n, a in (details.get("applications") or {}).items() if a.get("status") != "DELETING"}
+            if names & present:  # an app already being deleted needs no second PUT
+                self._put_serve_config(deploy_config(details, remove=names))
+
+    def endpoint(self, namespace: str, name: str) -> str:
+        """The OpenAI base URL of a job's app: Serve's own port on the dashboard's host."""
+        port = (self.serve_details().get("http_options") or {}).get("port") or 8000
+        return f"http://{urlparse(self.address).hostname}:{port}{route_prefix(namespace, name)}/v1"
+
+    # ---- Garbage collection -------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        apps = {n: a for n, a in (self.serve_details().get("applications") or {}).items() if n.startswith(APP_PREFIX)}
+        return Snapshot(runs=self.jobs(), apps=apps)
+
+    def collect_garbage(self, snapshot: Snapshot, live: dict[tuple[str, str], str], namespace: str | None) -> list[str]:
+        """Remove what no live MedDistillJob owns; `live` maps (ns, name) to uid, listed AFTER the snapshot.
+
+        That order matters: a run submitted after the snapshot is not in it, and a job created
+        after the listing cannot own anything in the (earlier) snapshot, so nothing live is removed.
+        Also drops the records of STOPPED runs (a stop means 'deleted'; the planner re-creates them).
+        Returns what it removed.
+        """
+        removed = []
+        for d in snapshot.runs:
+            meta = d["metadata"]
+            ns, _, name = meta[META_JOB].partition("/")
+            if namespace and ns != namespace:
+                continue  # another operator's namespace: not ours to judge
+            stopped = str(d.get("status") or "").rsplit(".", 1)[-1].upper() == "STOPPED"
+            if live.get((ns, name)) != meta.get(META_UID) or stopped:
+                self.stop_and_delete(d["submission_id"])
+                removed.append(d["submission_id"])
+        orphans = set()
+        for n, app in snapshot.apps.items():
+            owner = job_of_route(app.get("route_prefix") or "")
+            if owner is None or (namespace and owner[0] != namespace):
+                continue
+            if owner not in live:
+                orphans.add(n)
+        if orphans:
+            self.remove_apps(orphans)
+            removed += sorted(orphans)
+        return removed
+
+
+_clusters: dict[str, RayCluster] = {}
+_clusters_guard = threading.Lock()
+
+
+def cluster(address: str) -> RayCluster:
+    """One RayCluster per address for the operator's lifetime (it keeps a Serve lock and a log cache)."""
+    key = dashboard_address(address)
+    with _clusters_guard:
+        if key not in _clusters:
+            _clusters[key] = RayCluster(key)
+        return _clusters[key]
+
+
+def known_clusters() -> list[RayCluster]:
+    with _clusters_guard:
+        return list(_clusters.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+def _read_secret(namespace: str, name: str, field: str) -> dict[str, str]:
+    try:
+        secret = kube.CoreV1Api().read_namespaced_secret(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            raise SecretUnavailable(
+                f"Secret {namespace}/{name} (named by {field}) does not exist: create it in the job's namespace, "
+                f"e.g. kubectl -n {namespace} create secret generic {name} --from-literal=...") from None
+        if e.status == 403:
+            raise SecretUnavailable(
+                f"the operator may not read Secret {namespace}/{name} (named by {field}), which a job on a Ray cluster "
+                f"needs: install the chart with ray.readSecrets=true (or set ray.address)") from None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def job_secret_env(job: MedDistillJob, serving: bool) -> dict[str, str]:
+    """What the job's Secrets give a stage (or the Serve app) on a Ray cluster; values never logged."""
+    refs = secret_refs(job, serving)
+    secrets = {name: _read_secret(job.metadata.namespace, name, field) for field, name in refs.items()}
+    return secret_env(job, secrets, serving)
+
+
+class RayClusterBackend:
+    """backends.Backend for the jobs that run on one Ray cluster."""
+
+    def __init__(self, ray: RayCluster):
+        self.ray = ray
+
+    def observe(self, job: MedDistillJob, uid: str) -> Observed:
+        ns, name = job.metadata.namespace, job.metadata.name
+        return Observed(runs=tuple(self.ray.runs(ns, name, uid)), serving=self.ray.serving(ns, name))
+
+    def endpoint(self, job: MedDistillJob) -> ServingTarget:
+        ns, name = job.metadata.namespace, job.metadata.name
+        return ServingTarget(name=app_name(ns, name), endpoint=self.ray.endpoint(ns, name))
+
+    def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
+        ray, ns, name = self.ray, job.metadata.namespace, job.metadata.name
+        for item in p.create:
+            if isinstance(item, StartStage):
+                if ray.submit(job, uid, item, job_secret_env(job, serving=False)):
+                    metrics.CHILDREN_CREATED.labels("rayjobs-api").inc()
+                    log.info("submitted Ray job %s to %s", submission_id(ns, name, item.stage, item.attempt), ray.address)
+            else:
+                ray.deploy(job, item, job_secret_env(job, serving=True))
+                metrics.CHILDREN_CREATED.labels("serve-apps").inc()
+                log.info("deployed Serve app %s on %s", app_name(ns, name), ray.address)
+        for item in p.update:
+            ray.deploy(job, item, job_secret_env(job, serving=True))
+            log.info("updated Serve app %s to model %s", app_name(ns, name), item.model_uri)
+        for item in p.delete:
+            if item.kind == "stage":
+                ray.stop_and_delete(item.name)
+            else:
+                ray.remove_apps({item.name})
+            log.info("removed %s %s from %s", "Ray job" if item.kind == "stage" else "Serve app", item.name, ray.address)
+
+    def collect_garbage(self, list_live: Callable[[], dict[tuple[str, str], str]], namespace: str | None) -> list[str]:
+        snapshot = self.ray.snapshot()  # first: see RayCluster.collect_garbage for why
+        return [f"{what} from {self.ray.address}" for what in self.ray.collect_garbage(snapshot, list_live(), namespace)]
