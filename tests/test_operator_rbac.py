@@ -27,6 +27,7 @@ def namespaced_rbac(cluster, namespace: str, drop_verb: tuple[str, str] | None =
         for rule in role["rules"]:
             if resource in rule["resources"]:
                 rule["verbs"] = [v for v in rule["verbs"] if v != verb]
+        role["rules"] = [r for r in role["rules"] if r["verbs"]]  # a rule needs a verb
     return yaml.safe_dump_all(docs)
 
 
@@ -51,4 +52,30 @@ def test_namespaced_role_suffices_and_dropping_a_rule_breaks_it(kube_cluster, tm
     finally:
         op.stop()
         install_operator_prereqs(kube_cluster)  # restore the cluster-wide binding for later tests
+        kube_cluster.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def test_children_need_the_finalizers_rule_under_owner_reference_enforcement(kube_cluster, tmp_path):
+    """The API server runs OwnerReferencesPermissionEnforcement (as OpenShift does): a RayJob with
+    blockOwnerDeletion is refused unless the operator may update meddistilljobs/finalizers."""
+    install_operator_prereqs(kube_cluster)
+    kube_cluster.kubectl("delete", "clusterrolebinding", "meddistill-meddistill-operator", "--ignore-not-found")
+    ns = f"rbacfin-{uuid.uuid4().hex[:6]}"
+    kube_cluster.kubectl("create", "namespace", ns)
+    kube = Kube(kube_cluster, ns)
+    kube_cluster.kubectl("apply", "-f", "-",
+                         input=namespaced_rbac(kube_cluster, ns, drop_verb=("meddistilljobs/finalizers", "update")))
+    op = OperatorProcess(kube_cluster, tmp_path / "operator.log", namespace=ns).start()
+    try:
+        kube.apply(quickstart("fin", str(tmp_path)))
+        # The admission's own words reach the log: the cause, not just "403".
+        wait_for(lambda: "blockOwnerDeletion" in op.log(), 20, "the operator to log the admission's 403")
+        assert not kube.rayjobs("fin")
+
+        # The two Roles differ only in the finalizers rule: it alone lets the same create through.
+        kube_cluster.kubectl("apply", "-f", "-", input=namespaced_rbac(kube_cluster, ns))
+        kube.wait_rayjob("fin-teacher-a1", timeout=30)
+    finally:
+        op.stop()
+        install_operator_prereqs(kube_cluster)
         kube_cluster.kubectl("delete", "namespace", ns, "--wait=false")

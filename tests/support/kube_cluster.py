@@ -24,6 +24,9 @@ outside the repository) on 127.0.0.1 with random ports and a private temp dir:
 There is no kubelet, scheduler or KubeRay operator: Pods never run, and RayJob
 status only changes when a test patches the ``/status`` subresource.
 
+The ``OwnerReferencesPermissionEnforcement`` admission plugin is on (as on OpenShift): a child with
+``blockOwnerDeletion`` needs ``update`` on its owner's ``finalizers`` subresource.
+
 The ``ServiceAccount`` admission plugin is disabled (as controller-runtime's
 envtest does), so Pods can be created in a namespace right after it is created,
 without waiting for its ``default`` ServiceAccount.
@@ -488,6 +491,9 @@ class KubeCluster:
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--allow-privileged=true",
             "--disable-admission-plugins=ServiceAccount",
+            # As on OpenShift and other hardened clusters: setting blockOwnerDeletion on a child needs
+            # `update` on the owner's finalizers, so a chart missing that rule fails here with a 403.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "--profiling=false",
             "--v=1",
         ])

@@ -23,6 +23,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["meddistill.io"]
   resources: ["meddistilljobs/status"]
   verbs: ["update"]
+{{- /* Children carry blockOwnerDeletion: OwnerReferencesPermissionEnforcement (OpenShift and others)
+     only lets whoever may update the owner's finalizers set it. */}}
+- apiGroups: ["meddistill.io"]
+  resources: ["meddistilljobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["list", "watch", "create", "delete"]
