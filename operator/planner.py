@@ -12,8 +12,11 @@ Rules, in the order they apply:
 - A stage recorded as Succeeded (with its artifact digest) or terminally Failed in status is never
   started again, even when its child is gone (TTL-deleted RayJobs).
 - A stage advances only when its run succeeded AND its artifact manifest was read.
-- A failed run gets a new attempt (`<job>-<stage>-a<n+1>`) while n <= runPolicy.backoffLimit;
-  then the job is Failed with the run's reason.
+- A failed run gets a new attempt (`<job>-<stage>-a<n+1>`) while n <= runPolicy.backoffLimit,
+  10 s * 2^(n-1) (at most 10 min) after attempt n failed (`retries.py`); then the job is Failed with
+  the run's reason. Raising backoffLimit above the attempts used resumes a Failed job.
+- A local artifacts.uri the backend's pods cannot share (relative, or any path on KubeRay) is refused
+  before anything starts: phase Failed with a condition naming the fix, until the spec changes.
 - `suspend: true` removes the running child and starts nothing; `suspend: false` re-creates the
   same attempt (a suspension does not use up a retry).
 - After the last stage: the serving app (when serving.enabled), updated in place when the model
@@ -39,10 +42,12 @@ from meddistill.spec.models import (
     pipeline_stages,
 )
 
+from .retries import failure_time, retry_at, retry_delay_seconds
 from .serving_gate import ServedLineage
 from .serving_gate import decide as decide_serving
 
 RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Deleting"]
+_NEXT_ATTEMPT = "; next attempt "  # joins a failure to its backoff note in a stage's message
 ARTIFACT_GRACE_SECONDS = 300  # a run that succeeded but left no manifest this long counts as failed
 
 
@@ -99,6 +104,9 @@ class Observed:
     runs: tuple[StageRun, ...] = ()
     serving: ServingApp | None = None
     target: ServingTarget = ServingTarget()
+    # How the backend's pods see a local artifacts.uri: "per-pod" (KubeRay: each pod's filesystem is
+    # its own), "shared" (a Ray cluster whose nodes and operator may mount one path); "": not checked.
+    local_paths: Literal["", "shared", "per-pod"] = ""
     lineage: ServedLineage | None = None  # the served artifact's chain, re-hashed (served_lineage.py); None: not yet
 
 
@@ -142,6 +150,7 @@ class Plan:
     delete: list[DeleteChild] = field(default_factory=list)
     status: dict = field(default_factory=dict)  # the whole new status, camelCase, validated
     events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None  # seconds until a retry's backoff ends: reconcile again then
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +200,9 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
     prev = job.status or MedDistillJobStatus()
     prev_stages = {s.name: s for s in prev.stages}
     out = Plan()
+    refusal = artifact_store_refusal(spec.artifacts.uri, observed.local_paths)
+    if refusal:
+        return _refused(job, prev, "ArtifactStoreNotShared", refusal, now)
     suspended = spec.suspend
     backoff = spec.run_policy.backoff_limit
 
@@ -216,10 +228,17 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
             stages.append(StageStatus(name=stage, state="Pending"))
             continue
         blocked, current = True, stage
-        if prev_st and prev_st.state == "Failed":
+        if prev_st and prev_st.state == "Failed" and prev_st.attempt > backoff:
             failed = prev_st  # terminal failure recorded earlier
             stages.append(prev_st)
             continue
+        # Failed with retries left (runPolicy.backoffLimit was raised), or waiting out its backoff:
+        # status remembers the failed attempt when its child is gone (TTL, suspension).
+        recorded_why = ""
+        if prev_st and prev_st.state in ("Failed", "Pending") and prev_st.end_time and (
+                latest is None or latest.attempt < prev_st.attempt):
+            latest = StageRun(stage, prev_st.attempt, prev_st.child, "Failed", end_time=prev_st.end_time)
+            recorded_why = prev_st.message.split(_NEXT_ATTEMPT)[0]
 
         st = _stage_status(stage, latest, prev_st)
         if latest is not None and latest.state == "Succeeded" and latest.artifact is not None:
@@ -245,7 +264,12 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
                 st = st.model_copy(update={"state": "Running", "message": "run succeeded; waiting for the artifact manifest"})
 
         if run_failed:
-            why = f"{latest.name} failed: {latest.reason or 'Failed'}: {latest.message or 'no message'}"
+            why = recorded_why or f"{latest.name} failed: {latest.reason or 'Failed'}: {latest.message or 'no message'}"
+            grace = ARTIFACT_GRACE_SECONDS if latest.reason == "ArtifactMissing" else 0
+            recorded_end = prev_st.end_time if prev_st and prev_st.child == latest.name else ""
+            failed_at = failure_time(latest.end_time, recorded_end, now, grace)
+            st = st.model_copy(update={"end_time": rfc3339(failed_at)})  # later reconciles wait from the same time
+            start_at = retry_at(latest.attempt, failed_at)
             if latest.attempt > backoff:
                 st = st.model_copy(update={"state": "Failed", "message": why})
                 failed = st
@@ -253,7 +277,15 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
             else:
                 nxt = latest.attempt + 1
                 st = st.model_copy(update={"state": "Running" if not suspended else "Pending", "message": why})
-                if not suspended:
+                if not suspended and now < start_at:
+                    wait = (start_at - now).total_seconds()
+                    out.requeue_after = min(out.requeue_after or wait, wait)
+                    msg = (f"{why}{_NEXT_ATTEMPT}{nxt} of {backoff + 1} starts at {rfc3339(start_at)} "
+                           f"(backoff {retry_delay_seconds(latest.attempt):.0f}s)")
+                    if not prev_st or prev_st.message != msg:  # once, not on every resync
+                        out.events.append(Event("Warning", "StageBackoff", msg))
+                    st = st.model_copy(update={"state": "Pending", "message": msg})
+                elif not suspended:
                     child = run_name(name, stage, nxt)
                     out.create.append(StartStage(stage, nxt, child))
                     st = st.model_copy(update={"attempt": nxt, "child": child, "start_time": rfc3339(now), "end_time": ""})
@@ -322,12 +354,46 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
     return out
 
 
+def artifact_store_refusal(uri: str, local_paths: str) -> str:
+    """Why the backend's pods cannot share a local artifacts.uri; "" when they can (or it is not local).
+
+    Not a CRD rule: the spec alone does not say where a job runs (`meddistill run` takes ./runs, and
+    an operator started with --ray-address runs jobs without spec.ray.address on a Ray cluster)."""
+    if not local_paths or uri.startswith(("s3://", "pvc://")):
+        return ""
+    fix = "set spec.artifacts.uri to s3://BUCKET/PREFIX or pvc://CLAIM/PATH"
+    if not uri.startswith("/"):
+        return (f"spec.artifacts.uri {uri!r} is a relative path, which each pod and the operator resolve in their "
+                f"own working directory: {fix} (on a Ray cluster, an absolute path every node and the operator mount "
+                "also works)")
+    if local_paths == "per-pod":
+        return (f"spec.artifacts.uri {uri!r} is a local path, and each KubeRay pod has a filesystem of its own "
+                f"(a stage's output would vanish with its pod): {fix}")
+    return ""
+
+
+def _refused(job: MedDistillJob, prev: MedDistillJobStatus, reason: str, message: str, now: datetime) -> Plan:
+    """A job that cannot run as written: no children, phase Failed with the fix, until the spec changes."""
+    gen = job_generation(job)
+    conditions = _conditions(prev.conditions, "Failed", None, False, "", gen, now,
+                             extra={"Failed": ("True", reason, message)})
+    out = Plan()
+    old = next((c for c in prev.conditions if c.type == "Failed"), None)
+    if prev.phase != "Failed" or old is None or old.message != message:  # once, not on every resync
+        out.events.append(Event("Warning", reason, message))
+    status = prev.model_copy(update={"phase": "Failed", "current_stage": "", "conditions": conditions,
+                                     "observed_generation": gen})
+    out.status = status.model_dump(by_alias=True, exclude_none=True)
+    return out
+
+
 def _phase_event(before: str, after: str, failed: StageStatus | None, serving: ServingStatus | None) -> Event:
     if after == "Failed":
         return Event("Warning", "JobFailed", failed.message if failed else "failed")
     if after == "Serving":
         return Event("Normal", "ServingReady", f"serving at {serving.endpoint if serving else ''}")
-    reason = {"Succeeded": "JobSucceeded", "Suspended": "JobSuspended"}.get(after, "JobRunning" if before != "Suspended" else "JobResumed")
+    reason = {"Succeeded": "JobSucceeded", "Suspended": "JobSuspended"}.get(
+        after, "JobResumed" if before in ("Suspended", "Failed") else "JobRunning")
     return Event("Normal", reason, f"phase {before} -> {after}")
 
 
