@@ -161,16 +161,16 @@ def bucket_prefix(uri: str) -> tuple[str, str]:
 
 
 class ArtifactStoreUnavailable(RuntimeError):
-    """The store did not answer 'found' or 'not found' (403, no such bucket, an outage): a reader must
+    """The store did not answer 'found' or 'not found' (403, a 5xx, an outage): a reader must
     not take this as 'no artifact', which would re-run (and overwrite) a stage that succeeded."""
 
     def __init__(self, what: str, cause: BaseException):
         code = _s3_error_code(cause)
-        hint = {"403": "the credentials (spec.artifacts.secretName) may not read it; S3 also answers 403 for a "
-                       "missing key when they lack s3:ListBucket, so grant s3:GetObject and s3:ListBucket on the prefix",
-                "AccessDenied": "the credentials (spec.artifacts.secretName) lack s3:GetObject/s3:ListBucket on the prefix",
-                "NoSuchBucket": "the bucket in spec.artifacts.uri does not exist: create it or fix the URI"}.get(
-            code, "the store is unreachable: check AWS_ENDPOINT_URL and that the S3 service is up")
+        denied = ("the credentials (spec.artifacts.secretName) may not read it; S3 also answers 403 for a missing "
+                  "key when they lack s3:ListBucket, so grant s3:GetObject and s3:ListBucket on the prefix")
+        hint = denied if code in ("403", "AccessDenied") else (
+            f"S3 answered {code}: check the bucket in spec.artifacts.uri and the S3 service" if code
+            else "the store is unreachable: check AWS_ENDPOINT_URL and that the S3 service is up")
         super().__init__(f"{what}: {code or type(cause).__name__}: {hint}")
         self.code = code
 

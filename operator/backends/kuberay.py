@@ -101,9 +101,11 @@ class KubeRayBackend:
         except ApiException as e:
             if e.status != 409:
                 raise blocked(e, "create", what, plural) or e from None
-        existing = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, plural, name)
-        if not owned_by(existing, uid):  # deterministic names: ours means a restart found its own child
-            owners = [f"{o.get('kind')}/{o.get('name')}" for o in existing["metadata"].get("ownerReferences") or []]
+        # A list by name, not a get: the chart grants list/watch, and a get would need one more verb.
+        found = api.list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, plural,
+                                                  field_selector=f"metadata.name={name}")["items"]
+        if found and not owned_by(found[0], uid):  # ours (or gone since): a restart found its own child; else not ours
+            owners = [f"{o.get('kind')}/{o.get('name')}" for o in found[0]["metadata"].get("ownerReferences") or []]
             raise ReconcileBlocked(
                 f"{what} exists and is not owned by this MedDistillJob (owners: {', '.join(owners) or 'none'}): "
                 f"delete it (kubectl delete {plural}.{RAY_GROUP} -n {ns} {name}) or rename this job", CHILD_CONFLICT)

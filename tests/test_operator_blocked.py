@@ -1,0 +1,133 @@
+"""A reconcile that cannot proceed says so on the job: a condition and one Warning event naming the
+cause and the fix, never a silent retry or a false "Running".
+
+Real kube-apiserver with the chart's RBAC (the reconcile runs in this process with the operator's
+ServiceAccount credentials, kopf left out), real moto S3 over HTTP. The test plays KubeRay, as in
+tests/test_operator_kube.py.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from meddistill import artifacts
+from meddistill.operator import handlers
+from meddistill.operator.backends import kuberay_objects
+from meddistill.operator.planner import StartStage
+from meddistill.spec.models import MedDistillJob
+from tests.support.kube_cluster import free_port
+from tests.test_artifacts_s3 import bucket, s3_endpoint  # noqa: F401 - fixtures
+from tests.test_operator_kube import Kube, install_operator_prereqs, quickstart, write_stage_artifact
+
+pytest_plugins = ["tests.support.kube_fixtures"]
+pytestmark = pytest.mark.kube
+
+
+@pytest.fixture(scope="module")
+def as_operator(kube_cluster):
+    """This process's default Kubernetes client authenticates as the operator's ServiceAccount."""
+    from kubernetes import client, config
+
+    install_operator_prereqs(kube_cluster)
+    saved = client.Configuration.get_default_copy()
+    config.load_kube_config(config_file=str(kube_cluster.operator_kubeconfig))
+    yield
+    client.Configuration.set_default(saved)
+
+
+@pytest.fixture
+def kube(kube_cluster, as_operator):
+    ns = f"blk-{uuid.uuid4().hex[:6]}"
+    kube_cluster.kubectl("create", "namespace", ns)
+    yield Kube(kube_cluster, ns)
+    kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+
+
+def conditions(kube: Kube, name: str) -> dict[str, dict]:
+    return {c["type"]: c for c in kube.job(name).get("status", {}).get("conditions") or []}
+
+
+def warnings(kube: Kube, name: str) -> list[tuple[str, str]]:
+    items = kube.core.list_namespaced_event(kube.ns, field_selector=f"involvedObject.name={name}").items
+    return [(e.reason, e.message) for e in items if e.type == "Warning"]
+
+
+def test_s3_403_on_a_finished_stages_manifest_is_artifact_store_unavailable_and_never_a_rerun(kube, bucket, tmp_path):
+    import boto3
+
+    uri = f"s3://{bucket}/runs"
+    kube.apply(quickstart("store", uri))
+    handlers.reconcile(kube.ns, "store")
+    kube.wait_rayjob("store-teacher-a1", timeout=5)
+    # The stage wrote its artifact; KubeRay reports it done long ago (past the planner's grace period).
+    local = tmp_path / "local"
+    write_stage_artifact(str(local), "store", "teacher")
+    artifacts.ArtifactStore(artifacts.stage_uri(uri, "store", "teacher")).publish(local / "store" / "teacher")
+    ended = (datetime.now(timezone.utc) - timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kube.kuberay_status("store-teacher-a1", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": ended})
+    s3 = boto3.client("s3")
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+
+    handlers.reconcile(kube.ns, "store")
+    handlers.reconcile(kube.ns, "store")
+    assert sorted(kube.rayjobs("store")) == ["store-teacher-a1"]  # no second attempt of a stage that succeeded
+    cond = conditions(kube, "store")["ArtifactStoreUnavailable"]
+    assert cond["status"] == "True" and "403" in cond["message"] and "s3:ListBucket" in cond["message"]
+    assert kube.job("store")["status"]["phase"] == "Pending"
+    assert [r for r, _ in warnings(kube, "store")] == ["ArtifactStoreUnavailable"]  # once, not every reconcile
+
+    s3.delete_bucket_policy(Bucket=bucket)  # the platform team fixes the policy: the pipeline carries on
+    handlers.reconcile(kube.ns, "store")
+    kube.wait_rayjob("store-distill-data-a1", timeout=5)
+    status = kube.job("store")["status"]
+    assert status["phase"] == "Running" and status["stages"][0]["state"] == "Succeeded"
+    assert "ArtifactStoreUnavailable" not in conditions(kube, "store")
+
+
+def test_a_foreign_rayjob_holding_the_childs_name_is_child_conflict_not_running(kube, tmp_path):
+    doc = quickstart("clash", str(tmp_path))
+    foreign = kuberay_objects.rayjob(MedDistillJob.model_validate({**doc, "metadata": {"name": "clash", "namespace": kube.ns}}),
+                                     "someone-else", StartStage("teacher", 1, "clash-teacher-a1"))
+    del foreign["metadata"]["ownerReferences"]  # e.g. another team's RayJob of the same name
+    kube.custom.create_namespaced_custom_object("ray.io", "v1", kube.ns, "rayjobs", foreign)
+    kube.apply(doc)
+
+    handlers.reconcile(kube.ns, "clash")
+    handlers.reconcile(kube.ns, "clash")
+    status = kube.job("clash")["status"]
+    assert status["phase"] != "Running"
+    cond = conditions(kube, "clash")["ChildConflict"]
+    assert cond["status"] == "True" and "RayJob" in cond["message"] and "clash-teacher-a1" in cond["message"]
+    assert "kubectl delete rayjobs.ray.io" in cond["message"]
+    assert conditions(kube, "clash")["Progressing"]["status"] == "False"
+    assert [r for r, _ in warnings(kube, "clash")] == ["ChildConflict"]
+    assert "ownerReferences" not in kube.rayjobs("clash")["clash-teacher-a1"]["metadata"]  # left as it was
+
+    kube.custom.delete_namespaced_custom_object("ray.io", "v1", kube.ns, "rayjobs", "clash-teacher-a1")
+    handlers.reconcile(kube.ns, "clash")
+    mine = kube.wait_rayjob("clash-teacher-a1", timeout=5)
+    assert mine["metadata"]["ownerReferences"][0]["uid"] == kube.job("clash")["metadata"]["uid"]
+    assert kube.job("clash")["status"]["phase"] == "Running" and "ChildConflict" not in conditions(kube, "clash")
+
+
+def test_the_api_server_refusing_a_child_is_a_condition_and_event_naming_the_field(kube, tmp_path):
+    kube.apply(quickstart("badq", str(tmp_path), queueName="team a!"))  # no valid label value
+    handlers.reconcile(kube.ns, "badq")
+    cond = conditions(kube, "badq")["ChildRefused"]
+    assert cond["status"] == "True" and "spec.queueName" in cond["message"] and "422" in cond["message"]
+    assert warnings(kube, "badq") == [("ChildRefused", cond["message"])]
+    assert not kube.rayjobs("badq") and kube.job("badq")["status"]["phase"] == "Pending"
+
+
+def test_an_unreachable_ray_cluster_is_a_condition_and_event(kube, tmp_path):
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    kube.apply(quickstart("noray", str(tmp_path), ray={"address": address}))
+    handlers.reconcile(kube.ns, "noray")
+    cond = conditions(kube, "noray")["RayClusterUnavailable"]
+    assert cond["status"] == "True" and address in cond["message"] and "spec.ray.address" in cond["message"]
+    assert [r for r, _ in warnings(kube, "noray")] == ["RayClusterUnavailable"]
