@@ -319,8 +319,9 @@ def test_failure_retries_then_fails_with_reason(kube, tmp_path):
     kube.apply(quickstart("flaky", str(tmp_path), runPolicy={"backoffLimit": 1}))
     kube.wait_rayjob("flaky-teacher-a1")
     kube.kuberay_fails("flaky-teacher-a1", "DeadlineExceeded", "the RayJob has passed the activeDeadlineSeconds")
-    kube.wait_rayjob("flaky-teacher-a2")
-    assert kube.job("flaky")["status"]["stages"][0]["attempt"] == 2
+    kube.wait_rayjob("flaky-teacher-a2")  # after attempt 1's 10 s backoff
+    # The child is created before the status that records it is written.
+    wait_for(lambda: kube.job("flaky")["status"]["stages"][0]["attempt"] == 2, 10, "status attempt 2")
     kube.kuberay_fails("flaky-teacher-a2", "AppFailed", "Job entrypoint command failed with exit code 1")
     st = wait_for(lambda: (s := kube.job("flaky").get("status", {})).get("phase") == "Failed" and s, 20, "phase Failed")
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
