@@ -412,7 +412,7 @@ class Serving(SpecModel):
 class RunPolicy(SpecModel):
     """Retries and time limits for each stage's Ray job."""
 
-    backoff_limit: int = Field(2, ge=0, le=BACKOFF_LIMIT_MAX, description="Retries of a failed stage before the job fails.")
+    backoff_limit: int = Field(2, ge=0, le=BACKOFF_LIMIT_MAX, description="Retries of a failed stage before the job fails; attempt n+1 starts 10 s * 2^(n-1) (at most 10 min) after attempt n failed. Raising it resumes a Failed job.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of each stage's RayJob.")
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="How long a finished RayJob is kept.")
 
@@ -424,7 +424,7 @@ class Artifacts(SpecModel):
         "./runs",
         min_length=1,
         pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|[^:]+)$",
-        description="Artifact store: a local path, pvc://CLAIM/PATH (mounted into every pod), or s3://BUCKET/PREFIX. The job's artifacts go under <uri>/<job name>/.",
+        description="Artifact store: a local path, pvc://CLAIM/PATH (mounted into every pod), or s3://BUCKET/PREFIX. The job's artifacts go under <uri>/<job name>/. A local path works for `meddistill run` and, absolute, on a Ray cluster whose nodes and operator all mount it; the operator refuses it on KubeRay (each pod's filesystem is its own).",
     )
     secret_name: str = Field("", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) for s3://.")
 
