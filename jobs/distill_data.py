@@ -91,13 +91,16 @@ def teacher_answer_tensors(model, batch, mode: str, top_k: int, temperature: flo
     return out
 
 
-def teacher_shard(teacher_dir: str, records: list[dict], spec_dict: dict, path: str) -> dict:
-    """One Ray task: load the teacher, compute its outputs for `records`, write them to `path`."""
-    from meddistill.jobs import devices
+def teacher_shard(out_dir: str, teacher_uri: str, records: list[dict], spec_dict: dict, name: str) -> dict:
+    """One Ray task on any node (storage.node_task): fetch the teacher artifact onto this node, load
+    it, compute its outputs for `records`, write them to `out_dir/name`."""
+    from meddistill.jobs import devices, storage
     from meddistill.modelsource import load_model, peak_gpu_memory_bytes, reset_peak_gpu_memory
     from meddistill.spec.models import MedDistillJobSpec
 
     spec = MedDistillJobSpec.model_validate(spec_dict)
+    teacher_dir = str(storage.fetch_input(teacher_uri) / "model")
+    path = str(Path(out_dir) / name)
     # On the GPUs this task reserved, in 16 bits, spread over them when one is too small (the 70B teacher).
     placement = devices.stage_device("distill-data", spec.teacher.resources.gpus_per_worker,
                                      devices.checkpoint_weight_bytes(teacher_dir))
@@ -198,25 +201,23 @@ def _generate(model, tokenizer, records, style: str, dist, batch_size: int, path
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:
-    import ray
-
+    from meddistill.jobs import storage
     from meddistill.jobs.sft_data import load_training_records
 
     spec = ctx.spec
-    teacher_dir = ctx.input_dir("teacher") / "model"
+    teacher_uri = ctx.input_uri("teacher")  # each task fetches the teacher onto its own node
     data = load_training_records(ctx, spec.teacher.datasets, spec.student.training.max_samples, spec.student.training.seed)
     for old in list(out.glob("shard-*")) + list(out.glob("generated*.jsonl")):
         old.unlink()
     resources = spec.teacher.resources
     n = max(1, min(resources.workers, len(data.records)))
-    task = ray.remote(teacher_shard).options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
-    suffix = "jsonl" if spec.distillation.mode == "sequence" else "safetensors"
-    name = "generated-{:05d}.jsonl" if suffix == "jsonl" else "shard-{:05d}.safetensors"
-    futures = [
-        task.remote(str(teacher_dir), [r.to_dict() for r in data.records[i::n]], spec.model_dump(), str(out / name.format(i)))
-        for i in range(n)
-    ]
-    stats = ray.get(futures)
+    shard = storage.node_task(teacher_shard, out, num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
+    name = "generated-{:05d}.jsonl" if spec.distillation.mode == "sequence" else "shard-{:05d}.safetensors"
+    # Each task's file reaches `out` whatever node it ran on (collect downloads what it uploaded).
+    stats = storage.collect(
+        [shard(teacher_uri, [r.to_dict() for r in data.records[i::n]], spec.model_dump(), name.format(i)) for i in range(n)],
+        out,
+    )
     metrics = {k: sum(s.get(k, 0) for s in stats) for k in stats[0]}
     if "peak_gpu_bytes" in metrics:  # per task, not a total: the largest
         metrics["peak_gpu_bytes"] = max(s["peak_gpu_bytes"] for s in stats)
@@ -227,5 +228,5 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
             "distill-data: the teacher produced no usable examples (sequence mode keeps only correct answers); "
             "raise spec.distillation.maxNewTokens or train the teacher longer"
         )
-    config = {"distillation": spec.distillation.model_dump(by_alias=True), "teacher_artifact": str(teacher_dir)}
+    config = {"distillation": spec.distillation.model_dump(by_alias=True), "teacher_artifact": teacher_uri}
     return StageOutput(config=config, metrics=metrics, data_digest=data.digest)

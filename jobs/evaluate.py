@@ -75,7 +75,12 @@ def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: 
     """One Ray task: load one model, evaluate it on every dataset, write its detail reports."""
     from meddistill.evaluation import evaluate, write_report
 
-    model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"], settings["gpus"])
+    if kind == "gguf":  # the llama.cpp format, scored by the same harness (meddistill/evaluation/llamacpp.py)
+        from meddistill.evaluation.llamacpp import load_gguf_for_eval
+
+        model, tokenizer, dtype = load_gguf_for_eval(Path(source), settings["batch_size"])
+    else:
+        model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"], settings["gpus"])
     results = []
     for ref, records in datasets.items():
         for scoring in settings["scoring"]:
@@ -93,6 +98,16 @@ def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: 
             summary.update(dtype=dtype, ref=ref)
             results.append(summary)
     return results
+
+
+def evaluate_on_node(out_dir: str, kind: str, source: tuple[str | None, str], datasets: dict[str, list],
+                     settings: dict) -> list[dict]:
+    """One Ray task on any node (storage.node_task): `source` is (artifact URI, folder in it), fetched
+    onto this node, or (None, a model source) for the base model; then evaluate_model into out_dir."""
+    from meddistill.jobs import storage
+
+    uri, inside = source
+    return evaluate_model(kind, str(storage.fetch_input(uri) / inside) if uri else inside, datasets, settings, out_dir)
 
 
 def scoring_label(ref: str, scoring: str) -> str:
@@ -138,28 +153,45 @@ def upstream_manifests(ctx: StageContext) -> dict[str, Path]:
             for stage in pipeline_stages(ctx.spec) if stage != "evaluate"}
 
 
-def run(ctx: StageContext, out: Path) -> StageOutput:
-    import ray
+def evaluated_models(spec) -> list[str]:
+    """evaluation.models, where `quantized` stands for every format the quantize stage made:
+    its nf4 row (`quantized`) and its gguf row (`gguf`)."""
+    from meddistill.quantized_formats import requested_formats
 
+    formats = requested_formats(spec)
+    kinds = [k for k in spec.evaluation.models if k != "quantized" or "nf4" in formats]
+    return kinds + (["gguf"] if "quantized" in spec.evaluation.models and "gguf" in formats else [])
+
+
+def gguf_source(spec) -> str:
+    from meddistill.quantized_formats import GGUF_DIR, gguf_file_name
+
+    return f"{GGUF_DIR}/{gguf_file_name(spec.quantization.gguf_type)}"
+
+
+def run(ctx: StageContext, out: Path) -> StageOutput:
+    from meddistill.jobs import storage
     from meddistill.jobs.model_card import write_model_card
     from meddistill.jobs.results_table import build_results, markdown_table, plot
 
     spec = ctx.spec
     ev = spec.evaluation
-    sources = {
-        "base": spec.teacher.model,
-        "teacher": str(ctx.input_dir("teacher") / "model"),
-        "student": str(ctx.input_dir("distill") / "adapter"),
-        "quantized": str(ctx.input_dir("quantize")),
+    sources = {  # (artifact URI, folder in it): each task fetches its model onto its own node
+        "base": (None, spec.teacher.model),
+        "teacher": (ctx.input_uri("teacher"), "model"),
+        "student": (ctx.input_uri("distill"), "adapter"),
+        "quantized": (ctx.input_uri("quantize"), ""),
     }
     resources = spec.teacher.resources  # the largest model decides what a worker needs
     settings = {"batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "prompt_style": ev.prompt_style,
                 "quantization": spec.quantization.method, "scoring": ev.scoring, "gpus": resources.gpus_per_worker}
     datasets, excluded = evaluation_records(ctx)
-    task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker, max_calls=1)(evaluate_model)
+    task = storage.node_task(evaluate_on_node, out, num_cpus=resources.cpus_per_worker,
+                             num_gpus=resources.gpus_per_worker, max_calls=1)
     evals = {}
-    for kind in ev.models:  # one after another: latencies measured side by side must not share the CPU
-        evals[kind] = ray.get(task.remote(kind, sources[kind], datasets, settings, str(out)))
+    sources["gguf"] = (ctx.input_uri("quantize"), gguf_source(spec))
+    for kind in evaluated_models(spec):  # one after another: latencies measured side by side must not share the CPU
+        [evals[kind]] = storage.collect([task(kind, sources[kind], datasets, settings)], out)  # its reports reach `out`
         for r in evals[kind]:
             r["excluded"] = len(excluded[r["ref"]])
     results = build_results(evals, excluded, report_uri=ctx.uri("evaluate"), seed=ev.seed)

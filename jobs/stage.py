@@ -99,11 +99,22 @@ class StageContext:
         """A verified artifact of an earlier stage, or StageError saying how to make it."""
         directory = ArtifactStore(self.uri(stage)).fetch()
         if directory is None or verify(directory) is None:
-            raise StageError(
-                f"stage {stage!r} has no verified artifact at {self.uri(stage)} (spec.artifacts.uri="
-                f"{self.spec.artifacts.uri!r}); run that stage first: meddistill run FILE --stage {stage}"
-            )
+            raise self._missing(stage)
         return directory
+
+    def input_uri(self, stage: str) -> str:
+        """The URI of an earlier stage's finished artifact (its manifest is there), for Ray tasks
+        that fetch and verify it on their own node (storage.fetch_input): the driver downloads no
+        weights it does not read."""
+        if ArtifactStore(self.uri(stage)).fetch(only=()) is None:
+            raise self._missing(stage)
+        return self.uri(stage)
+
+    def _missing(self, stage: str) -> StageError:
+        return StageError(
+            f"stage {stage!r} has no verified artifact at {self.uri(stage)} (spec.artifacts.uri="
+            f"{self.spec.artifacts.uri!r}); run that stage first: meddistill run FILE --stage {stage}"
+        )
 
 
 def load_job_document(text: str) -> MedDistillJob:

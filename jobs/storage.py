@@ -10,23 +10,31 @@ working_dir), so what rank 0 writes on a worker node never appears in the driver
     checkpoints      Ray Train's storage_path is `<stage prefix>/ray_train` on S3 through a pyarrow
                      S3FileSystem built from the same AWS_* settings boto3 uses, so a retried stage
                      (new driver, other node) resumes from the latest checkpoint; removed on success
+    plain Ray tasks  (distill-data's teacher shards, evaluate's models) are started with node_task:
+                     each reads its inputs from the store into its own node's cache (fetch_input),
+                     writes into a fresh folder on its node and uploads it; `collect` returns their
+                     results and downloads what they uploaded into the driver's working dir
 
 A local `artifacts.uri` (a path or pvc://) must be the same filesystem on every node:
-`require_shared_filesystem` checks it on a multi-node cluster and refuses otherwise.
+`require_shared_filesystem` checks it on a multi-node cluster and refuses otherwise; there tasks
+write straight into the stage's folder.
 `run_stage` opens a `stage_scope` around the recipe, so the training helpers know the stage's URI
 without every recipe passing it along.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from meddistill.artifacts import MANIFEST, PROGRESS, ArtifactStore, bucket_prefix, contained_path, s3_client
+from meddistill.artifacts import MANIFEST, PROGRESS, ArtifactStore, bucket_prefix, contained_path, s3_client, verify
 
 NODE_OUTPUTS = ".node-outputs.json"  # {relative path: size} that rank 0 uploaded from its node
 CHECKPOINTS = "ray_train"  # Ray Train's storage under the stage (local dir or object prefix)
@@ -94,8 +102,13 @@ def checkpoint_storage(out_dir: Path) -> tuple[str, object | None, dict | None]:
     if scope is None or not scope.on_s3:
         return str(Path(out_dir) / CHECKPOINTS), None, None
     bucket, prefix = bucket_prefix(scope.uri)
-    env = {k: os.environ[k] for k in S3_ENV if os.environ.get(k)}
+    env = s3_env()
     return f"{bucket}/{prefix}/{CHECKPOINTS}", s3_filesystem(), {"env_vars": env} if env else None
+
+
+def s3_env() -> dict[str, str]:
+    """The driver's S3_ENV settings, for the runtime env of the Ray workers and tasks it starts."""
+    return {k: os.environ[k] for k in S3_ENV if os.environ.get(k)}
 
 
 def delete_checkpoints(uri: str) -> int:
@@ -120,15 +133,25 @@ def node_output_files(directory: Path) -> list[Path]:
     )
 
 
-def upload_node_outputs(directory: Path, uri: str) -> dict[str, int]:
-    """From the node that wrote them: upload a stage's files and NODE_OUTPUTS (last) listing them."""
+def upload_files(directory: Path, uri: str) -> dict[str, int]:
+    """From the node that wrote them: upload a stage's files (node_output_files) to its prefix;
+    returns the listing {relative path: size}."""
     s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
     listing = {}
     for path in node_output_files(directory):
         rel = str(path.relative_to(directory))
         s3.upload_file(str(path), bucket, f"{prefix}/{rel}")
         listing[rel] = path.stat().st_size
-    s3.put_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}", Body=json.dumps(listing).encode())
+    return listing
+
+
+def upload_node_outputs(directory: Path, uri: str) -> dict[str, int]:
+    """Rank 0's upload: the files, then NODE_OUTPUTS listing them and where they were written (the
+    driver of a Ray Train run gets no return value from a worker, so it reads this from the bucket)."""
+    listing = upload_files(directory, uri)
+    written = {"node": _node_id(), "dir": str(directory), "files": listing}
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}", Body=json.dumps(written).encode())
     return listing
 
 
@@ -139,22 +162,38 @@ def forget_node_outputs(uri: str) -> None:
 
 
 def pull_node_outputs(uri: str, target: Path) -> dict[str, int]:
-    """On the driver: download the files rank 0 listed in NODE_OUTPUTS into `target` (a copy of
-    the same size already there, as when rank 0 ran on this node, is kept); returns the listing."""
+    """On the driver: the files rank 0 listed in NODE_OUTPUTS, downloaded into `target` unless rank 0
+    wrote them there itself (same node, same folder); returns the listing.
+
+    Never "keep a local copy of the same size": a re-run's weights have the size of the earlier
+    run's copy still in the driver's cache, and the manifest would hash the old bytes.
+    """
     s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
     try:
         body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}")["Body"].read()
     except s3.exceptions.NoSuchKey:
         return {}
-    listing = json.loads(body)
-    for rel, size in listing.items():
-        path = contained_path(Path(target), rel, f"{uri}/{NODE_OUTPUTS}")
-        if path.is_file() and path.stat().st_size == size:
-            continue
+    written = json.loads(body)
+    if (written["node"], written["dir"]) != (_node_id(), str(target)):
+        download_files(uri, written["files"], target, f"{uri}/{NODE_OUTPUTS}")
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}")
+    return written["files"]
+
+
+def download_files(uri: str, listing: dict[str, int], target: Path, source: str) -> None:
+    """On the driver: the listed files of the stage's prefix into `target`, replacing what is
+    there. `source` names the listing in errors."""
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
+    for rel in listing:
+        path = contained_path(Path(target), rel, source)
         path.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, f"{prefix}/{rel}", str(path))
-    s3.delete_object(Bucket=bucket, Key=f"{prefix}/{NODE_OUTPUTS}")
-    return listing
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def publish(store: ArtifactStore, directory: Path, uploaded: dict[str, int]) -> None:
@@ -169,6 +208,65 @@ def publish(store: ArtifactStore, directory: Path, uploaded: dict[str, int]) -> 
         rel = str(path.relative_to(directory))
         if rel == MANIFEST or uploaded.get(rel) != path.stat().st_size:
             s3.upload_file(str(path), bucket, f"{prefix}/{rel}")
+
+
+def node_task(fn, out: Path, **ray_options):
+    """`fn(out_dir, *args)` as a Ray task of the current stage, on whatever node Ray picks:
+    call the returned function with `*args` to start one (an ObjectRef), `collect` the refs.
+
+    On an s3:// store the task writes into a fresh folder on its own node and uploads it, unless it
+    runs in the driver's process environment (same node, same cache): then, as on a local store
+    (one filesystem for all nodes), it writes straight into `out`. A folder per task keeps tasks
+    sharing a node from uploading each other's files, or an earlier run's.
+    """
+    import ray
+
+    scope = current()
+    on_s3 = scope is not None and scope.on_s3
+    if on_s3 and s3_env():  # the store's settings travel with the task (not the cache: each node has its own)
+        runtime_env = ray_options.get("runtime_env") or {}
+        ray_options["runtime_env"] = {**runtime_env, "env_vars": {**s3_env(), **runtime_env.get("env_vars", {})}}
+    remote = ray.remote(**ray_options)(_write_on_node) if ray_options else ray.remote(_write_on_node)  # max_calls: not an .options()
+    driver = (scope.uri if on_s3 else None, str(out), _node_id())
+    return functools.partial(remote.remote, fn, *driver)
+
+
+def _write_on_node(fn, stage_uri: str | None, driver_dir: str, driver_node: str, *args) -> tuple[object, dict[str, int]]:
+    """Inside the task: (fn's result, {relative path: size} of the files it uploaded)."""
+    if stage_uri is None:
+        return fn(driver_dir, *args), {}
+    here = ArtifactStore(stage_uri).working_dir()
+    if here == Path(driver_dir) and _node_id() == driver_node:
+        return fn(driver_dir, *args), {}
+    scratch = Path(tempfile.mkdtemp(prefix=".task-", dir=here.parent))  # beside the stage: the cache's disk
+    try:
+        result = fn(str(scratch), *args)
+        return result, upload_files(scratch, stage_uri)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # uploaded; a node's disk must not keep a copy
+
+
+def collect(refs: list, out: Path) -> list:
+    """The results of node_task refs, in order, once the files each task uploaded are in `out`
+    (recorded in the stage scope, so publish does not send them again)."""
+    import ray
+
+    scope, results = current(), []
+    for result, listing in ray.get(refs):
+        if listing:
+            download_files(scope.uri, listing, out, f"{scope.uri} (a task's uploads)")
+            scope.uploaded.update(listing)
+        results.append(result)
+    return results
+
+
+def fetch_input(uri: str) -> Path:
+    """In a task on any node: an earlier stage's artifact fetched into this node's cache (a local
+    store is read in place), verified against its manifest."""
+    directory = ArtifactStore(uri).fetch()
+    if directory is None or verify(directory) is None:
+        raise FileNotFoundError(f"{uri}: no verified artifact to read on this node; run that stage again")
+    return directory
 
 
 def worker_out_dir(config: dict) -> Path:

@@ -1,29 +1,57 @@
 """Several nodes, one S3 store: a Ray cluster of three nodes on this machine (ray.cluster_utils)
 whose worker nodes each have their own MEDDISTILL_CACHE, so the node the training worker writes on
 is never the driver's cache; artifacts on the moto S3 server (the same fixture as
-test_artifacts_s3). The teacher's rank 0 is killed after a checkpoint and must resume from S3."""
+test_artifacts_s3). The driver's cache is a path only the driver process can open, so a worker
+handed a driver path fails as it would on another machine. The teacher's rank 0 is killed after a
+checkpoint and must resume from S3."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import uuid
+from pathlib import Path
 
 import pytest
 
 from tests.test_artifacts_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
 CRASH_STEP = 2
+PRIVATE_FD = 900  # above anything this process opens; Ray's processes never inherit it (close_fds)
+
+
+@contextlib.contextmanager
+def driver_only_path(directory: Path):
+    """/proc/self/fd/N naming `directory`: in this process it is that directory, in any other
+    (every Ray worker) it does not exist, as a path on the driver machine's own disk would not."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs Linux /proc/self/fd to give the driver a disk the workers cannot see")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    os.dup2(fd, PRIVATE_FD)
+    os.close(fd)
+    try:
+        yield f"/proc/self/fd/{PRIVATE_FD}"
+    finally:
+        os.close(PRIVATE_FD)
 
 
 @pytest.fixture
 def multinode(s3_endpoint, tmp_path, monkeypatch):  # noqa: F811
     """(bucket, driver cache, node caches): a head with no CPUs (the driver's node runs no
-    workers) and two 2-CPU worker nodes, each with its own local cache."""
+    workers) and two 2-CPU worker nodes, each with its own local cache. The driver reaches its
+    cache (the returned folder) only through driver_only_path."""
+    with driver_only_path(tmp_path / "cache-driver") as driver_cache:
+        yield from _cluster(s3_endpoint, tmp_path, driver_cache, monkeypatch)
+
+
+def _cluster(s3_endpoint, tmp_path, driver_cache: str, monkeypatch):  # noqa: F811
     import boto3
     import ray
     from ray.cluster_utils import Cluster
 
     env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "MEDDISTILL_CACHE": str(tmp_path / "cache-driver")}
+           "AWS_DEFAULT_REGION": "us-east-1", "MEDDISTILL_CACHE": driver_cache}
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # the raylets inherit these; MEDDISTILL_CACHE is overridden per node
     bucket = f"mn-{uuid.uuid4().hex[:8]}"
