@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from meddistill.artifacts import local_path, stage_uri
+from meddistill.quantized_formats import GGUF_DIR, gguf_file_name, requested_formats
 
 IMPORT_PATH = "meddistill.serve.app:build_app"
 APP_NAME = "meddistill"
@@ -38,15 +39,28 @@ UPSCALE_DELAY_S = 10.0
 DOWNSCALE_DELAY_S = 60.0
 
 
-def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool) -> str:
-    """'vllm' or 'transformers' for a replica. auto: vLLM where the replica has a GPU and vllm imports.
+def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool, formats: tuple[str, ...] = ("nf4",),
+                llamacpp_installed: bool = False) -> str:
+    """'vllm', 'llamacpp' or 'transformers' for a replica. auto: vLLM where the replica has a GPU and
+    vllm imports; llama.cpp on CPU where the job made the gguf format and llama_cpp imports; else
+    our transformers engine (which serves nf4).
 
     Decided where the app runs (`app.build_app`, on the cluster, with the serving image), never when
     the operator renders the config: the operator has neither the image's packages nor GPUs.
     """
+    if requested == "llamacpp" and "gguf" not in formats:
+        raise ValueError(f"serving.engine llamacpp serves the gguf format, but quantization.formats is {list(formats)}; "
+                         f"add gguf to quantization.formats or set serving.engine auto")
+    if requested in ("transformers", "vllm") and "nf4" not in formats:
+        raise ValueError(f"serving.engine {requested} serves the nf4 format, but quantization.formats is {list(formats)}; "
+                         f"add nf4 to quantization.formats or set serving.engine auto")
     if requested != "auto":
         return requested
-    return "vllm" if gpu and vllm_installed else "transformers"
+    if gpu and vllm_installed and "nf4" in formats:
+        return "vllm"
+    if not gpu and "gguf" in formats and (llamacpp_installed or "nf4" not in formats):
+        return "llamacpp"
+    return "transformers"
 
 
 def may_use_vllm(serving: Any) -> bool:
@@ -125,11 +139,14 @@ def chat_system_prompt(serving: Any) -> str:
 
 
 def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", quantization_method: str = "none",
-                 engine: str | None = None, overrides: dict | None = None) -> dict:
+                 engine: str | None = None, overrides: dict | None = None, formats: list[str] | None = None,
+                 gguf_type: str = "Q4_K_M") -> dict:
     """The JSON-serialisable args of `build_app` (also `serveConfigV2.applications[0].args`).
 
     `engine` stays as the spec says (`auto` is decided by `build_app` where it runs).
     `overrides` replaces deployment options (tests shorten autoscaling delays with it).
+    `formats` are the quantize artifact's formats (quantized_formats.requested_formats); with gguf,
+    `gguf_file` is where the llama.cpp engine finds it in the artifact.
     """
     engine = engine or serving.engine
     args: dict[str, Any] = {
@@ -144,7 +161,10 @@ def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", q
         "log_prompts": serving.log_prompts,
         "chat_system_prompt": chat_system_prompt(serving),
         "deployment": deployment_options(serving, overrides),
+        "formats": list(formats or ["nf4"]),
     }
+    if "gguf" in args["formats"]:
+        args["gguf_file"] = f"{GGUF_DIR}/{gguf_file_name(gguf_type)}"
     if engine == "vllm" or (engine == "auto" and may_use_vllm(serving)):
         args["llm_config"] = llm_config(serving, model_uri, quantization_method)
     return args
@@ -154,7 +174,8 @@ def app_args(job: Any, model_uri: str | None = None, *, engine: str | None = Non
              overrides: dict | None = None) -> dict:
     """`serving_args` for a job: its serving section, eval prompt style and quantized student."""
     return serving_args(job.spec.serving, model_uri or model_uri_for(job), prompt_style=job.spec.evaluation.prompt_style,
-                        quantization_method=job.spec.quantization.method, engine=engine, overrides=overrides)
+                        quantization_method=job.spec.quantization.method, engine=engine, overrides=overrides,
+                        formats=requested_formats(job.spec), gguf_type=job.spec.quantization.gguf_type)
 
 
 def auth_env(job: Any) -> list[dict]:
