@@ -23,7 +23,9 @@ import yaml
 
 from meddistill import __version__
 from meddistill.artifacts import MANIFEST, sha256_file
+from meddistill.gate import OVERRIDE_ANNOTATION, judge
 from meddistill.lineage import CARD_JSON, hash_tree, tree_digest
+from meddistill.spec.models import Results
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ def build_card(ctx, stage_dirs: dict[str, Path], results: dict, results_md: str)
                                                       "memoryReductionPct", "latencyReductionPct")},
             "results_md": results_md,
         },
-        "gate": gate_entry(spec),
+        "gate": gate_entry(spec, results),
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS + [f"{d['ref']}: {d['caveat']}" for d in datasets if d.get("caveat")],
         "lineage": [
@@ -216,12 +218,37 @@ def quantization_format(config: dict) -> str:
     return f"bitsandbytes {method}{extra}, compute {config.get('computeDtype', '')}, skipped {config.get('skipModules', [])}"
 
 
-def gate_entry(spec) -> dict:
-    gate = getattr(spec.serving, "gate", None)
-    if gate is None:
-        return {"configured": False, "verdict": "no evaluation gate configured (serving.gate)"}
-    return {"configured": True, "spec": gate.model_dump(by_alias=True, mode="json"),
-            "verdict": "decided by the operator before serving; see the EvaluationGate condition in status"}
+def gate_entry(spec, results: dict) -> dict:
+    """The evaluation gate's verdict on this table, by the operator's own rule (meddistill/gate.py).
+
+    The card is sealed by the evaluate stage's manifest before the operator judges, so it cannot carry
+    an override (an annotation on the job): the operator records that in status.gate, and the card says so.
+    """
+    gate = spec.serving.gate
+    if not gate.enabled:
+        return {"configured": False, "verdict": "No evaluation gate configured (serving.gate.enabled is false): "
+                                                "the model is served without one."}
+    verdict = judge(gate, Results.model_validate(results), spec.evaluation)
+    return {"configured": True, "spec": gate.model_dump(by_alias=True, mode="json"), "passed": verdict.status.passed,
+            "checks": [c.model_dump(by_alias=True, mode="json") for c in verdict.status.checks],
+            "verdict": f"Evaluation gate {'passed' if verdict.status.passed else 'FAILED'} (computed by the evaluate "
+                       f"stage with the operator's rule): {verdict.summary()}.",
+            "override": f"Not recorded here: the card is written before the operator judges. An override "
+                        f"({OVERRIDE_ANNOTATION}: \"NAME: REASON\") is recorded in the job's status.gate "
+                        f"(overriddenBy, overrideReason) and its EvaluationGate condition."}
+
+
+def gate_lines(gate: dict) -> list[str]:
+    """The gate's checks as a table, and where an override is recorded."""
+    if not gate["configured"]:
+        return []
+
+    def value(c):
+        return "n/a" if c["value"] is None else f"{c['value']:.3g}"
+
+    rows = [f"| {c['name']} | {c['dataset'] or 'all pooled'} | {value(c)} | {c['threshold']} | {'yes' if c['passed'] else 'NO'} |"
+            for c in gate["checks"]]
+    return ["| check | dataset | value | threshold | passed |", "|---|---|---|---|---|", *rows, "", gate["override"], ""]
 
 
 def render_markdown(card: dict) -> str:
@@ -268,8 +295,9 @@ def render_markdown(card: dict) -> str:
             f"Harness: {card['evaluation']['harness']}; scoring: {', '.join(card['evaluation']['scoring'])}; "
             f"seed {card['evaluation']['seed']}, limit {card['evaluation']['limit']} per dataset.", "",
             re.sub(r"^# .*\n+", "", card["evaluation"]["results_md"]).strip(), "",
-            "## Evaluation gate", "", card["gate"]["verdict"], "",
-            "## Lineage", "", "From data to served weights; each stage records the sha256 of the manifests it was built from. "
+            "## Evaluation gate", "", card["gate"]["verdict"], ""]
+    out += gate_lines(card["gate"])
+    out += ["## Lineage", "", "From data to served weights; each stage records the sha256 of the manifests it was built from. "
             "Check it with `meddistill verify JOB_DIR`.", "",
             "| stage | manifest sha256 | built from |", "|---|---|---|"]
     for link in card["lineage"]:

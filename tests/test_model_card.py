@@ -147,3 +147,36 @@ def test_run_summary_points_to_the_card(card, capsys):
     print_summary(ctx, [], 0)
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert f"model card: {Path(ctx.uri('evaluate')) / 'README.md'}" in out and "meddistill verify" in out
+
+
+def test_card_states_the_gate_verdict_and_where_an_override_is_recorded(tiny_pipeline):
+    """The same artifacts, judged under a gate whose floor sits just above the measured accuracy."""
+    from meddistill.gate import OVERRIDE_ANNOTATION
+    from meddistill.jobs.evaluate import upstream_manifests
+    from meddistill.jobs.model_card import build_card, render_markdown
+    from meddistill.jobs.stage import StageContext
+    from meddistill.spec.models import MedDistillJob
+
+    ctx, _ = tiny_pipeline
+    out = Path(ctx.uri("evaluate"))
+    results = json.loads((out / "results.json").read_text())
+    ref = ctx.spec.evaluation.datasets[0]
+    measured = next(r["accuracy"] for r in results["rows"]
+                    if r["model"] == "quantized" and r["dataset"] == ref and r["scoring"] == "generative")
+    assert measured < 1.0  # a random tiny model: there is room above it
+    floor = round(min(1.0, measured + 0.01), 2)
+    doc = ctx.job.model_dump(by_alias=True, mode="json", exclude_none=True)
+    doc["spec"]["serving"]["gate"] = {"enabled": True, "notWorseThanBase": False,
+                                      "minAccuracy": [{"dataset": ref, "minAccuracy": floor}]}
+    gated = StageContext(MedDistillJob.model_validate(doc), ctx.base_dir)
+
+    data = build_card(gated, upstream_manifests(gated), results, (out / "results.md").read_text())
+    gate = data["gate"]
+    assert gate["configured"] and gate["passed"] is False
+    assert [(c["name"], c["value"], c["threshold"], c["passed"]) for c in gate["checks"]] == [
+        ("minAccuracy", measured, floor, False)]
+    assert f"accuracy {measured:.2f} < {floor:.2f}" in gate["verdict"] and "FAILED" in gate["verdict"]
+    readme = render_markdown(data)
+    section = readme.split("\n## Evaluation gate\n", 1)[1].split("\n## ", 1)[0]
+    assert f"| minAccuracy | {ref} | {measured:.3g} | {floor} | NO |" in section
+    assert OVERRIDE_ANNOTATION in section and "status.gate" in section
