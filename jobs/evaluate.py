@@ -75,7 +75,12 @@ def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: 
     """One Ray task: load one model, evaluate it on every dataset, write its detail reports."""
     from meddistill.evaluation import evaluate, write_report
 
-    model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"], settings["gpus"])
+    if kind == "gguf":  # the llama.cpp format, scored by the same harness (meddistill/evaluation/llamacpp.py)
+        from meddistill.evaluation.llamacpp import load_gguf_for_eval
+
+        model, tokenizer, dtype = load_gguf_for_eval(Path(source), settings["batch_size"])
+    else:
+        model, tokenizer, dtype = load_for_eval(kind, source, settings["quantization"], settings["gpus"])
     results = []
     for ref, records in datasets.items():
         for scoring in settings["scoring"]:
@@ -148,6 +153,22 @@ def upstream_manifests(ctx: StageContext) -> dict[str, Path]:
             for stage in pipeline_stages(ctx.spec) if stage != "evaluate"}
 
 
+def evaluated_models(spec) -> list[str]:
+    """evaluation.models, where `quantized` stands for every format the quantize stage made:
+    its nf4 row (`quantized`) and its gguf row (`gguf`)."""
+    from meddistill.quantized_formats import requested_formats
+
+    formats = requested_formats(spec)
+    kinds = [k for k in spec.evaluation.models if k != "quantized" or "nf4" in formats]
+    return kinds + (["gguf"] if "quantized" in spec.evaluation.models and "gguf" in formats else [])
+
+
+def gguf_source(spec) -> str:
+    from meddistill.quantized_formats import GGUF_DIR, gguf_file_name
+
+    return f"{GGUF_DIR}/{gguf_file_name(spec.quantization.gguf_type)}"
+
+
 def run(ctx: StageContext, out: Path) -> StageOutput:
     from meddistill.jobs import storage
     from meddistill.jobs.model_card import write_model_card
@@ -168,7 +189,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     task = storage.node_task(evaluate_on_node, out, num_cpus=resources.cpus_per_worker,
                              num_gpus=resources.gpus_per_worker, max_calls=1)
     evals = {}
-    for kind in ev.models:  # one after another: latencies measured side by side must not share the CPU
+    sources["gguf"] = (ctx.input_uri("quantize"), gguf_source(spec))
+    for kind in evaluated_models(spec):  # one after another: latencies measured side by side must not share the CPU
         [evals[kind]] = storage.collect([task(kind, sources[kind], datasets, settings)], out)  # its reports reach `out`
         for r in evals[kind]:
             r["excluded"] = len(excluded[r["ref"]])

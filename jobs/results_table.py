@@ -17,10 +17,12 @@ from pathlib import Path
 from meddistill.evaluation.stats import mcnemar_exact, paired_bootstrap, verdict
 from meddistill.spec.models import Comparison, ExcludedQuestions, Reductions, Results, ResultRow
 
-ORDER = ("base", "teacher", "student", "quantized")
-# (a, b): b - a. The last pair is what the evaluation gate's notWorseThanBase reads (meddistill/gate.py):
+# gguf: the quantize artifact's llama.cpp format (quantization.formats), when it was made.
+ORDER = ("base", "teacher", "student", "quantized", "gguf")
+# (a, b): b - a. ("base", "quantized") is what the evaluation gate's notWorseThanBase reads (meddistill/gate.py):
 # the whole pipeline's effect on the served model, paired on the same questions.
-PAIRS = (("base", "teacher"), ("teacher", "student"), ("student", "quantized"), ("base", "quantized"))
+PAIRS = (("base", "teacher"), ("teacher", "student"), ("student", "quantized"), ("base", "quantized"),
+         ("student", "gguf"))
 
 
 def result_row(kind: str, r: dict) -> ResultRow:
@@ -167,6 +169,21 @@ def paper_line(results: Results) -> str:
     )
 
 
+def gguf_line(results: Results) -> str | None:
+    """The gguf student against the 16-bit student, as the paper's comparison (generative rows)."""
+    rows = {kind: [r for r in results.rows if r.model == kind and r.scoring == "generative"] for kind in ("student", "gguf")}
+    if not rows["gguf"] or not rows["student"]:
+        return None
+    r = reductions(rows["gguf"], rows["student"])
+    deltas = [f"{c.dataset} {c.delta_pct_points:+.1f} points (p={c.p_value:.2g})" for c in results.comparisons
+              if (c.a, c.b) == ("student", "gguf") and not c.dataset.endswith("[loglik]")]
+    return (
+        f"GGUF student ({rows['gguf'][0].dtype}) vs 16-bit student: weight memory {_minus(r.memory_reduction_pct)}, "
+        f"latency {_minus(r.latency_reduction_pct)} (b1), per token {_minus(r.per_token_latency_reduction_pct)}, "
+        f"accuracy {', '.join(deltas) or 'n/a'}."
+    )
+
+
 def teacher_line(results: Results) -> str | None:
     t = results.teacher_vs_quantized
     if t is None:
@@ -226,8 +243,9 @@ def markdown_table(results: Results) -> str:
         lines += ["", md(COMPARISON_COLUMNS), md(["---"] * len(COMPARISON_COLUMNS))]
         lines += [md(comparison_cells(c)) for c in results.comparisons]
     lines += ["", paper_line(results)]
-    if (second := teacher_line(results)) is not None:
-        lines += ["", second]
+    for extra in (gguf_line(results), teacher_line(results)):
+        if extra is not None:
+            lines += ["", extra]
     for line in excluded_lines(results):
         lines += ["", line]
     return "\n".join(lines) + "\n"

@@ -382,7 +382,10 @@ class Serving(SpecModel):
     model_config = ConfigDict(json_schema_extra=_cel(*RULES))
 
     enabled: bool = Field(True, description="Deploy the quantized student after evaluation.")
-    engine: Literal["auto", "transformers", "vllm"] = Field("auto", description="auto: vLLM (Ray Serve LLM) on GPU, our transformers engine on CPU.")
+    engine: Literal["auto", "transformers", "vllm", "llamacpp"] = Field(
+        "auto",
+        description="auto: vLLM (Ray Serve LLM) on GPU; on CPU llama.cpp when quantization.formats has gguf, else our transformers engine. llamacpp: the gguf format with continuous batching.",
+    )
     model_name: str = Field("meddistill-student", min_length=1, description="Model id clients send in the OpenAI API.")
     min_replicas: int = Field(1, ge=0, le=1000, description="Autoscaling floor.")
     initial_replicas: int | None = Field(None, ge=0, le=1000, description="Replicas at start (default minReplicas).")
