@@ -267,7 +267,7 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
             why = recorded_why or f"{latest.name} failed: {latest.reason or 'Failed'}: {latest.message or 'no message'}"
             grace = ARTIFACT_GRACE_SECONDS if latest.reason == "ArtifactMissing" else 0
             recorded_end = prev_st.end_time if prev_st and prev_st.child == latest.name else ""
-            failed_at = failure_time(latest.end_time, recorded_end, now, grace)
+            failed_at = failure_time(_parse_time(latest.end_time), _parse_time(recorded_end), now, grace)
             st = st.model_copy(update={"end_time": rfc3339(failed_at)})  # later reconciles wait from the same time
             start_at = retry_at(latest.attempt, failed_at)
             if latest.attempt > backoff:

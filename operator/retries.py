@@ -18,20 +18,13 @@ def retry_delay_seconds(failed_attempt: int) -> float:
     return min(RETRY_BASE_SECONDS * 2 ** max(failed_attempt - 1, 0), RETRY_MAX_SECONDS)
 
 
-def parse_time(text: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
-    except ValueError:
-        return None
-
-
-def failure_time(run_end: str, recorded_end: str, now: datetime, grace_seconds: float = 0.0) -> datetime:
+def failure_time(run_end: datetime | None, recorded_end: datetime | None, now: datetime,
+                 grace_seconds: float = 0.0) -> datetime:
     """When a run failed: its own end time (+ any grace it was given), else the time the operator
     first saw the failure and recorded in status, else now (the first sight)."""
-    ended = parse_time(run_end)
-    if ended is not None:
-        return ended + timedelta(seconds=grace_seconds)
-    return parse_time(recorded_end) or now
+    if run_end is not None:
+        return run_end + timedelta(seconds=grace_seconds)
+    return recorded_end or now
 
 
 def retry_at(failed_attempt: int, failed_at: datetime) -> datetime:
