@@ -226,7 +226,8 @@ def node_task(fn, out: Path, **ray_options):
     if on_s3 and s3_env():  # the store's settings travel with the task (not the cache: each node has its own)
         runtime_env = ray_options.get("runtime_env") or {}
         ray_options["runtime_env"] = {**runtime_env, "env_vars": {**s3_env(), **runtime_env.get("env_vars", {})}}
-    remote = ray.remote(**ray_options)(_write_on_node) if ray_options else ray.remote(_write_on_node)  # max_calls: not an .options()
+    # ray.remote, not .options(): Ray accepts max_calls (evaluate's fresh process per model) only there
+    remote = ray.remote(**ray_options)(_write_on_node) if ray_options else ray.remote(_write_on_node)
     driver = (scope.uri if on_s3 else None, str(out), _node_id())
     return functools.partial(remote.remote, fn, *driver)
 
@@ -265,7 +266,9 @@ def fetch_input(uri: str) -> Path:
     store is read in place), verified against its manifest."""
     directory = ArtifactStore(uri).fetch()
     if directory is None or verify(directory) is None:
-        raise FileNotFoundError(f"{uri}: no verified artifact to read on this node; run that stage again")
+        stage = uri.rstrip("/").rsplit("/", 1)[-1]
+        raise FileNotFoundError(f"{uri}: no artifact there, or its files do not match its manifest as fetched on this "
+                                f"node; run that stage again: meddistill run FILE --stage {stage} --force")
     return directory
 
 

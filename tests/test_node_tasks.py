@@ -89,3 +89,10 @@ def test_rank0_files_written_in_the_drivers_folder_are_not_downloaded_again(buck
     boto3.client("s3").put_object(Bucket=bucket, Key="runs/job/teacher/w.bin", Body=b"nope")  # a download would show
     assert storage.pull_node_outputs(uri, target) == {"w.bin": 4}
     assert (target / "w.bin").read_bytes() == b"mine"
+
+
+def test_a_task_reading_a_missing_input_says_which_stage_to_run(bucket):  # noqa: F811
+    from meddistill.jobs import storage
+
+    with pytest.raises(FileNotFoundError, match=r"--stage teacher"):
+        storage.fetch_input(f"s3://{bucket}/runs/job/teacher")
