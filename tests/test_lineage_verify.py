@@ -104,3 +104,23 @@ def test_no_job_dir_is_an_error_not_a_pass(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert main(["verify", str(tmp_path)]) == 2
     assert "no stage folders" in capsys.readouterr().err
+
+
+def test_the_operators_check_before_serving_refuses_one_changed_byte_naming_the_file(tiny_pipeline, copy):
+    """operator/served_lineage.py on the real run: what the planner reads before it creates a serving app."""
+    from meddistill.operator import served_lineage
+    from meddistill.operator.planner import Observed
+    from meddistill.spec.models import MedDistillJob
+
+    ctx, _ = tiny_pipeline
+    doc = ctx.job.model_dump(by_alias=True, mode="json", exclude_none=True)
+    doc["spec"]["artifacts"]["uri"] = str(copy.parent)
+    doc["status"] = {"stages": [{"name": "evaluate", "state": "Succeeded", "artifactDigest": "x"}]}
+    job = MedDistillJob.model_validate(doc)
+
+    ok = served_lineage.check(job, Observed())
+    assert ok.verified and not ok.problems and ok.model_card == f"{copy}/evaluate/README.md"
+    flip_byte(copy / "quantize" / "model.safetensors")
+    refused = served_lineage.check(job, Observed())  # the file's mtime moved: re-hashed, not the cached verdict
+    assert refused.verified is False
+    assert [p.split(":")[0] for p in refused.problems] == ["quantize/model.safetensors"]
