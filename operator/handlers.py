@@ -1,10 +1,10 @@
 """kopf handlers: read -> plan -> write. All decisions are in planner.py, all children in backends/.
 
 Every trigger (a MedDistillJob event, an event of one of its labelled RayJobs/RayServices, the
-periodic resync) ends in `reconcile(namespace, name)`: read the job fresh, observe its children
-through its backend and its artifacts, `plan()`, let the backend apply the plan, write the status
-whole. What the job's owner must unblock (ReconcileBlocked: a foreign child, a refused create, an
-unreadable artifact store) becomes a condition and a Warning event naming the cause and the fix.
+periodic resync, a retry's backoff ending) ends in `reconcile(namespace, name)`: read the job fresh,
+observe its children through its backend and its artifacts, `plan()`, let the backend apply the
+plan, write the status whole. What the job's owner must unblock (ReconcileBlocked: a foreign child,
+a refused create, an unreadable store) becomes a condition and a Warning event naming cause and fix.
 
 No finalizer: kopf only adds one for deletion handlers, timers and daemons, and this module has
 none of them (the periodic resync is a plain asyncio task started at startup). Deleting a job
@@ -35,7 +35,7 @@ from .backends.kuberay_objects import LABEL_JOB, RAY_GROUP, RAY_VERSION, RAYJOBS
 from .failures import ReconcileBlocked
 from .job_writes import custom_api, post_event, refuse, write_blocked, write_status
 from .planner import plan
-from .stage_artifacts import with_artifacts
+from .stage_artifacts import readable_store, with_artifacts
 
 log = logging.getLogger("meddistill.operator")
 
@@ -48,18 +48,16 @@ class Config:
     ray_address: str = ""  # jobs whose spec.ray.address is empty run here; empty: KubeRay
 
 
+# Job events, child events and timers run concurrently in kopf's thread pool: one reconcile per job.
 _locks: dict[tuple[str, str], threading.Lock] = {}
+_timers: dict[tuple[str, str], threading.Timer] = {}
 _locks_guard = threading.Lock()
 
 
-def _lock(key: tuple[str, str]) -> threading.Lock:
-    # Job events and child events run concurrently in kopf's thread pool: one reconcile per job.
-    with _locks_guard:
-        return _locks.setdefault(key, threading.Lock())
-
-
 def reconcile(namespace: str, name: str) -> None:
-    with _lock((namespace, name)):
+    with _locks_guard:
+        lock = _locks.setdefault((namespace, name), threading.Lock())
+    with lock:
         started = time.monotonic()
         try:
             _reconcile(namespace, name)
@@ -102,8 +100,9 @@ def _reconcile(namespace: str, name: str) -> None:
         log.warning("%s/%s: ignoring an unreadable status: %s", namespace, name, e)
     try:
         backend = backends.for_job(job, Config.ray_address)
-        observed = with_artifacts(job, replace(backend.observe(job, meta["uid"]), target=backend.endpoint(job)))
-        observed = replace(observed, lineage=served_lineage.check(job, observed))  # re-hashed before serving
+        with readable_store():
+            observed = with_artifacts(job, replace(backend.observe(job, meta["uid"]), target=backend.endpoint(job)))
+            observed = replace(observed, lineage=served_lineage.check(job, observed))  # re-hashed before serving
         p = plan(job, observed, datetime.now(timezone.utc))
         backend.apply(job, meta["uid"], p)
     except ReconcileBlocked as e:
@@ -114,6 +113,18 @@ def _reconcile(namespace: str, name: str) -> None:
         log.info("%s/%s: phase %s stage %s", namespace, name, p.status["phase"], p.status.get("currentStage") or "-")
     for ev in p.events:
         post_event(body, ev.type, ev.reason, ev.message)
+    if p.requeue_after is not None:
+        _requeue(namespace, name, p.requeue_after)
+
+
+def _requeue(namespace: str, name: str, seconds: float) -> None:
+    """Reconcile when a retry's backoff ends, not at the next resync (one pending timer per job)."""
+    with _locks_guard:
+        if (old := _timers.get((namespace, name))) is not None:
+            old.cancel()
+        timer = _timers[(namespace, name)] = threading.Timer(seconds + 0.5, reconcile, (namespace, name))
+        timer.daemon = True
+        timer.start()
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,13 +150,9 @@ async def _cleanup(memo: kopf.Memo, **_) -> None:
 
 
 def _echo_of_own_write(type: str | None, body: kopf.Body) -> bool:
-    """Events that only echo what this operator just wrote; skipping them halves API traffic.
-
-    A job MODIFIED event whose status already reflects its generation is our status write coming
-    back (a spec change bumps the generation); a child ADDED without status is our create. The
-    initial listing (type None, i.e. resume after a restart) is always reconciled, and the periodic
-    resync backs up anything skipped here.
-    """
+    """Events that only echo what this operator just wrote (skipping them halves API traffic): a job
+    MODIFIED whose status reflects its generation (a spec change bumps it), a child ADDED without
+    status. The initial listing (type None) is always reconciled; the resync backs up the rest."""
     if type == "MODIFIED" and body.get("kind") == KIND:
         status = body.get("status") or {}
         return status.get("observedGeneration") == body.metadata.get("generation")

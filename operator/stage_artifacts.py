@@ -9,6 +9,7 @@ planner's grace period, re-run a stage that succeeded.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,11 +23,7 @@ from .planner import ArtifactRecord, Observed
 def read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
     """The stage's manifest (and results.json for evaluate) through the artifact store."""
     uri = artifacts.stage_uri(job.spec.artifacts.uri, job.metadata.name, stage)
-    try:
-        directory = artifacts.ArtifactStore(uri).fetch(only={"results.json"} if stage == "evaluate" else set())
-    except artifacts.ArtifactStoreUnavailable as e:
-        raise ReconcileBlocked(f"stage {stage} finished, but its artifact cannot be read: {e}",
-                               ARTIFACT_STORE_UNAVAILABLE) from None
+    directory = artifacts.ArtifactStore(uri).fetch(only={"results.json"} if stage == "evaluate" else set())
     if directory is None:
         return None
     manifest = artifacts.read_manifest(directory)
@@ -39,6 +36,16 @@ def read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
             return None  # the evaluate artifact is not complete without its table
         results = json.loads(path.read_text())
     return ArtifactRecord(uri=uri, digest=manifest.digest, results=results)
+
+
+@contextmanager
+def readable_store():
+    """Everything the reconcile reads from the store (manifests, results, the served lineage) under one
+    rule: a store that cannot be read blocks the reconcile with a condition; it is never 'no artifact'."""
+    try:
+        yield
+    except artifacts.ArtifactStoreUnavailable as e:
+        raise ReconcileBlocked(f"the artifact store cannot be read: {e}", ARTIFACT_STORE_UNAVAILABLE) from None
 
 
 def with_artifacts(job: MedDistillJob, observed: Observed) -> Observed:
