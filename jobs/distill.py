@@ -16,8 +16,12 @@ Features: the student is spec.student.model or the teacher pruned to derive.keep
 The frozen base (and an online teacher) sit on the worker's device in training.precision, the
 fp32 adapters compute under autocast (fp16 with loss scaling). Examples reach the workers through
 Ray Data; the step loop is the teacher's (train_loop.py). Checkpoints (adapter + optimizer +
-scheduler + step) every checkpointEverySteps; a restarted worker or run resumes from the latest. Output: <artifact>/adapter (PEFT, base = <artifact>/base
-for a derived student), merged into the base by the quantize stage.
+scheduler + step) every checkpointEverySteps; a restarted worker or run resumes from the latest.
+Workers on any node get their inputs by URI, never by a driver path: the pruned base (the
+artifact's base/, uploaded before training) and an online teacher are fetched and verified on
+the worker's own node (storage.fetch_input). Output: <artifact>/adapter (PEFT; its base is
+spec.student.model, or `../base`, the pruned base beside it, so the artifact loads wherever it is
+fetched), merged into the base by the quantize stage.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from meddistill.jobs.stage import StageContext, StageError, StageOutput
 log = logging.getLogger(__name__)
 TEACHER_KEYS = ("topk_ids", "bucket_logprobs", "topk_probs")
 RERUN = "re-run: meddistill run FILE --stage distill-data --force"
+DERIVED_BASE = "../base"  # the adapter's base for a pruned student: relative to the adapter folder
 
 
 def collate_distill(examples: list[dict], pad_id: int):
@@ -142,8 +147,13 @@ def distill_loop(config: dict) -> None:
     autocast = (torch.autocast(device.type, dtype=getattr(torch, tc.PRECISION_DTYPES[precision]))
                 if precision != "fp32" else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    peft_model, tokenizer = build_student(config["base"], training, student.lora, device, precision)
-    teacher = load_online_teacher(config["teacher_dir"], device, precision) if config.get("online") else None
+    from meddistill.jobs import storage
+
+    # inputs by URI, fetched onto this worker's node: the driver's paths do not exist here
+    base = str(storage.fetch_input(config["base_uri"], stage="distill")) if config["base_uri"] else config["base"]
+    peft_model, tokenizer = build_student(base, training, student.lora, device, precision)
+    teacher = (load_online_teacher(str(storage.fetch_input(config["teacher_uri"]) / "model"), device, precision)
+               if config["online"] else None)
     model = ray.train.torch.prepare_model(peft_model, move_to_device=False)  # DDP when world > 1; already placed
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate, weight_decay=training.weight_decay)
@@ -183,7 +193,7 @@ def distill_loop(config: dict) -> None:
     if rank == 0:
         target = Path(config["out_dir"]) / "adapter"
         shutil.rmtree(target, ignore_errors=True)
-        peft_model.peft_config["default"].base_model_name_or_path = config["base"]
+        peft_model.peft_config["default"].base_model_name_or_path = config["adapter_base"]
         peft_model.save_pretrained(target)
 
 
@@ -260,18 +270,22 @@ def check_cache_settings(cache: Path, dist) -> None:
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:
+    from meddistill.jobs import storage
     from meddistill.jobs.student import materialize_student_base
 
     spec = ctx.spec
     student = spec.student
-    teacher_dir = ctx.input_dir("teacher") / "model"
+    teacher_dir = ctx.input_dir("teacher") / "model"  # here for pruning and the tokenizer check
     base = materialize_student_base(ctx, teacher_dir, out / "base")
+    derived = student.model is None
     examples = student_examples(ctx, base)
     total = tc.total_steps(len(examples), tc.ranks(student.resources), student.training)
     log.info("distill (%s): %d examples, %d steps, base %s", spec.distillation.mode, len(examples), total, base)
     config = {
-        "student": student.model_dump(), "distillation": spec.distillation.model_dump(), "base": base,
-        "teacher_dir": str(teacher_dir), "online": spec.distillation.teacher_cache == "online",
+        "student": student.model_dump(), "distillation": spec.distillation.model_dump(),
+        "base": None if derived else base, "base_uri": storage.share_with_workers(out / "base") if derived else None,
+        "adapter_base": DERIVED_BASE if derived else base,
+        "teacher_uri": ctx.input_uri("teacher"), "online": spec.distillation.teacher_cache == "online",
         "total_steps": total, "out_dir": str(out), "crash_after": tc.crash_after_from_env(),
     }
     run_config = tc.run_config(out, f"{ctx.name}-distill", spec.run_policy.backoff_limit)
@@ -281,5 +295,6 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     metrics = {k: result.metrics[k] for k in ("step", "loss", "ce", "kd", "resumed_from_step") if k in result.metrics}
     metrics["train_examples"] = len(examples)
     shutil.rmtree(out / "ray_train", ignore_errors=True)  # the adapter supersedes crash-recovery checkpoints
-    config_out = {"student": student.model_dump(by_alias=True), "distillation": spec.distillation.model_dump(by_alias=True), "base": base}
+    config_out = {"student": student.model_dump(by_alias=True), "distillation": spec.distillation.model_dump(by_alias=True),
+                  "base": config["adapter_base"]}
     return StageOutput(config=config_out, metrics=metrics)

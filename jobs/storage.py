@@ -125,12 +125,37 @@ def delete_checkpoints(uri: str) -> int:
 
 
 def node_output_files(directory: Path) -> list[Path]:
-    """The stage files a node wrote: everything but checkpoints, scratch and the manifest."""
+    """The stage files a node wrote: everything but checkpoints, scratch, the manifest and the
+    folders with a manifest of their own (inputs fetched onto the node: distill's pruned base)."""
     directory = Path(directory)
+    fetched = {p.parent for p in directory.rglob(MANIFEST) if p.parent != directory}
     return sorted(
         p for p in directory.rglob("*")
         if p.is_file() and p.name not in _NOT_OUTPUTS and p.relative_to(directory).parts[0] != CHECKPOINTS
+        and not fetched.intersection(p.parents)
     )
+
+
+def share_with_workers(directory: Path) -> str:
+    """On the driver, before training: a folder of the stage that its workers read (distill's
+    pruned base, with its own manifest) as a URI that fetch_input opens on any node. On an s3://
+    store it is uploaded under the stage's prefix (unless the bucket holds the same manifest
+    already) and recorded, so publish does not send it again; a local store is read in place."""
+    directory, scope = Path(directory), current()
+    if scope is None or not scope.on_s3:
+        return str(directory)
+    rel = directory.relative_to(ArtifactStore(scope.uri).working_dir())
+    uri = f"{scope.uri}/{rel}"
+    s3, (bucket, prefix) = s3_client(), bucket_prefix(uri)
+    try:
+        same = s3.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read() == (directory / MANIFEST).read_bytes()
+    except s3.exceptions.NoSuchKey:
+        same = False
+    if not same:
+        ArtifactStore(uri).publish(directory)
+    scope.uploaded.update({str(rel / p.relative_to(directory)): p.stat().st_size
+                           for p in directory.rglob("*") if p.is_file()})
+    return uri
 
 
 def upload_files(directory: Path, uri: str) -> dict[str, int]:
@@ -261,12 +286,13 @@ def collect(refs: list, out: Path) -> list:
     return results
 
 
-def fetch_input(uri: str) -> Path:
-    """In a task on any node: an earlier stage's artifact fetched into this node's cache (a local
-    store is read in place), verified against its manifest."""
+def fetch_input(uri: str, stage: str | None = None) -> Path:
+    """In a task on any node: an earlier stage's artifact (or a folder share_with_workers made;
+    `stage` names the stage that writes it) fetched into this node's cache (a local store is read
+    in place), verified against its manifest."""
     directory = ArtifactStore(uri).fetch()
     if directory is None or verify(directory) is None:
-        stage = uri.rstrip("/").rsplit("/", 1)[-1]
+        stage = stage or uri.rstrip("/").rsplit("/", 1)[-1]
         raise FileNotFoundError(f"{uri}: no artifact there, or its files do not match its manifest as fetched on this "
                                 f"node; run that stage again: meddistill run FILE --stage {stage} --force")
     return directory

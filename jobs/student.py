@@ -10,7 +10,8 @@ Layer pruning in its depth-only form (Minitron, Muralidharan et al. 2024; ShortG
   uniform     evenly spaced layers (always the first and the last)
   first       the first N
 The result is saved as a plain model directory (with `layer_importance.json`: every layer's
-score and the kept indices) so every worker and every later stage loads the same base.
+score and the kept indices, and its own manifest.json) so every worker and every later stage loads
+the same base: the distill artifact's `base/`, which its adapter names as `../base`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 CALIBRATION_RECORDS, CALIBRATION_TOKENS = 32, 256
+BASE_STAGE = "student-base"  # the pruned base's own manifest names it so
 
 
 def keep_layer_indices(total: int, keep: int, strategy: str, importance: list[float] | None = None) -> list[int]:
@@ -96,12 +98,36 @@ def calibration_texts(ctx, tokenizer) -> list[str]:
     return [render_prompt(r, tokenizer, style) + render_target(r, style) for r in data.records]
 
 
+def base_provenance(ctx, teacher_model_dir: Path) -> dict:
+    """What a pruned base is a function of: the teacher's weights (its artifact digest), the
+    derive settings and the calibration text (datasets, seed, prompt style)."""
+    from meddistill.artifacts import read_manifest
+
+    spec = ctx.spec
+    teacher = read_manifest(Path(teacher_model_dir).parent)
+    return json.loads(json.dumps({
+        "teacher_digest": teacher.digest if teacher else "",
+        "derive": spec.student.derive.model_dump(by_alias=True),
+        "calibration": {"datasets": list(spec.teacher.datasets), "seed": spec.student.training.seed,
+                        "promptStyle": spec.teacher.prompt_style, "records": CALIBRATION_RECORDS},
+    }, default=str))  # as the manifest reads it back
+
+
 def materialize_student_base(ctx, teacher_model_dir: Path, target: Path) -> str:
-    """The student's base as a model source: spec.student.model, or a pruned copy of the teacher."""
+    """The student's base as a model source: spec.student.model, or a pruned copy of the teacher.
+
+    The pruned copy carries its own manifest (BASE_STAGE): every training worker fetches and
+    verifies it on its own node (storage.fetch_input), and a later run reuses it only when it
+    verifies and was pruned from the same teacher with the same settings (base_provenance).
+    """
+    from meddistill.artifacts import verify, write_manifest
+
     student = ctx.spec.student
     if student.model is not None:
         return student.model
-    if (target / "config.json").is_file():
+    provenance = base_provenance(ctx, teacher_model_dir)
+    made = verify(target) if (target / "config.json").is_file() else None
+    if made is not None and made.stage == BASE_STAGE and made.config == provenance:
         return str(target)
     from meddistill.modelsource import load_model
 
@@ -119,5 +145,7 @@ def materialize_student_base(ctx, teacher_model_dir: Path, target: Path) -> str:
     (tmp / "kept_layers.txt").write_text(" ".join(map(str, indices)) + "\n")
     (tmp / "layer_importance.json").write_text(json.dumps(
         {"strategy": derive.strategy, "block_influence": importance, "kept": indices}, indent=1))
+    write_manifest(tmp, stage=BASE_STAGE, config=provenance)
+    shutil.rmtree(target, ignore_errors=True)  # a base pruned for other settings, or unfinished
     tmp.rename(target)
     return str(target)

@@ -284,8 +284,15 @@ def input_device(model: Any) -> Any:
 
 
 def _adapter_config(path: Path) -> dict | None:
+    """A PEFT adapter folder's config, its base resolved: a base written as `./x` or `../x` (the
+    distill stage's `../base`, the pruned student in the same artifact) is relative to the adapter
+    folder, so the artifact loads wherever it is fetched; any other base is a model source as is."""
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        return json.loads((path / "adapter_config.json").read_text())
+        config = json.loads((path / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path") or ""
+        if base.startswith(("./", "../")):
+            config["base_model_name_or_path"] = str((path / base).resolve())
+        return config
     return None
 
 

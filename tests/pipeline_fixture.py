@@ -127,14 +127,39 @@ def tiny_job(tiny_model_dir, tiny_data_refs, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the in-process stage tests (2 CPUs, as CI has)."""
+def ray_local(tmp_path_factory):
+    """One local Ray for the in-process stage tests (2 CPUs, as CI has). Its workers get their own
+    MEDDISTILL_CACHE (workers_cache), so an s3:// stage stages files in a temp folder, not in
+    ~/.cache/meddistill/s3."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never attach to a running head
+        cache = workers_cache(tmp_path_factory.mktemp("ray-workers-cache"))
+        previous = os.environ.get("MEDDISTILL_CACHE")
+        os.environ["MEDDISTILL_CACHE"] = str(cache)  # the raylet started here passes it to every worker
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never attach to a running head
+        finally:  # the driver keeps its own cache (tests point it elsewhere with monkeypatch)
+            if previous is None:
+                del os.environ["MEDDISTILL_CACHE"]
+            else:
+                os.environ["MEDDISTILL_CACHE"] = previous
     yield
     ray.shutdown()
+
+
+def workers_cache(folder: Path) -> Path:
+    """A fresh cache that shares the machine's converted builtin models (`models/`, `gguf/`:
+    content-addressed, so safe to share, and a minute to rebuild) but nothing URL-keyed."""
+    import os
+
+    machine = Path(os.environ.get("MEDDISTILL_CACHE") or Path.home() / ".cache" / "meddistill").expanduser()
+    for shared in ("models", "gguf"):
+        (machine / shared).mkdir(parents=True, exist_ok=True)
+        (folder / shared).symlink_to(machine / shared, target_is_directory=True)
+    return folder
 
 
 TINY_CRASH_STEP = 2  # tiny_pipeline's teacher rank 0 dies once after checkpointing this step
