@@ -131,3 +131,20 @@ def test_an_unreachable_ray_cluster_is_a_condition_and_event(kube, tmp_path):
     cond = conditions(kube, "noray")["RayClusterUnavailable"]
     assert cond["status"] == "True" and address in cond["message"] and "spec.ray.address" in cond["message"]
     assert [r for r, _ in warnings(kube, "noray")] == ["RayClusterUnavailable"]
+
+
+def test_a_forbidden_create_is_a_condition_and_event_naming_the_rbac_fix(kube_cluster, kube, tmp_path):
+    from tests.test_operator_rbac import namespaced_rbac
+
+    # Only a namespaced Role without 'create' on rayjobs authorizes the operator here.
+    kube_cluster.kubectl("delete", "clusterrolebinding", "meddistill-meddistill-operator", "--ignore-not-found")
+    kube_cluster.kubectl("apply", "-f", "-", input=namespaced_rbac(kube_cluster, kube.ns, drop_verb=("rayjobs", "create")))
+    try:
+        kube.apply(quickstart("norbac", str(tmp_path)))
+        handlers.reconcile(kube.ns, "norbac")
+        cond = conditions(kube, "norbac")["Forbidden"]
+        assert cond["status"] == "True" and "403" in cond["message"] and "ClusterRole/Role" in cond["message"]
+        assert [r for r, _ in warnings(kube, "norbac")] == ["Forbidden"]
+        assert not kube.rayjobs("norbac") and kube.job("norbac")["status"]["phase"] == "Pending"
+    finally:
+        install_operator_prereqs(kube_cluster)  # the cluster-wide binding, for the other tests

@@ -59,7 +59,7 @@ def blocked(e: ApiException, verb: str, what: str, plural: str) -> ReconcileBloc
             f"403 Forbidden: cannot {verb} {what}: {_api_message(e)}; the operator's RBAC role lacks a permission: "
             f"install the chart's ClusterRole/Role (with rbac.scope=namespace, list this namespace in watchNamespace)",
             FORBIDDEN)
-    if e.status == 404 and verb == "create":
+    if e.status == 404 and verb in ("create", "list"):
         return ReconcileBlocked(
             f"the API server does not serve {plural}.{RAY_GROUP}/{RAY_VERSION} ({what}): install KubeRay v1.x "
             f"(its CRDs), or set spec.ray.address to run on an existing Ray cluster", KUBERAY_MISSING)
@@ -78,8 +78,12 @@ class KubeRayBackend:
         return client.CustomObjectsApi()
 
     def _list(self, plural: str, job: MedDistillJob, uid: str) -> list[dict]:
-        items = self._api().list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, job.metadata.namespace, plural,
-                                                          label_selector=f"{LABEL_JOB}={job.metadata.name}")["items"]
+        ns = job.metadata.namespace
+        try:
+            items = self._api().list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, plural,
+                                                              label_selector=f"{LABEL_JOB}={job.metadata.name}")["items"]
+        except ApiException as e:
+            raise blocked(e, "list", f"{plural} in {ns}", plural) or e from None
         return [o for o in items if owned_by(o, uid)]  # a re-created job must not adopt old children
 
     def observe(self, job: MedDistillJob, uid: str) -> Observed:
