@@ -292,6 +292,15 @@ class Quantization(SpecModel):
         ),
     )
     gguf_type: Literal["Q4_K_M", "Q8_0"] = Field("Q4_K_M", description="llama.cpp quantization type of the gguf format.")
+    w4a16_method: Literal["gptq", "rtn"] = Field(
+        "gptq",
+        alias="w4a16Method",  # not the generator's w4A16Method
+        description=(
+            "How the w4a16 format rounds: gptq (each column's rounding error compensated in the columns after it, "
+            "weighted by a calibration sample of 32 training records; llm-compressor's recipe) or rtn (round-to-nearest, "
+            "no calibration)."
+        ),
+    )
 
 
 class Evaluation(SpecModel):
