@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
 
-from . import backends, metrics, served_lineage
+from . import backends, metrics, served_lineage, serving_gate
 from .backends.kuberay_objects import LABEL_JOB, RAY_GROUP, RAY_VERSION, RAYJOBS, RAYSERVICES
 from .failures import ReconcileBlocked
 from .job_writes import custom_api, post_event, refuse, write_blocked, write_status
@@ -155,7 +155,8 @@ def _echo_of_own_write(type: str | None, body: kopf.Body) -> bool:
     status. The initial listing (type None) is always reconciled; the resync backs up the rest."""
     if type == "MODIFIED" and body.get("kind") == KIND:
         status = body.get("status") or {}
-        return status.get("observedGeneration") == body.metadata.get("generation")
+        return (status.get("observedGeneration") == body.metadata.get("generation")
+                and not serving_gate.override_pending(body.metadata.get("annotations"), status))
     return type == "ADDED" and body.get("kind") != KIND and not body.get("status")
 
 

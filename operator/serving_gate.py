@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meddistill.gate import CONDITION as GATE_CONDITION
-from meddistill.gate import judge
+from meddistill.gate import judge, parse_override
 from meddistill.spec.models import GateStatus, MedDistillJob, MedDistillJobStatus, Results
 
 LINEAGE_CONDITION = "LineageVerified"
@@ -68,3 +68,15 @@ def decide(job: MedDistillJob, prev: MedDistillJobStatus, evaluated: bool, resul
         else:
             out.conditions[LINEAGE_CONDITION] = ("Unknown", "CheckedAtLoad", lineage.note)
     return out
+
+
+def override_pending(annotations: dict | None, status: dict | None) -> bool:
+    """An override annotation added, changed or removed since the last verdict was written.
+
+    Annotations do not bump the generation, so the handlers would take the event for an echo of
+    their own status write and leave the override to the next resync."""
+    gate = (status or {}).get("gate")
+    if not gate or gate.get("passed"):
+        return False
+    name, reason, _ = parse_override(annotations)
+    return (name, reason) != (gate.get("overriddenBy", ""), gate.get("overrideReason", ""))

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.kube
 
 OPEN_QUESTIONS = "jsonl:@samples/general/general_medical_keywords.jsonl"  # the quickstart's second evaluation set
 WEIGHTS = "model.safetensors"
+RESYNC_S = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def pvc_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def operator(kube_cluster, pvc_root, tmp_path_factory):
     install_operator_prereqs(kube_cluster)
-    op = OperatorProcess(kube_cluster, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    # A slow resync: the override must take effect through its own event, not the periodic re-plan.
+    op = OperatorProcess(kube_cluster, tmp_path_factory.mktemp("operator") / "operator.log", resync=RESYNC_S).start()
     yield op
     op.stop()
 
@@ -129,18 +131,19 @@ def test_failing_gate_ends_not_serving_then_an_override_serves_it(kube, operator
     assert st["gate"]["passed"] is False and st["gate"]["checks"][0]["threshold"] == 0.75
     assert st["modelCard"].endswith("/failing/evaluate/README.md")
     assert MedDistillJobStatus.model_validate(st)
-    assert "EvaluationGateFailed" in wait_for(lambda: kube.events("failing"), 10, "events")
+    # Events are posted after the status write.
+    wait_for(lambda: "EvaluationGateFailed" in kube.events("failing"), 10, "a EvaluationGateFailed event")
     assert not kube.rayservices("failing")
 
     kube.cluster.kubectl("annotate", "mdj", "failing", "-n", kube.ns,
                          f"{OVERRIDE_ANNOTATION}=Dr Jane Roe: reviewed the 16 wrong answers; pilot only")
-    service = wait_for(lambda: kube.rayservices("failing"), 30, "the RayService after the override")[0]
+    service = wait_for(lambda: kube.rayservices("failing"), RESYNC_S / 2, "the RayService after the override")[0]
     assert artifacts.stage_uri(store(kube), "failing", "quantize") in service["spec"]["serveConfigV2"]
     st = wait_for(lambda: (s := status(kube, "failing")).get("gate", {}).get("overriddenBy") and s, 30, "overriddenBy")
     assert (st["gate"]["overriddenBy"], st["gate"]["overrideReason"]) == ("Dr Jane Roe", "reviewed the 16 wrong answers; pilot only")
     gate = condition(st, "EvaluationGate")
     assert (gate["status"], gate["reason"]) == ("True", "Overridden") and "0.60 < 0.75" in gate["message"]
-    assert "EvaluationGateOverridden" in wait_for(lambda: kube.events("failing"), 10, "events")
+    wait_for(lambda: "EvaluationGateOverridden" in kube.events("failing"), 10, "a EvaluationGateOverridden event")
     assert "Forbidden" not in operator.log()
 
 
@@ -167,10 +170,10 @@ def test_one_changed_byte_of_the_quantized_weights_is_refused_naming_the_file(ku
     lineage = condition(st, "LineageVerified")
     assert (lineage["status"], lineage["reason"]) == ("False", "Mismatch")
     assert f"quantize/{WEIGHTS}: sha256" in lineage["message"], lineage["message"]
-    assert "LineageMismatch" in wait_for(lambda: kube.events("tampered"), 10, "events")
+    wait_for(lambda: "LineageMismatch" in kube.events("tampered"), 10, "a LineageMismatch event")
     assert not kube.rayservices("tampered")
 
     flip_byte(weights)  # restored: the same bytes the manifest records, so it verifies and serves
-    wait_for(lambda: kube.rayservices("tampered"), 30, "the RayService once the weights verify")
+    wait_for(lambda: kube.rayservices("tampered"), 3 * RESYNC_S, "the RayService once the weights verify (next resync)")
     # The RayService is created before the status that reports the verified lineage is written.
     wait_for(lambda: condition(status(kube, "tampered"), "LineageVerified").get("status") == "True", 10, "LineageVerified")

@@ -122,3 +122,14 @@ def test_an_object_store_lineage_is_left_to_the_replica_and_serves():
     p = plan(gated_job(gate_enabled=False), finished(lineage=ServedLineage(None, note="replica re-hashes")), NOW)
     assert [type(c).__name__ for c in p.create] == ["Serve"]
     assert conditions(p)["LineageVerified"]["status"] == "Unknown"
+
+
+def test_an_override_the_status_has_not_acted_on_is_not_an_echo_of_the_operators_write():
+    from meddistill.operator.serving_gate import override_pending
+
+    failed = {"gate": {"passed": False, "overriddenBy": "", "overrideReason": ""}}
+    note = {OVERRIDE_ANNOTATION: "Dr Jane Roe: pilot"}
+    assert override_pending(note, failed)
+    assert not override_pending(note, {"gate": {"passed": False, "overriddenBy": "Dr Jane Roe", "overrideReason": "pilot"}})
+    assert override_pending({}, {"gate": {"passed": False, "overriddenBy": "Dr Jane Roe", "overrideReason": "pilot"}})
+    assert not override_pending(note, {"gate": {"passed": True}}) and not override_pending(note, {})
