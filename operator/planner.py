@@ -409,7 +409,9 @@ def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStat
     if not want:
         if app is not None and not app.deleting:
             out.delete.append(DeleteChild("serving", app.name))
-            out.events.append(Event("Normal", "ServingRemoved", f"removed {app.name} ({'suspended' if spec.suspend else 'serving disabled'})"))
+            why = ("suspended" if spec.suspend else "serving disabled" if not spec.serving.enabled
+                   else "withheld: see the EvaluationGate and LineageVerified conditions")
+            out.events.append(Event("Normal", "ServingRemoved", f"removed {app.name} ({why})"))
         return None, False
     model_uri = next(s.artifact_uri for s in stages if s.name == "quantize")
     target = observed.target

@@ -116,6 +116,7 @@ def test_a_served_app_whose_weights_stop_verifying_is_removed():
     bad = ServedLineage(False, ("quantize/model.safetensors: sha256 1234, manifest records 5678",))
     p = plan(gated_job(gate_enabled=False), finished(lineage=bad, serving=app), NOW)
     assert [(d.kind, d.name) for d in p.delete] == [("serving", "quickstart")] and p.status["phase"] == "Succeeded"
+    assert "withheld" in next(e.message for e in p.events if e.reason == "ServingRemoved")
 
 
 def test_an_object_store_lineage_is_left_to_the_replica_and_serves():
