@@ -65,6 +65,13 @@ def load_for_eval(kind: str, source: str, quantization: str, gpus: int = 0):
             return model, tokenizer, placement.dtype
         sixteen = sixteen_bit_dtype()
         return model.to(getattr(torch, sixteen)), tokenizer, sixteen
+    if kind == "w4a16":  # vLLM's 4-bit kernels serve it on GPU; here transformers decompresses it (int4 * scale, exact)
+        from transformers import CompressedTensorsConfig
+
+        dtype = placement.dtype if placement.on_gpu else sixteen_bit_dtype()  # as the student row it is paired with
+        model, tokenizer = load_model(source, quantization_config=CompressedTensorsConfig(dequantize=True),
+                                      **{**placement.load_kwargs(), "dtype": dtype})
+        return model, tokenizer, f"w4a16 (decompressed on {'GPU' if placement.on_gpu else 'CPU'}, {dtype})"
     model, tokenizer = load_model(source, **placement.load_kwargs())
     if kind == "quantized" and quantization != "none":
         return model, tokenizer, f"{quantization} + {placement.dtype}"
@@ -155,12 +162,12 @@ def upstream_manifests(ctx: StageContext) -> dict[str, Path]:
 
 def evaluated_models(spec) -> list[str]:
     """evaluation.models, where `quantized` stands for every format the quantize stage made:
-    its nf4 row (`quantized`) and its gguf row (`gguf`)."""
+    its nf4 row (`quantized`), its gguf row (`gguf`) and its w4a16 row (`w4a16`)."""
     from meddistill.quantized_formats import requested_formats
 
     formats = requested_formats(spec)
     kinds = [k for k in spec.evaluation.models if k != "quantized" or "nf4" in formats]
-    return kinds + (["gguf"] if "quantized" in spec.evaluation.models and "gguf" in formats else [])
+    return kinds + [f for f in ("gguf", "w4a16") if "quantized" in spec.evaluation.models and f in formats]
 
 
 def gguf_source(spec) -> str:
@@ -173,6 +180,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     from meddistill.jobs import storage
     from meddistill.jobs.model_card import write_model_card
     from meddistill.jobs.results_table import build_results, markdown_table, plot
+    from meddistill.quantized_formats import W4A16_DIR
 
     spec = ctx.spec
     ev = spec.evaluation
@@ -190,6 +198,7 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
                              num_gpus=resources.gpus_per_worker, max_calls=1)
     evals = {}
     sources["gguf"] = (ctx.input_uri("quantize"), gguf_source(spec))
+    sources["w4a16"] = (ctx.input_uri("quantize"), W4A16_DIR)
     for kind in evaluated_models(spec):  # one after another: latencies measured side by side must not share the CPU
         [evals[kind]] = storage.collect([task(kind, sources[kind], datasets, settings)], out)  # its reports reach `out`
         for r in evals[kind]:

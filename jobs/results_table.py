@@ -17,12 +17,12 @@ from pathlib import Path
 from meddistill.evaluation.stats import mcnemar_exact, paired_bootstrap, verdict
 from meddistill.spec.models import Comparison, ExcludedQuestions, Reductions, Results, ResultRow
 
-# gguf: the quantize artifact's llama.cpp format (quantization.formats), when it was made.
-ORDER = ("base", "teacher", "student", "quantized", "gguf")
+# gguf, w4a16: the quantize artifact's llama.cpp and compressed-tensors formats (quantization.formats), when made.
+ORDER = ("base", "teacher", "student", "quantized", "gguf", "w4a16")
 # (a, b): b - a. ("base", "quantized") is what the evaluation gate's notWorseThanBase reads (meddistill/gate.py):
 # the whole pipeline's effect on the served model, paired on the same questions.
 PAIRS = (("base", "teacher"), ("teacher", "student"), ("student", "quantized"), ("base", "quantized"),
-         ("student", "gguf"))
+         ("student", "gguf"), ("student", "w4a16"))
 
 
 def result_row(kind: str, r: dict) -> ResultRow:

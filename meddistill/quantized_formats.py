@@ -5,16 +5,18 @@ never disagree. Torch-free: the operator and `serve.config` import it.
 
     nf4    bitsandbytes (quantization.method), the quantize artifact's root folder; transformers or vLLM
     gguf   llama.cpp GGUF (quantization.ggufType) in <quantize artifact>/gguf/; llama.cpp on CPU
-    w4a16  compressed-tensors; not built by this version yet
+    w4a16  compressed-tensors W4A16 (jobs/quantize_w4a16.py) in <quantize artifact>/w4a16/; vLLM on GPU
 """
 from __future__ import annotations
 
 from typing import Any
 
-BUILT = ("nf4", "gguf")  # formats the quantize stage can make today
-# Where a replica can serve each format: gguf's engine is llama.cpp's CPU build (llama-cpp-python's wheel).
-SERVED_ON = {"nf4": ("cpu", "gpu"), "gguf": ("cpu",), "w4a16": ("gpu", "cpu")}
+BUILT = ("nf4", "gguf", "w4a16")  # formats the quantize stage can make today
+# Where a replica can serve each format: gguf's engine is llama.cpp's CPU build (llama-cpp-python's wheel);
+# w4a16's is vLLM's Marlin kernels (a CPU replica could only decompress it to 16 bits: no gain).
+SERVED_ON = {"nf4": ("cpu", "gpu"), "gguf": ("cpu",), "w4a16": ("gpu",)}
 GGUF_DIR = "gguf"
+W4A16_DIR = "w4a16"
 
 
 class FormatError(ValueError):
@@ -48,7 +50,8 @@ def resolve_formats(spec: Any) -> list[str]:
         raise FormatError(
             f"spec.quantization.formats: {formats} cannot be served on "
             f"{'a GPU' if gpu else 'CPU'} replicas (serving.gpusPerReplica={spec.serving.gpus_per_replica}): "
-            f"gguf is served by llama.cpp on CPU only; add nf4 to quantization.formats, or set serving.gpusPerReplica "
+            f"gguf is served by llama.cpp on CPU only, w4a16 by vLLM on GPU only; add nf4 to quantization.formats, "
+            f"or set serving.gpusPerReplica "
             f"to {0 if gpu else 1}")
     return formats
 

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from meddistill.artifacts import local_path, stage_uri
-from meddistill.quantized_formats import GGUF_DIR, gguf_file_name, requested_formats
+from meddistill.quantized_formats import GGUF_DIR, W4A16_DIR, gguf_file_name, requested_formats
 
 IMPORT_PATH = "meddistill.serve.app:build_app"
 APP_NAME = "meddistill"
@@ -42,8 +42,8 @@ DOWNSCALE_DELAY_S = 60.0
 def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool, formats: tuple[str, ...] = ("nf4",),
                 llamacpp_installed: bool = False) -> str:
     """'vllm', 'llamacpp' or 'transformers' for a replica. auto: vLLM where the replica has a GPU and
-    vllm imports; llama.cpp on CPU where the job made the gguf format and llama_cpp imports; else
-    our transformers engine (which serves nf4).
+    vllm imports (it serves w4a16, else nf4); llama.cpp on CPU where the job made the gguf format and
+    llama_cpp imports; else our transformers engine (which serves nf4).
 
     Decided where the app runs (`app.build_app`, on the cluster, with the serving image), never when
     the operator renders the config: the operator has neither the image's packages nor GPUs.
@@ -51,13 +51,19 @@ def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool, formats: tup
     if requested == "llamacpp" and "gguf" not in formats:
         raise ValueError(f"serving.engine llamacpp serves the gguf format, but quantization.formats is {list(formats)}; "
                          f"add gguf to quantization.formats or set serving.engine auto")
-    if requested in ("transformers", "vllm") and "nf4" not in formats:
-        raise ValueError(f"serving.engine {requested} serves the nf4 format, but quantization.formats is {list(formats)}; "
+    if requested == "vllm" and not {"nf4", "w4a16"} & set(formats):
+        raise ValueError(f"serving.engine vllm serves the w4a16 or nf4 format, but quantization.formats is {list(formats)}; "
+                         f"add w4a16 to quantization.formats or set serving.engine auto")
+    if requested == "transformers" and "nf4" not in formats:
+        raise ValueError(f"serving.engine transformers serves the nf4 format, but quantization.formats is {list(formats)}; "
                          f"add nf4 to quantization.formats or set serving.engine auto")
     if requested != "auto":
         return requested
-    if gpu and vllm_installed and "nf4" in formats:
+    if gpu and vllm_installed and {"nf4", "w4a16"} & set(formats):
         return "vllm"
+    if gpu and "nf4" not in formats and "w4a16" in formats:
+        raise ValueError(f"quantization.formats {list(formats)}: w4a16 is served by vLLM, which this replica's image "
+                         f"lacks; install vllm in spec.image or add nf4 to quantization.formats")
     if not gpu and "gguf" in formats and (llamacpp_installed or "nf4" not in formats):
         return "llamacpp"
     return "transformers"
@@ -101,14 +107,20 @@ def deployment_options(serving: Any, overrides: dict | None = None) -> dict:
     }
 
 
-def llm_config(serving: Any, model_uri: str, quantization_method: str = "none") -> dict:
-    """A `ray.serve.llm.LLMConfig` (as a dict) for the vLLM engine, from the same settings."""
+def llm_config(serving: Any, model_uri: str, quantization_method: str = "none", formats: list[str] | None = None) -> dict:
+    """A `ray.serve.llm.LLMConfig` (as a dict) for the vLLM engine, from the same settings.
+
+    With the w4a16 format vLLM serves that (its Marlin kernels: faster than bitsandbytes, which it
+    dequantizes per matmul), from the artifact's w4a16/ folder (`vllm_app.ResolveModelSource`), and
+    finds the scheme in its config.json's quantization_config, so `quantization` is left unset.
+    """
+    w4a16 = "w4a16" in (formats or [])
     engine_kwargs: dict[str, Any] = {
         "max_model_len": serving.max_model_len,
         "max_num_seqs": serving.max_batch_size,
         "tensor_parallel_size": max(1, serving.gpus_per_replica),
-        # The quantize stage writes a bitsandbytes checkpoint; vLLM loads it pre-quantized.
-        "quantization": "bitsandbytes" if quantization_method != "none" else None,
+        # The nf4 format is a bitsandbytes checkpoint; vLLM loads it pre-quantized.
+        "quantization": "bitsandbytes" if quantization_method != "none" and not w4a16 else None,
         # vLLM's request log holds the prompts: off unless serving.logPrompts (explicit, whatever
         # the installed Ray's default is).
         "enable_log_requests": bool(serving.log_prompts),
@@ -122,6 +134,7 @@ def llm_config(serving: Any, model_uri: str, quantization_method: str = "none") 
             "max_queued_requests": 2 * serving.max_ongoing_requests,
         },
         "log_engine_metrics": True,
+        **({"callback_config": {"callback_kwargs": {"subfolder": W4A16_DIR}}} if w4a16 else {}),
     }
 
 
@@ -166,7 +179,7 @@ def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", q
     if "gguf" in args["formats"]:
         args["gguf_file"] = f"{GGUF_DIR}/{gguf_file_name(gguf_type)}"
     if engine == "vllm" or (engine == "auto" and may_use_vllm(serving)):
-        args["llm_config"] = llm_config(serving, model_uri, quantization_method)
+        args["llm_config"] = llm_config(serving, model_uri, quantization_method, args["formats"])
     return args
 
 

@@ -7,7 +7,8 @@ own FastAPI app (its OpenAI error bodies, request ids and metrics) with two addi
 - `BearerAuth`, an ASGI middleware: 401 without `Authorization: Bearer <token>` when serving.auth
   is set (the token is read in the ingress replica, from the same env as our transformers app);
 - `ResolveModelSource`, a Ray Serve LLM callback that runs in each LLM replica before the engine
-  starts and points vLLM at `model_source.local_model_dir(...)`, as the transformers engine does.
+  starts and points vLLM at `model_source.local_model_dir(...)`, as the transformers engine does
+  (the artifact is fetched and checked whole; vLLM gets its w4a16/ folder when the job made that format).
 Prompts reach vLLM's log only with serving.logPrompts (`enable_log_requests`, see config.llm_config).
 """
 from __future__ import annotations
@@ -70,14 +71,22 @@ def _callback_base():
 
 
 class ResolveModelSource(_callback_base()):
-    """Runs in each LLM replica before vLLM starts: the model from model_source.local_model_dir."""
+    """Runs in each LLM replica before vLLM starts: the model from model_source.local_model_dir, or
+    its `subfolder` (callback_kwargs; config.llm_config sets w4a16 there)."""
 
     async def on_before_node_init(self) -> None:
-        from meddistill.serve.model_source import local_model_dir
+        from meddistill.serve.model_source import ModelArtifactError, local_model_dir
 
         config = self.llm_config
         source = config.model_loading_config.model_source
         path = local_model_dir(source)
+        if self.kwargs.get("subfolder"):
+            path = path / self.kwargs["subfolder"]
+            if not (path / "config.json").is_file():
+                raise ModelArtifactError(
+                    f"model source {source}: no {self.kwargs['subfolder']}/config.json in the artifact, so the quantize "
+                    f"stage did not make the {self.kwargs['subfolder']} format; re-run it with that format in "
+                    f"quantization.formats")
         log.info("engine vllm: %s from %s", source, path)
         config.model_loading_config.model_source = str(path)
         # Ray Serve LLM caches the engine config (with the remote source) before this hook: rebuild
@@ -85,15 +94,25 @@ class ResolveModelSource(_callback_base()):
         config._engine_config = None
 
 
+def vllm_llm_config(args: dict):
+    """The LLMConfig of config.app_args' `llm_config`, with ResolveModelSource as its callback (keeping
+    the callback kwargs the config rendered: the w4a16 subfolder)."""
+    # ray.serve.llm's LLMConfig is this class under a public name, but importing that module needs vllm.
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    callback = {**args["llm_config"].get("callback_config", {}), "callback_class": ResolveModelSource}
+    return LLMConfig(**{**args["llm_config"], "callback_config": callback})
+
+
 def build_vllm_app(args: dict):
     """The Serve application for the vLLM engine (args from config.app_args, `llm_config` included)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
-    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm import build_llm_deployment
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-    config = LLMConfig(**{**args["llm_config"], "callback_config": {"callback_class": ResolveModelSource}})
+    config = vllm_llm_config(args)
     api = ray_llm_fastapi_app()
     if args.get("require_auth"):
         api.add_middleware(BearerAuth)  # added last, so it runs first
