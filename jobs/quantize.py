@@ -1,11 +1,15 @@
-"""Recipe: merge the student's LoRA into its base, then quantize the weights with bitsandbytes.
+"""Recipe: merge the student's LoRA into its base, then make each 4-bit format of quantization.formats.
 
-    load base + adapter -> merge_and_unload -> save merged (temp) -> from_pretrained with
-    BitsAndBytesConfig (nf4 | fp4 | int8; `none` keeps the merged weights) -> save_pretrained
+    load base + adapter -> merge_and_unload -> save merged (temp) ->
+      nf4:  from_pretrained with BitsAndBytesConfig (nf4 | fp4 | int8; `none` keeps the merged
+            weights) -> save_pretrained into the artifact's root folder
+      gguf: llama.cpp GGUF (quantization.ggufType) into its gguf/ subfolder (jobs/quantize_gguf.py)
+
+Which formats: meddistill/quantized_formats.resolve_formats, shared with evaluation and serving.
 
 On the GPU the stage reserves (jobs/devices.py), in its 16-bit dtype; on CPU in fp32.
 
-The artifact directory itself is the quantized model (config.json, safetensors with the packed
+With nf4, the artifact directory itself is the quantized model (config.json, safetensors with the packed
 4-bit weights and their quantization state, tokenizer): `from_pretrained(<dir>)` reloads it
 quantized, which is what the serving app does. Weight bytes before and after are measured with
 modelsource.model_weight_bytes on the loaded models (packed uint8 storage counts as it is).
@@ -92,9 +96,17 @@ def merge_student(adapter_dir: Path, placement=None):
 
 
 def run(ctx: StageContext, out: Path) -> StageOutput:
+    """Merge once, then make every format of resolve_formats(spec): nf4 in the artifact's root
+    folder (what serving and the `quantized` row load), gguf in its gguf/ subfolder."""
     from meddistill.jobs import devices
-    from meddistill.modelsource import load_model, model_weight_bytes, peak_gpu_memory_bytes, reset_peak_gpu_memory
+    from meddistill.jobs.stage import StageError
+    from meddistill.modelsource import model_weight_bytes, peak_gpu_memory_bytes, reset_peak_gpu_memory
+    from meddistill.quantized_formats import GGUF_DIR, FormatError, resolve_formats
 
+    try:
+        formats = resolve_formats(ctx.spec)
+    except FormatError as err:
+        raise StageError(str(err)) from None
     quantization = ctx.spec.quantization
     adapter = ctx.input_dir("distill") / "adapter"
     # Merged and quantized on the GPU the stage's driver reserves (operator/sizing.py: teacher.resources,
@@ -104,32 +116,42 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     if placement.on_gpu:
         reset_peak_gpu_memory()
     merged, tokenizer = merge_student(adapter, placement)
-    bytes_before = model_weight_bytes(merged)
     for old in out.iterdir():  # a previous attempt's files would end up in the manifest
         shutil.rmtree(old) if old.is_dir() else old.unlink()
-    config = bnb_config(quantization, merged)
-    if config is None:
-        merged.save_pretrained(out, safe_serialization=True)
-        bytes_after = bytes_before
-    else:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as tmp:
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+    metrics = {"formats": formats, "device": placement.device, "dtype": placement.dtype}
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-") as tmp:
+        merged_dir = Path(tmp)
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        tokenizer.save_pretrained(merged_dir)
+        if "nf4" in formats:
+            config, bytes_before = bnb_config(quantization, merged), model_weight_bytes(merged)
+            del merged  # the 4-bit copy loads from merged_dir: never both in memory
+            metrics.update(quantize_bnb(config, bytes_before, merged_dir, out, quantization, placement))
+        else:
             del merged
-            quantized, _ = load_model(tmp, quantization_config=config, **placement.load_kwargs())
-            bytes_after = model_weight_bytes(quantized)
-            quantized.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    metrics = {
-        "method": quantization.method,
-        "unquantized_modules": len(config.llm_int8_skip_modules) if config is not None else 0,
-        "device": placement.device,
-        "dtype": placement.dtype,
-        "weight_bytes_before": bytes_before,
-        "weight_bytes_after": bytes_after,
-        "weight_reduction_pct": round(100 * (1 - bytes_after / bytes_before), 2),
-    }
+        if "gguf" in formats:
+            from meddistill.jobs.quantize_gguf import build_gguf
+
+            metrics.update(build_gguf(merged_dir, out / GGUF_DIR, quantization.gguf_type))
     if placement.on_gpu:
         metrics["peak_gpu_bytes"] = peak_gpu_memory_bytes()
     log.info("quantize: %s", metrics)
     return StageOutput(config=quantization.model_dump(by_alias=True), metrics=metrics)
+
+
+def quantize_bnb(config, bytes_before: int, merged_dir: Path, out: Path, quantization, placement) -> dict:
+    """The nf4 format (bitsandbytes, quantization.method; `config` from bnb_config) into `out` itself,
+    weights and tokenizer; returns its metrics."""
+    from meddistill.modelsource import load_model, model_weight_bytes
+
+    model, tokenizer = load_model(str(merged_dir), quantization_config=config, **placement.load_kwargs())
+    bytes_after = model_weight_bytes(model) if config is not None else bytes_before
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {
+        "method": quantization.method,
+        "unquantized_modules": len(config.llm_int8_skip_modules) if config is not None else 0,
+        "weight_bytes_before": bytes_before,
+        "weight_bytes_after": bytes_after,
+        "weight_reduction_pct": round(100 * (1 - bytes_after / bytes_before), 2),
+    }
