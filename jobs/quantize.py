@@ -4,6 +4,8 @@
       nf4:  from_pretrained with BitsAndBytesConfig (nf4 | fp4 | int8; `none` keeps the merged
             weights) -> save_pretrained into the artifact's root folder
       gguf: llama.cpp GGUF (quantization.ggufType) into its gguf/ subfolder (jobs/quantize_gguf.py)
+      w4a16: compressed-tensors W4A16, GPTQ or RTN (quantization.w4a16Method), into its w4a16/
+            subfolder (jobs/quantize_w4a16.py)
 
 Which formats: meddistill/quantized_formats.resolve_formats, shared with evaluation and serving.
 
@@ -97,11 +99,11 @@ def merge_student(adapter_dir: Path, placement=None):
 
 def run(ctx: StageContext, out: Path) -> StageOutput:
     """Merge once, then make every format of resolve_formats(spec): nf4 in the artifact's root
-    folder (what serving and the `quantized` row load), gguf in its gguf/ subfolder."""
+    folder (what serving and the `quantized` row load), gguf and w4a16 in their subfolders."""
     from meddistill.jobs import devices
     from meddistill.jobs.stage import StageError
     from meddistill.modelsource import model_weight_bytes, peak_gpu_memory_bytes, reset_peak_gpu_memory
-    from meddistill.quantized_formats import GGUF_DIR, FormatError, resolve_formats
+    from meddistill.quantized_formats import GGUF_DIR, W4A16_DIR, FormatError, resolve_formats
 
     try:
         formats = resolve_formats(ctx.spec)
@@ -133,6 +135,10 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
             from meddistill.jobs.quantize_gguf import build_gguf
 
             metrics.update(build_gguf(merged_dir, out / GGUF_DIR, quantization.gguf_type))
+        if "w4a16" in formats:
+            from meddistill.jobs.quantize_w4a16 import build_w4a16
+
+            metrics.update(build_w4a16(ctx, merged_dir, out / W4A16_DIR, placement))
     if placement.on_gpu:
         metrics["peak_gpu_bytes"] = peak_gpu_memory_bytes()
     log.info("quantize: %s", metrics)
