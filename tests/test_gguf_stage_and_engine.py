@@ -1,0 +1,122 @@
+"""quantization.formats [nf4, gguf] through the real quantize stage (Ray, PEFT merge, llama.cpp's
+quantizer) -> manifest -> the llama.cpp engine answering, several sequences per llama_decode, and the
+evaluation's gguf row scoring it with the same harness."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.slow  # one real quantize stage on Ray (about a minute on 2 shared cores), then fast tests
+
+from meddistill.artifacts import verify, write_manifest  # noqa: E402
+from meddistill.jobs.stage import StageContext, StageError, run_stage  # noqa: E402
+
+
+def write_distill_artifact(ctx: StageContext, base_model: Path) -> None:
+    """A verified distill artifact: a LoRA adapter (non-zero B, so the merge changes the weights) on the tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    out = ctx.output_dir("distill")
+    model.save_pretrained(out / "adapter")
+    write_manifest(out, stage="distill", config={})
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dir, tiny_data_refs, tmp_path_factory, ray_local):
+    """(ctx, quantize artifact dir) for formats [nf4, gguf], ggufType Q8_0."""
+    from meddistill.spec.models import MedDistillJob
+    from tests.pipeline_fixture import tiny_job_document
+
+    doc = tiny_job_document(str(tiny_model_dir), tiny_data_refs, str(tmp_path_factory.mktemp("runs")),
+                            quantization={"formats": ["nf4", "gguf"], "ggufType": "Q8_0"})
+    ctx = StageContext(MedDistillJob.model_validate(doc))
+    write_distill_artifact(ctx, tiny_model_dir)
+    result = run_stage(ctx, "quantize")
+    return ctx, ctx.output_dir("quantize"), result
+
+
+def test_quantize_makes_both_formats_listed_in_its_manifest(quantized):
+    _, folder, result = quantized
+    manifest = verify(folder)
+    assert manifest is not None
+    assert {"gguf/model-Q8_0.gguf", "gguf/tokenizer.json", "model.safetensors"} <= set(manifest.files)
+    assert not [f for f in manifest.files if "F16" in f]  # the 16-bit intermediate is not part of the artifact
+    m = result.metrics
+    assert m["formats"] == ["nf4", "gguf"] and m["gguf_type"] == "Q8_0"
+    assert 0 < m["gguf_weight_bytes"] < 0.6 * m["gguf_weight_bytes_f16"]
+    assert m["weight_bytes_after"] < m["weight_bytes_before"]  # nf4 as before
+
+
+def test_a_format_the_replicas_cannot_serve_fails_the_stage_with_the_reason(quantized):
+    ctx, _, _ = quantized
+    bad = StageContext(ctx.job.model_copy(deep=True))
+    bad.job.spec.quantization.formats = ["gguf"]
+    bad.job.spec.serving.gpus_per_replica = 1
+    with pytest.raises(StageError, match=r"spec\.quantization\.formats: \['gguf'\] cannot be served on a GPU"):
+        run_stage(bad, "quantize")
+
+
+def run_concurrently(engine, prompts: list[list[int]], max_tokens: int):
+    from meddistill.serve.engine import GenerationParams
+
+    async def main():
+        params = GenerationParams(max_tokens=max_tokens, ignore_eos=True)
+        return await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+
+    return asyncio.run(main())
+
+
+def test_engine_batches_sequences_and_answers_as_alone(quantized):
+    """Eight requests, 12 tokens each: far fewer llama_decode calls than sequences x tokens, several
+    sequences in a call, and every answer the same as that request served alone."""
+    from meddistill.serve.config import serving_args
+    from meddistill.serve.llamacpp_engine import load_llamacpp_engine
+
+    ctx, folder, _ = quantized
+    args = serving_args(ctx.spec.serving, str(folder), formats=["nf4", "gguf"], gguf_type="Q8_0", engine="llamacpp")
+    engine, tokenizer = load_llamacpp_engine(folder, {**args, "max_batch_size": 8, "num_threads": 1})
+    prompts = [tokenizer(f"Question {i}: is aspirin {'safe ' * i}in pregnancy?").input_ids for i in range(8)]
+    widths = []
+    decode = engine.model.decode
+    engine.model.decode = lambda rows: (widths.append(len({r.seq for r in rows})), decode(rows))[1]
+    together = run_concurrently(engine, prompts, 12)
+    assert all(c.completion_tokens == 12 and c.finish_reason == "length" for c in together)
+    assert engine.model.decode_calls <= 12 + 8 < 8 * 12 // 2
+    assert max(widths) >= 4  # several sequences share one llama_decode
+    alone = [run_concurrently(engine, [p], 12)[0].text for p in prompts[:3]]
+    assert alone == [c.text for c in together[:3]]
+    deadline = time.monotonic() + 10  # the last chunk is delivered just before its row leaves the batch
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and sorted(engine._free_seqs) == list(range(8))  # every sequence freed
+    engine.shutdown()
+
+
+def test_gguf_row_is_scored_by_the_harness(quantized, tiny_data_refs):
+    """The evaluate stage's gguf row: generative and loglik scoring, weight bytes from llama.cpp."""
+    from meddistill.data import load_dataset
+    from meddistill.evaluation import evaluate
+    from meddistill.evaluation.llamacpp import load_gguf_for_eval
+
+    _, folder, result = quantized
+    records = load_dataset(tiny_data_refs["eval"]).records[:4]
+    model, tokenizer, dtype = load_gguf_for_eval(folder / "gguf" / "model-Q8_0.gguf", batch_size=4, threads=1)
+    assert dtype == "gguf Q8_0 (llama.cpp)"
+    gen = evaluate(model, tokenizer, records, batch_size=4, max_new_tokens=6, progress=False, latency_questions=2)
+    assert gen.n == 4 and gen.weight_bytes == result.metrics["gguf_weight_bytes"]
+    assert gen.latency_b1_s > 0 and gen.tokens_per_s > 0
+    assert all(q.new_tokens > 0 for q in gen.questions)
+    ll = evaluate(model, tokenizer, records, batch_size=4, scoring="loglik", progress=False)
+    assert ll.n == 4 and all(set(q.option_logprobs) == {"yes", "no", "maybe"} for q in ll.questions)
