@@ -5,8 +5,9 @@
                 FlashAttention and 4-bit weights on GPU, configured from our spec, not re-implemented.
   transformers  our `MedDistillServer` deployment below, around `engine.TransformersEngine`
                 (CPU and edge): the OpenAI API plus the medical endpoint.
+  llamacpp      the same deployment around `llamacpp_engine.LlamaCppEngine`: the gguf format on CPU.
 
-Endpoints (transformers engine): GET /v1/models, POST /v1/chat/completions, POST /v1/completions
+Endpoints (transformers and llamacpp engines): GET /v1/models, POST /v1/chat/completions, POST /v1/completions
 (both with SSE streaming and usage), POST /v1/medical/answer, GET /health (no auth).
 """
 # No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
@@ -82,15 +83,20 @@ class MedDistillServer:
                 f"mount the Secret into the replica's environment"
             )
         # Resolved here, in the replica: its PVC mount, its cache, its GPU (Ray gives one when reserved).
-        device, dtype = replica_device(torch.cuda.is_available())
         path = local_model_dir(args["model_source"])
-        log.info("engine transformers: %s from %s on %s (%s)", args["model_source"], path, device, dtype)
-        model, self.tokenizer = load_model(path, dtype=dtype, device=device)
-        max_batch = int(args.get("max_batch_size", 16))
-        self.engine = TransformersEngine(
-            model, self.tokenizer, max_batch_size=max_batch, max_model_len=int(args.get("max_model_len", 2048)),
-            max_waiting=int(args.get("max_waiting", 4 * max_batch)), num_threads=args.get("num_threads"),
-        )
+        if args.get("engine") == "llamacpp":  # the gguf format (serve/llamacpp_engine.py)
+            from meddistill.serve.llamacpp_engine import load_llamacpp_engine
+
+            self.engine, self.tokenizer = load_llamacpp_engine(path, args)
+        else:
+            device, dtype = replica_device(torch.cuda.is_available())
+            log.info("engine transformers: %s from %s on %s (%s)", args["model_source"], path, device, dtype)
+            model, self.tokenizer = load_model(path, dtype=dtype, device=device)
+            max_batch = int(args.get("max_batch_size", 16))
+            self.engine = TransformersEngine(
+                model, self.tokenizer, max_batch_size=max_batch, max_model_len=int(args.get("max_model_len", 2048)),
+                max_waiting=int(args.get("max_waiting", 4 * max_batch)), num_threads=args.get("num_threads"),
+            )
         self.metrics = ServeMetrics(self.model_name)
         threading.Thread(target=self._report_engine_metrics, daemon=True).start()
 
@@ -287,7 +293,8 @@ def build_app(args: dict):
     args = dict(args)
     gpu = args.get("deployment", {}).get("ray_actor_options", {}).get("num_gpus", 0) > 0
     vllm = importlib.util.find_spec("vllm") is not None
-    engine = pick_engine(args.get("engine", "auto"), gpu=gpu, vllm_installed=vllm)
+    engine = pick_engine(args.get("engine", "auto"), gpu=gpu, vllm_installed=vllm, formats=tuple(args.get("formats", ["nf4"])),
+                         llamacpp_installed=importlib.util.find_spec("llama_cpp") is not None)
     log.info("engine %s (requested %s; replica GPU %s, vllm installed %s)", engine, args.get("engine", "auto"), gpu, vllm)
     if engine == "vllm":
         from meddistill.serve.vllm_app import build_vllm_app
