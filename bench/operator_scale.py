@@ -92,7 +92,8 @@ def main() -> int:
         for i in range(args.jobs):
             name = f"bench-{i:03d}"
             custom.create_namespaced_custom_object("meddistill.io", "v1alpha1", ns, "meddistilljobs",
-                                                   quickstart(name, str(tmp / "runs")))
+                                                   # a local path is refused on KubeRay (its pods share none)
+                                                   quickstart(name, "pvc://artifacts/bench"))
             created[name] = time.monotonic()
         apply_s = time.monotonic() - t0
         watcher.join(timeout=300)

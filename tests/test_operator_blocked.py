@@ -21,7 +21,7 @@ from meddistill.operator.planner import StartStage
 from meddistill.spec.models import MedDistillJob
 from tests.support.kube_cluster import free_port
 from tests.test_artifacts_s3 import bucket, s3_endpoint  # noqa: F401 - fixtures
-from tests.test_operator_kube import Kube, install_operator_prereqs, quickstart, write_stage_artifact
+from tests.test_operator_kube import Kube, install_operator_prereqs, pvc_store, quickstart, write_stage_artifact
 
 pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
@@ -89,8 +89,8 @@ def test_s3_403_on_a_finished_stages_manifest_is_artifact_store_unavailable_and_
     assert "ArtifactStoreUnavailable" not in conditions(kube, "store")
 
 
-def test_a_foreign_rayjob_holding_the_childs_name_is_child_conflict_not_running(kube, tmp_path):
-    doc = quickstart("clash", str(tmp_path))
+def test_a_foreign_rayjob_holding_the_childs_name_is_child_conflict_not_running(kube):
+    doc = quickstart("clash", pvc_store(kube.ns))
     foreign = kuberay_objects.rayjob(MedDistillJob.model_validate({**doc, "metadata": {"name": "clash", "namespace": kube.ns}}),
                                      "someone-else", StartStage("teacher", 1, "clash-teacher-a1"))
     del foreign["metadata"]["ownerReferences"]  # e.g. another team's RayJob of the same name
@@ -115,8 +115,8 @@ def test_a_foreign_rayjob_holding_the_childs_name_is_child_conflict_not_running(
     assert kube.job("clash")["status"]["phase"] == "Running" and "ChildConflict" not in conditions(kube, "clash")
 
 
-def test_the_api_server_refusing_a_child_is_a_condition_and_event_naming_the_field(kube, tmp_path):
-    kube.apply(quickstart("badq", str(tmp_path), queueName="team a!"))  # no valid label value
+def test_the_api_server_refusing_a_child_is_a_condition_and_event_naming_the_field(kube):
+    kube.apply(quickstart("badq", pvc_store(kube.ns), queueName="team a!"))  # no valid label value
     handlers.reconcile(kube.ns, "badq")
     cond = conditions(kube, "badq")["ChildRefused"]
     assert cond["status"] == "True" and "spec.queueName" in cond["message"] and "422" in cond["message"]
@@ -124,23 +124,23 @@ def test_the_api_server_refusing_a_child_is_a_condition_and_event_naming_the_fie
     assert not kube.rayjobs("badq") and kube.job("badq")["status"]["phase"] == "Pending"
 
 
-def test_an_unreachable_ray_cluster_is_a_condition_and_event(kube, tmp_path):
+def test_an_unreachable_ray_cluster_is_a_condition_and_event(kube):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    kube.apply(quickstart("noray", str(tmp_path), ray={"address": address}))
+    kube.apply(quickstart("noray", pvc_store(kube.ns), ray={"address": address}))
     handlers.reconcile(kube.ns, "noray")
     cond = conditions(kube, "noray")["RayClusterUnavailable"]
     assert cond["status"] == "True" and address in cond["message"] and "spec.ray.address" in cond["message"]
     assert [r for r, _ in warnings(kube, "noray")] == ["RayClusterUnavailable"]
 
 
-def test_a_forbidden_create_is_a_condition_and_event_naming_the_rbac_fix(kube_cluster, kube, tmp_path):
+def test_a_forbidden_create_is_a_condition_and_event_naming_the_rbac_fix(kube_cluster, kube):
     from tests.test_operator_rbac import namespaced_rbac
 
     # Only a namespaced Role without 'create' on rayjobs authorizes the operator here.
     kube_cluster.kubectl("delete", "clusterrolebinding", "meddistill-meddistill-operator", "--ignore-not-found")
     kube_cluster.kubectl("apply", "-f", "-", input=namespaced_rbac(kube_cluster, kube.ns, drop_verb=("rayjobs", "create")))
     try:
-        kube.apply(quickstart("norbac", str(tmp_path)))
+        kube.apply(quickstart("norbac", pvc_store(kube.ns)))
         handlers.reconcile(kube.ns, "norbac")
         cond = conditions(kube, "norbac")["Forbidden"]
         assert cond["status"] == "True" and "403" in cond["message"] and "ClusterRole/Role" in cond["message"]
@@ -148,3 +148,19 @@ def test_a_forbidden_create_is_a_condition_and_event_naming_the_rbac_fix(kube_cl
         assert not kube.rayjobs("norbac") and kube.job("norbac")["status"]["phase"] == "Pending"
     finally:
         install_operator_prereqs(kube_cluster)  # the cluster-wide binding, for the other tests
+
+
+def test_a_local_artifacts_uri_on_kuberay_is_refused_before_any_stage(kube, tmp_path):
+    kube.apply(quickstart("local", str(tmp_path / "runs")))  # each KubeRay pod would write its own copy
+    handlers.reconcile(kube.ns, "local")
+    handlers.reconcile(kube.ns, "local")
+    assert not kube.rayjobs("local")
+    status = kube.job("local")["status"]
+    assert status["phase"] == "Failed"
+    failed = conditions(kube, "local")["Failed"]
+    assert failed["reason"] == "ArtifactStoreNotShared" and "pvc://CLAIM/PATH" in failed["message"]
+    assert [r for r, _ in warnings(kube, "local")] == ["ArtifactStoreNotShared"]  # once, not every reconcile
+
+    kube.apply(quickstart("local", pvc_store(kube.ns)))  # the fix the condition names: the job starts
+    handlers.reconcile(kube.ns, "local")
+    kube.wait_rayjob("local-teacher-a1", timeout=5)

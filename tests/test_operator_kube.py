@@ -219,7 +219,28 @@ def finish_stage(kube: Kube, artifacts_uri: str, job: str, stage: str, attempt: 
 
 
 @pytest.fixture(scope="module")
-def operator(kube_cluster, tmp_path_factory):
+def pvc_root(tmp_path_factory):
+    """pvc:// stores resolve under one directory, in this process and the operators it starts.
+
+    KubeRay pods do not share a local path, so the operator refuses one (ArtifactStoreNotShared);
+    the tests play the pods by writing where a mounted claim would be."""
+    root = tmp_path_factory.mktemp("pvc")
+    old = os.environ.get(artifacts.PVC_ROOT_ENV)
+    os.environ[artifacts.PVC_ROOT_ENV] = str(root)
+    yield root
+    if old is None:
+        del os.environ[artifacts.PVC_ROOT_ENV]
+    else:
+        os.environ[artifacts.PVC_ROOT_ENV] = old
+
+
+def pvc_store(unique: str) -> str:
+    """A pvc:// artifacts.uri of its own (under pvc_root)."""
+    return f"pvc://artifacts/{unique}"
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster, pvc_root, tmp_path_factory):
     install_operator_prereqs(kube_cluster)
     op = OperatorProcess(kube_cluster, tmp_path_factory.mktemp("operator") / "operator.log").start()
     yield op
@@ -239,8 +260,8 @@ def kube(kube_cluster, operator):
 # --------------------------------------------------------------------------------------------
 
 
-def test_quickstart_pipeline_to_serving(kube, operator, tmp_path):
-    uri = str(tmp_path / "runs")
+def test_quickstart_pipeline_to_serving(kube, operator):
+    uri = pvc_store(kube.ns)
     started = time.monotonic()
     kube.apply(quickstart("quickstart", uri))
     first = kube.wait_rayjob("quickstart-teacher-a1", timeout=10)
@@ -315,8 +336,8 @@ def test_quickstart_pipeline_to_serving(kube, operator, tmp_path):
     assert 'meddistill_operator_children_created_total{resource="rayjobs"}' in operator.metrics()
 
 
-def test_failure_retries_then_fails_with_reason(kube, tmp_path):
-    kube.apply(quickstart("flaky", str(tmp_path), runPolicy={"backoffLimit": 1}))
+def test_failure_retries_then_fails_with_reason(kube):
+    kube.apply(quickstart("flaky", pvc_store(kube.ns), runPolicy={"backoffLimit": 1}))
     kube.wait_rayjob("flaky-teacher-a1")
     kube.kuberay_fails("flaky-teacher-a1", "DeadlineExceeded", "the RayJob has passed the activeDeadlineSeconds")
     kube.wait_rayjob("flaky-teacher-a2")  # after attempt 1's 10 s backoff
@@ -331,8 +352,8 @@ def test_failure_retries_then_fails_with_reason(kube, tmp_path):
     assert "JobFailed" in wait_for(lambda: kube.events("flaky"), 10, "events")
 
 
-def test_operator_restart_mid_pipeline_no_duplicates(kube, operator, tmp_path):
-    uri = str(tmp_path)
+def test_operator_restart_mid_pipeline_no_duplicates(kube, operator):
+    uri = pvc_store(kube.ns)
     kube.apply(quickstart("restart", uri))
     finish_stage(kube, uri, "restart", "teacher")
     kube.wait_rayjob("restart-distill-data-a1")
@@ -349,17 +370,18 @@ def test_operator_restart_mid_pipeline_no_duplicates(kube, operator, tmp_path):
     assert [s["state"] for s in st["stages"]] == ["Succeeded", "Succeeded", "Running", "Pending", "Pending"]
 
 
-def test_suspend_resume_and_delete(kube, tmp_path):
-    kube.apply(quickstart("pause", str(tmp_path)))
+def test_suspend_resume_and_delete(kube):
+    uri = pvc_store(kube.ns)
+    kube.apply(quickstart("pause", uri))
     kube.wait_rayjob("pause-teacher-a1")
-    kube.apply(quickstart("pause", str(tmp_path), suspend=True))
+    kube.apply(quickstart("pause", uri, suspend=True))
     wait_for(lambda: not kube.rayjobs("pause"), 20, "the running RayJob to be removed")
     st = wait_for(lambda: (s := kube.job("pause").get("status", {})).get("phase") == "Suspended" and s, 20, "Suspended")
     assert next(c for c in st["conditions"] if c["type"] == "Suspended")["status"] == "True"
     time.sleep(3)
     assert not kube.rayjobs("pause")  # nothing starts while suspended
 
-    kube.apply(quickstart("pause", str(tmp_path), suspend=False))
+    kube.apply(quickstart("pause", uri, suspend=False))
     kube.wait_rayjob("pause-teacher-a1")
     wait_for(lambda: kube.job("pause").get("status", {}).get("phase") == "Running", 20, "Running again")
 
@@ -379,7 +401,7 @@ INVALID = [
 
 @pytest.mark.parametrize("change,message", INVALID, ids=[m.split()[0] for _, m in INVALID])
 def test_apiserver_refuses_invalid_jobs(kube, change, message):
-    doc = quickstart("bad", "/tmp/x")
+    doc = quickstart("bad", "pvc://artifacts/x")
     for key, value in change.items():
         doc["spec"][key] = {**doc["spec"].get(key, {}), **value}
     res = kube.cluster.kubectl("create", "--dry-run=server", "-n", kube.ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
@@ -387,7 +409,7 @@ def test_apiserver_refuses_invalid_jobs(kube, change, message):
 
 
 def test_apiserver_refuses_too_long_name(kube):
-    doc = quickstart("a-name-that-is-much-longer-than-30", "/tmp/x")
+    doc = quickstart("a-name-that-is-much-longer-than-30", "pvc://artifacts/x")
     res = kube.cluster.kubectl("create", "--dry-run=server", "-n", kube.ns, "-f", "-", input=yaml.safe_dump(doc), check=False)
     assert res.returncode != 0 and f"at most {NAME_MAX} characters" in res.stderr, res.stderr
 

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from tests.support.kube_cluster import REPO_ROOT, free_port
-from tests.test_operator_kube import Kube, install_operator_prereqs, quickstart, wait_for
+from tests.test_operator_kube import Kube, install_operator_prereqs, pvc_store, quickstart, wait_for
 
 pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
@@ -34,7 +34,7 @@ def test_kubeconfig_flag_alone_logs_in_and_reconciles(kube_cluster, tmp_path):
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
     try:
         kube = Kube(kube_cluster, ns)
-        kube.apply(quickstart("kcflag", str(tmp_path / "runs")))
+        kube.apply(quickstart("kcflag", pvc_store(ns)))
 
         def reconciled():
             assert proc.poll() is None, f"operator exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"

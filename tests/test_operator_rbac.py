@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.support.kube_cluster import OPERATOR_NAMESPACE
-from tests.test_operator_kube import CHART, Kube, OperatorProcess, install_operator_prereqs, quickstart, wait_for
+from tests.test_operator_kube import CHART, Kube, OperatorProcess, install_operator_prereqs, pvc_store, quickstart, wait_for
 
 pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
@@ -41,7 +41,7 @@ def test_namespaced_role_suffices_and_dropping_a_rule_breaks_it(kube_cluster, tm
     kube_cluster.kubectl("apply", "-f", "-", input=namespaced_rbac(kube_cluster, ns, drop_verb=("rayjobs", "create")))
     op = OperatorProcess(kube_cluster, tmp_path / "operator.log", namespace=ns).start()
     try:
-        kube.apply(quickstart("rbac", str(tmp_path)))
+        kube.apply(quickstart("rbac", pvc_store(ns)))
         wait_for(lambda: "403 Forbidden: cannot create RayJob" in op.log(), 20, "the operator to log the 403")
         assert not kube.rayjobs("rbac")  # the job does not progress
 
@@ -68,7 +68,7 @@ def test_children_need_the_finalizers_rule_under_owner_reference_enforcement(kub
                          input=namespaced_rbac(kube_cluster, ns, drop_verb=("meddistilljobs/finalizers", "update")))
     op = OperatorProcess(kube_cluster, tmp_path / "operator.log", namespace=ns).start()
     try:
-        kube.apply(quickstart("fin", str(tmp_path)))
+        kube.apply(quickstart("fin", pvc_store(ns)))
         # The admission's own words reach the log: the cause, not just "403".
         wait_for(lambda: "blockOwnerDeletion" in op.log(), 20, "the operator to log the admission's 403")
         assert not kube.rayjobs("fin")

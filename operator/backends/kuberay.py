@@ -89,7 +89,8 @@ class KubeRayBackend:
     def observe(self, job: MedDistillJob, uid: str) -> Observed:
         runs = [run for obj in self._list(RAYJOBS, job, uid) if (run := stage_run(obj)) is not None]
         services = self._list(RAYSERVICES, job, uid)
-        return Observed(runs=tuple(runs), serving=serving_app(services[0]) if services else None)
+        # Each pod has a filesystem of its own: the planner refuses a local artifacts.uri before any stage.
+        return Observed(runs=tuple(runs), serving=serving_app(services[0]) if services else None, local_paths="per-pod")
 
     def endpoint(self, job: MedDistillJob) -> ServingTarget:
         return serving_target(job)
