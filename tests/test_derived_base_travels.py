@@ -78,3 +78,16 @@ def test_on_a_local_store_workers_read_the_base_in_place(tmp_path):
     base.mkdir(parents=True)
     with storage.stage_scope(str(tmp_path / "distill")):
         assert storage.share_with_workers(base) == str(base)
+
+
+def test_ray_local_workers_stage_files_outside_the_home_cache(ray_local):
+    """An s3:// stage's workers write into their MEDDISTILL_CACHE: in tests, a temp folder (that
+    still shares the converted builtin models), never ~/.cache/meddistill/s3."""
+    import os
+    from pathlib import Path
+
+    import ray
+
+    cache = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("MEDDISTILL_CACHE")).remote())
+    assert cache and Path(cache) != Path.home() / ".cache" / "meddistill" and "pytest-of" in cache
+    assert (Path(cache) / "models").is_symlink()
