@@ -406,6 +406,13 @@ def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStat
     spec = job.spec
     app = observed.serving
     want = done and spec.serving.enabled and not spec.suspend
+    rerunning = any(s.state != "Succeeded" for s in stages)
+    if not want and rerunning and spec.serving.enabled and not spec.suspend and app is not None and not app.deleting:
+        # A re-run (or a retried stage): the model served so far answers until the new one is
+        # evaluated, passes its gate and verifies; then the update below swaps it in place.
+        kept = ServingStatus(endpoint=observed.target.endpoint, model_name=spec.serving.model_name, ready=app.ready,
+                             child=app.name)
+        return kept, False
     if not want:
         if app is not None and not app.deleting:
             out.delete.append(DeleteChild("serving", app.name))
