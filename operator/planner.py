@@ -46,7 +46,7 @@ from .retries import failure_time, retry_at, retry_delay_seconds
 from .serving_gate import ServedLineage
 from .serving_gate import decide as decide_serving
 
-RunState = Literal["Pending", "Running", "Succeeded", "Failed", "Deleting"]
+RunState = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Deleting"]  # Queued: held by Kueue
 _NEXT_ATTEMPT = "; next attempt "  # joins a failure to its backoff note in a stage's message
 ARTIFACT_GRACE_SECONDS = 300  # a run that succeeded but left no manifest this long counts as failed
 
@@ -313,6 +313,8 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
             out.delete.append(DeleteChild("stage", latest.name))
             st = st.model_copy(update={"state": "Pending", "message": f"suspended: removed {latest.name}"})
             out.events.append(Event("Normal", "Suspended", f"suspended: removed running {latest.name}"))
+        elif latest.state == "Queued":  # held by a queue (Kueue): not running, nothing to do but wait
+            st = st.model_copy(update={"state": "Queued"})
         elif st.state != "Running" or latest.state in ("Pending", "Running"):
             st = st.model_copy(update={"state": "Running"})
         stages.append(st)

@@ -592,7 +592,8 @@ class StageStatus(SpecModel):
     """One pipeline stage as the operator sees it."""
 
     name: str = Field(..., description="Stage name.")
-    state: Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"] = Field(..., description="Stage state.")
+    state: Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Skipped"] = Field(
+        ..., description="Stage state. Queued: its run waits for a queue (Kueue, spec.queueName) to admit it.")
     attempt: int = Field(0, description="Current attempt (1-based once started).")
     child: str = Field("", description="Name of the RayJob (or Ray job id) running this stage.")
     start_time: str = Field("", description="RFC 3339 start time.")

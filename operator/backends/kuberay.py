@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 from typing import Callable
 
 from kubernetes import client
@@ -29,6 +31,8 @@ from .kuberay_objects import (
     RAY_VERSION,
     RAYJOBS,
     RAYSERVICES,
+    head_network_policy,
+    ray_auth_secret,
     rayjob,
     rayservice,
     rayservice_model_patch,
@@ -39,6 +43,9 @@ from .kuberay_objects import (
 
 log = logging.getLogger("meddistill.operator")
 KIND_OF = {RAYJOBS: "RayJob", RAYSERVICES: "RayService"}
+# Namespaces of the KubeRay operator (comma-separated; the chart sets it): the only outside pods the
+# job's Ray heads admit on the dashboard port. Unset: a pod labelled as KubeRay's in any namespace.
+KUBERAY_NAMESPACES_ENV = "MEDDISTILL_KUBERAY_NAMESPACES"
 
 
 def owned_by(obj: dict, uid: str) -> bool:
@@ -115,8 +122,29 @@ class KubeRayBackend:
                 f"{what} exists and is not owned by this MedDistillJob (owners: {', '.join(owners) or 'none'}): "
                 f"delete it (kubectl delete {plural}.{RAY_GROUP} -n {ns} {name}) or rename this job", CHILD_CONFLICT)
 
+    def _guard(self, job: MedDistillJob, uid: str) -> None:
+        """The job's Ray token Secret and its heads' NetworkPolicy, before any Ray cluster that needs them.
+
+        Create only, never read: the operator holds no get on Secrets. A 409 is a restart finding its
+        own (the names are the job's; a foreign Secret there could only weaken the job's own cluster)."""
+        ns, name = job.metadata.namespace, job.metadata.name
+        kuberay_ns = tuple(n for n in os.environ.get(KUBERAY_NAMESPACES_ENV, "").split(",") if n)
+        for what, create in (
+            (f"Secret {ns}/{name}-ray-auth", lambda: client.CoreV1Api().create_namespaced_secret(
+                ns, ray_auth_secret(job, uid, secrets.token_urlsafe(32)))),
+            (f"NetworkPolicy {ns}/{name}-ray-head", lambda: client.NetworkingV1Api().create_namespaced_network_policy(
+                ns, head_network_policy(job, uid, kuberay_ns))),
+        ):
+            try:
+                create()
+            except ApiException as e:
+                if e.status != 409:
+                    raise blocked(e, "create", what, what.split()[0].lower() + "s") or e from None
+
     def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
         api, ns = self._api(), job.metadata.namespace
+        if p.create:
+            self._guard(job, uid)
         for item in p.create:
             if isinstance(item, StartStage):
                 self._create(ns, RAYJOBS, rayjob(job, uid, item), uid)

@@ -40,6 +40,15 @@ CONTAINER_SECURITY = {"runAsNonRoot": True, "runAsUser": POD_UID, "allowPrivileg
                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 # NCCL and DeepSpeed exchange tensors through /dev/shm; a container's default is 64Mi.
 SHM_VOLUME, SHM_PATH = "dshm", "/dev/shm"
+# Child Ray clusters run with Ray token authentication (KubeRay >= 1.5.1 `authOptions`, Ray >= 2.52):
+# KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from this per-job Secret's key) on every Ray
+# container and authenticates its own dashboard calls with it. The operator creates the Secret
+# (owned by the job) and never puts the token in a RayJob/RayService.
+AUTH_SECRET_KEY = "auth_token"
+# The head's Ray ports (GCS, dashboard/Jobs API, client) admit only the job's own pods and the KubeRay
+# operator (which polls the dashboard); Serve's 8000 stays open to the job's namespace.
+RAY_PORTS, SERVE_PORT, DASHBOARD_PORT = (6379, 8265, 10001), 8000, 8265
+KUBERAY_OPERATOR_POD = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay chart's pod label
 # What KubeRay's default submitter pod gets (common/job.go), restated so it can carry the securityContext.
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
@@ -104,20 +113,62 @@ def _placement(job: MedDistillJob, stage: str) -> dict:
     return out
 
 
+def _pod_labels(job: MedDistillJob) -> dict:
+    """Every pod of the job's Ray clusters carries its job label: the NetworkPolicy's peers."""
+    return {"labels": {LABEL_JOB: job.metadata.name}}
+
+
 def _pod(job: MedDistillJob, container: dict, stage: str) -> dict:
     volumes, _, _ = _storage(job)
     spec = {"containers": [container], **_placement(job, stage),
             "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory",
                                                          "sizeLimit": container["resources"]["limits"]["memory"]}},
                         *volumes]}
-    return {"spec": spec}
+    return {"metadata": _pod_labels(job), "spec": spec}
 
 
 def _submitter_pod(job: MedDistillJob, stage: str) -> dict:
     """KubeRay's default submitter pod plus the restricted securityContext (KubeRay fills the command)."""
     container = {"name": "ray-job-submitter", "image": job.spec.image, "resources": SUBMITTER_RESOURCES,
                  "securityContext": CONTAINER_SECURITY}
-    return {"spec": {"containers": [container], "restartPolicy": "Never", **_placement(job, stage)}}
+    return {"metadata": _pod_labels(job),
+            "spec": {"containers": [container], "restartPolicy": "Never", **_placement(job, stage)}}
+
+
+def auth_secret_name(job: MedDistillJob) -> str:
+    return f"{job.metadata.name}-ray-auth"
+
+
+def ray_auth_secret(job: MedDistillJob, owner_uid: str, token: str) -> dict:
+    """The job's Ray token, shared by all its Ray clusters; removed with the job (owner reference)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": auth_secret_name(job), "namespace": job.metadata.namespace,
+                         "labels": _labels(job, "ray-auth"), "ownerReferences": _owner(job, owner_uid)},
+            "stringData": {AUTH_SECRET_KEY: token}}
+
+
+def head_network_policy(job: MedDistillJob, owner_uid: str, kuberay_namespaces: tuple[str, ...] = ()) -> dict:
+    """Ingress to the job's Ray head pods: any port from the job's own pods (workers, submitter: GCS,
+    object transfer), the dashboard from the KubeRay operator (in kuberay_namespaces; any namespace when
+    empty: the token still guards it), Serve's port from the namespace. Nothing else reaches the head."""
+    own = {"podSelector": {"matchLabels": {LABEL_JOB: job.metadata.name}}}
+    namespaces = ({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In",
+                                         "values": list(kuberay_namespaces)}]} if kuberay_namespaces else {})
+    kuberay = {"namespaceSelector": namespaces, "podSelector": {"matchLabels": dict(KUBERAY_OPERATOR_POD)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": f"{job.metadata.name}-ray-head", "namespace": job.metadata.namespace,
+                     "labels": _labels(job, "network-policy"), "ownerReferences": _owner(job, owner_uid)},
+        "spec": {
+            "podSelector": {"matchLabels": {LABEL_JOB: job.metadata.name, "ray.io/node-type": "head"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own]},
+                {"from": [kuberay], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+                {"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": SERVE_PORT}]},
+            ],
+        },
+    }
 
 
 def ray_start_resources(resources: dict[str, int]) -> str:
@@ -132,6 +183,7 @@ def ray_cluster_spec(job: MedDistillJob, stage: str, res: Resources, group: str,
                      {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
     worker = _container(job, "ray-worker", res.cpus_per_worker, res.memory, res.gpus_per_worker)
     return {
+        "authOptions": {"mode": "token", "secretName": auth_secret_name(job)},
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": _pod(job, head, stage)},
         "workerGroupSpecs": [{
             "groupName": group, "replicas": replicas, "minReplicas": min_replicas, "maxReplicas": max_replicas,
@@ -227,18 +279,24 @@ def stage_run(obj: dict) -> StageRun | None:
     except (KeyError, ValueError):
         return None
     deploy, job_status = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
+    queue = labels.get(KUEUE_QUEUE_LABEL, "")
     if meta.get("deletionTimestamp"):
         state = "Deleting"
     elif deploy == "Complete" and job_status == "SUCCEEDED":
         state = "Succeeded"
     elif deploy in ("Failed", "ValidationFailed") or job_status in ("FAILED", "STOPPED"):
         state = "Failed"
+    elif queue and (obj.get("spec") or {}).get("suspend"):
+        # Kueue admits a RayJob by setting spec.suspend false, and preempts it by setting it true again.
+        state = "Queued"
     elif deploy == "Running" or job_status == "RUNNING":
         state = "Running"
-    else:  # "", New, Initializing, Suspended (Kueue has not admitted it), Waiting, Retrying
+    else:  # "", New, Initializing, Waiting, Retrying
         state = "Pending"
     reason = status.get("reason", "") or (f"jobStatus {job_status}" if state == "Failed" and job_status else "")
     message = status.get("message", "")
+    if state == "Queued":
+        message = f"queued: waiting for Kueue to admit it (LocalQueue {queue})"
     if state == "Failed":  # KubeRay copies Ray's message, which ends with the job's last log lines
         name = meta.get("name", "")
         message = redacted_failure(message, "", f"kubectl logs -n {meta.get('namespace', '')} job/{name}")

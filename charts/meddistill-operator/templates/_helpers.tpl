@@ -37,6 +37,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- /* KubeRay children: each job's Ray token Secret (created, never read back) and the NetworkPolicy
+     closing its Ray heads' ports. */}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create"]
 {{- if or .Values.ray.address .Values.ray.readSecrets }}
 {{- /* Ray-cluster backend only: no pod mounts a job's Secrets there, the operator passes them on. */}}
 - apiGroups: [""]
