@@ -89,9 +89,17 @@ def test_teacher_batches_reach_the_deepspeed_engine_on_its_device(tiny_job, tmp_
 
 
 def _distill_config(job, tiny_model_dir, tmp_path, online: bool) -> dict:
+    import shutil
+
+    from meddistill.artifacts import write_manifest
+
     spec = job.spec
+    teacher = tmp_path / "teacher"  # a teacher artifact: the worker fetches it by URI (a local store: in place)
+    shutil.copytree(tiny_model_dir, teacher / "model")
+    write_manifest(teacher, stage="teacher", config={})
     return {"student": spec.student.model_dump(), "distillation": spec.distillation.model_dump(),
-            "base": str(tiny_model_dir), "teacher_dir": str(tiny_model_dir), "online": online,
+            "base": str(tiny_model_dir), "base_uri": None, "adapter_base": str(tiny_model_dir),
+            "teacher_uri": str(teacher), "online": online,
             "total_steps": 1, "out_dir": str(tmp_path), "crash_after": None}
 
 
