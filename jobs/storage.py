@@ -14,6 +14,9 @@ working_dir), so what rank 0 writes on a worker node never appears in the driver
                      each reads its inputs from the store into its own node's cache (fetch_input),
                      writes into a fresh folder on its node and uploads it; `collect` returns their
                      results and downloads what they uploaded into the driver's working dir
+    worker inputs    what the driver makes for its own workers (distill's pruned base, with its
+                     own manifest) goes to the stage's prefix first (share_with_workers); workers
+                     fetch_input it, and a folder with its own manifest is never a node's output
 
 A local `artifacts.uri` (a path or pvc://) must be the same filesystem on every node:
 `require_shared_filesystem` checks it on a multi-node cluster and refuses otherwise; there tasks
