@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meddistill.artifacts import PROGRESS, ArtifactStore, read_manifest, sha256_json, stage_uri, verify, write_manifest
+from meddistill.artifacts import PROGRESS, ArtifactStore, job_dir, read_manifest, sha256_json, stage_uri, verify, write_manifest
 from meddistill.jobs import storage
 from meddistill.spec.models import STAGES, MedDistillJob, pipeline_stages
 
@@ -90,7 +90,7 @@ class StageContext:
         return self.job.metadata.name
 
     def uri(self, stage: str) -> str:
-        return stage_uri(self.spec.artifacts.uri, self.name, stage)
+        return stage_uri(self.spec.artifacts.uri, job_dir(self.job.metadata), stage)
 
     def output_dir(self, stage: str) -> Path:
         return ArtifactStore(self.uri(stage)).working_dir()

@@ -37,9 +37,22 @@ def _cache_root() -> Path:
     return Path(os.environ.get("MEDDISTILL_CACHE", Path.home() / ".cache" / "meddistill"))
 
 
-def stage_uri(artifacts_uri: str, job_name: str, stage: str) -> str:
-    """URI of one stage's artifact directory."""
-    return f"{artifacts_uri.rstrip('/')}/{job_name}/{stage}"
+def job_dir(metadata) -> str:
+    """Where a job's artifacts go under spec.artifacts.uri (metadata: the job's name, namespace, uid).
+
+    `meddistill run` (no uid): `<name>`. A job the operator runs carries its uid: `<namespace>/<name>-<uid[:8]>`,
+    so same-named jobs of two namespaces sharing a bucket, or a job deleted and re-created under its
+    name, never read or overwrite each other's artifacts.
+    """
+    uid = getattr(metadata, "uid", None) or ""
+    if not uid:
+        return metadata.name
+    return f"{metadata.namespace or 'default'}/{metadata.name}-{uid[:8]}"
+
+
+def stage_uri(artifacts_uri: str, job_dir: str, stage: str) -> str:
+    """URI of one stage's artifact directory (job_dir: job_dir(job.metadata))."""
+    return f"{artifacts_uri.rstrip('/')}/{job_dir}/{stage}"
 
 
 def local_path(uri: str, base_dir: str | os.PathLike | None = None) -> Path | None:

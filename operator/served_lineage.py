@@ -37,8 +37,8 @@ def check(job: MedDistillJob, observed: Observed) -> ServedLineage | None:
     recorded = any(s.name == CARD_STAGE and s.state == "Succeeded" for s in (job.status.stages if job.status else []))
     if not recorded and not any(r.stage == CARD_STAGE and r.artifact is not None for r in observed.runs):
         return None
-    root_uri = f"{job.spec.artifacts.uri.rstrip('/')}/{job.metadata.name}"
-    card = f"{artifacts.stage_uri(job.spec.artifacts.uri, job.metadata.name, CARD_STAGE)}/{CARD_MD}"
+    root_uri = f"{job.spec.artifacts.uri.rstrip('/')}/{artifacts.job_dir(job.metadata)}"
+    card = f"{artifacts.stage_uri(job.spec.artifacts.uri, artifacts.job_dir(job.metadata), CARD_STAGE)}/{CARD_MD}"
     job_dir = artifacts.local_path(root_uri)
     if job_dir is None:
         return _check_object_store(job, card)
@@ -81,7 +81,7 @@ def _card_listed(job_dir: Path) -> bool:
 
 
 def _check_object_store(job: MedDistillJob, card: str) -> ServedLineage | None:
-    fetched = {s: artifacts.ArtifactStore(artifacts.stage_uri(job.spec.artifacts.uri, job.metadata.name, s)).fetch(only=set())
+    fetched = {s: artifacts.ArtifactStore(artifacts.stage_uri(job.spec.artifacts.uri, artifacts.job_dir(job.metadata), s)).fetch(only=set())
                for s in SERVED}
     if fetched["evaluate"] is None or fetched["quantize"] is None:
         return None

@@ -22,7 +22,7 @@ from .planner import ArtifactRecord, Observed
 
 def read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
     """The stage's manifest (and results.json for evaluate) through the artifact store."""
-    uri = artifacts.stage_uri(job.spec.artifacts.uri, job.metadata.name, stage)
+    uri = artifacts.stage_uri(job.spec.artifacts.uri, artifacts.job_dir(job.metadata), stage)
     directory = artifacts.ArtifactStore(uri).fetch(only={"results.json"} if stage == "evaluate" else set())
     if directory is None:
         return None

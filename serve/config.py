@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from meddistill.artifacts import local_path, stage_uri
+from meddistill.artifacts import job_dir, local_path, stage_uri
 from meddistill.quantized_formats import GGUF_DIR, W4A16_DIR, gguf_file_name, requested_formats
 
 IMPORT_PATH = "meddistill.serve.app:build_app"
@@ -76,7 +76,7 @@ def may_use_vllm(serving: Any) -> bool:
 
 def model_uri_for(job: Any, base_dir: str | None = None) -> str:
     """Where the job's quantized student is: the quantize stage's artifact directory."""
-    uri = stage_uri(job.spec.artifacts.uri, job.metadata.name, "quantize")
+    uri = stage_uri(job.spec.artifacts.uri, job_dir(job.metadata), "quantize")
     path = local_path(uri, base_dir)
     return str(path) if path is not None else uri
 

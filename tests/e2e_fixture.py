@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.support.kube_cluster import REPO_ROOT, free_port
+from tests.support.kube_cluster import OPERATOR_NAMESPACE, REPO_ROOT, free_port
 from tests.test_operator_kube import Kube, OperatorProcess, install_operator_prereqs, quickstart
 
 PIPELINE_TIMEOUT_S = 35 * 60  # the whole quickstart (~10-20 min on 2 cores), with headroom for a busy machine
@@ -186,11 +187,22 @@ def ray_head(tmp_path_factory):
     head.stop()
 
 
+RAY_CLUSTER = "local-head"  # what jobs name in spec.ray.cluster
+
+
 @pytest.fixture(scope="session")
 def ray_operator(kube_cluster, ray_head, tmp_path_factory):
-    install_operator_prereqs(kube_cluster, values=["ray.readSecrets=true"])  # jobs name spec.ray.address
-    op = OperatorProcess(kube_cluster, tmp_path_factory.mktemp("ray-operator") / "operator.log")
-    with _environ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_head.token}):
+    # The platform team lists the head (plain http on loopback: allowInsecure) with its token Secret in the
+    # operator's namespace; jobs in any namespace may pass on their labelled Secrets (secretsClusterWide).
+    cluster = {"name": RAY_CLUSTER, "address": ray_head.address, "tokenSecret": {"name": "ray-token"}, "allowInsecure": True}
+    install_operator_prereqs(kube_cluster, values=[f"rayClusters[0].{k}={v}" for k, v in cluster.items() if k != "tokenSecret"]
+                             + ["rayClusters[0].tokenSecret.name=ray-token", "ray.secretsClusterWide=true"])
+    kube_cluster.kubectl("-n", OPERATOR_NAMESPACE, "create", "secret", "generic", "ray-token",
+                         f"--from-literal=token={ray_head.token}", check=False)
+    work = tmp_path_factory.mktemp("ray-operator")
+    (work / "ray-clusters.yaml").write_text(yaml.safe_dump({"clusters": [cluster]}))
+    op = OperatorProcess(kube_cluster, work / "operator.log", args=("--ray-clusters", str(work / "ray-clusters.yaml")))
+    with _environ({"MEDDISTILL_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE}):
         op.start()
     yield op
     op.stop()
@@ -212,13 +224,14 @@ def quickstart_e2e(e2e_namespace, ray_head, ray_operator, tmp_path_factory) -> E
     # serving.auth on: the operator hands the Secret's token to the Serve app (no pod env on a Ray cluster).
     token = secrets.token_urlsafe(24)
     kube.cluster.kubectl("-n", kube.ns, "create", "secret", "generic", "quickstart-serve-token", f"--from-literal=token={token}")
-    doc = quickstart(name, str(runs), ray={"address": ray_head.address})
+    kube.cluster.kubectl("-n", kube.ns, "label", "secret", "quickstart-serve-token", "meddistill.io/inject=true")
+    doc = quickstart(name, str(runs), ray={"cluster": RAY_CLUSTER})
     doc["spec"]["serving"]["auth"] = {"secretName": "quickstart-serve-token"}
     kube.apply(doc)
     status = wait_for_phase(kube, name, {"Serving"}, PIPELINE_TIMEOUT_S, ray_head)
     wall = time.monotonic() - started
     print(f"[e2e] quickstart on Ray: apply -> Serving in {wall:.0f}s", file=sys.stderr, flush=True)
-    return E2ERun(artifact_root=runs / name, status=status, endpoint=status["serving"]["endpoint"],
+    return E2ERun(artifact_root=runs / kube.job_dir(name), status=status, endpoint=status["serving"]["endpoint"],
                   model_name=status["serving"]["modelName"], wall_s=wall, kube=kube, ray=ray_head,
                   operator=ray_operator, name=name, token=token)
 

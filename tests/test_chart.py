@@ -19,7 +19,8 @@ def test_helm_lint_is_clean(kube_cluster):
 
 @pytest.mark.parametrize("values", [[], ["rbac.scope=namespace", "watchNamespace=team-a", "artifactClaims={models}",
                                          "artifactSecretName=s3-creds", "logLevel=debug",
-                                         "ray.address=http://ray-head.ray.svc:8265", "ray.authTokenSecret.name=ray-token"]])
+                                         "rayClusters[0].name=shared", "rayClusters[0].address=https://ray-head.ray.svc:8265",
+                                         "rayClusters[0].tokenSecret.name=ray-token", "ray.defaultCluster=shared"]])
 def test_template_passes_server_dry_run(kube_cluster, values):
     install_crd(kube_cluster)
     kube_cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
@@ -32,9 +33,16 @@ def test_template_passes_server_dry_run(kube_cluster, values):
     out = kube_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered).stdout
     assert "(server dry run)" in out
 
-    role = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == want_role)
-    # Secrets are read only for the Ray-cluster backend (ray.address here), never for KubeRay alone.
-    assert any("secrets" in r["resources"] for r in role["rules"]) == bool(values)
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    role = next(d for d in docs if d["kind"] == want_role and d["metadata"]["name"] == "dry-meddistill-operator")
+    reads = {"get", "list", "watch"}
+    assert not any("secrets" in r["resources"] and reads & set(r["verbs"]) for r in role["rules"])  # never read broadly
+    secret_rules = {(d["metadata"].get("namespace"), tuple(r.get("resourceNames") or ()), tuple(r["verbs"]))
+                    for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d["rules"]
+                    if "secrets" in r["resources"] and reads & set(r["verbs"])}
+    # Ray clusters listed: the token Secret by name in the operator's namespace, and listing (the operator
+    # filters by the consent label) in the namespace it serves; nothing cluster-wide.
+    assert secret_rules == ({(OPERATOR_NAMESPACE, ("ray-token",), ("get",)), ("team-a", (), ("list",))} if values else set())
     deploy = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
     pod = deploy["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -42,17 +50,28 @@ def test_template_passes_server_dry_run(kube_cluster, values):
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["resources"]["limits"]
     if values:
         assert "--namespace=team-a" in c["args"] and c["args"][0] == "--verbose"
-        assert "--ray-address=http://ray-head.ray.svc:8265" in c["args"]
-        token = next(e for e in c["env"] if e["name"] == "RAY_AUTH_TOKEN")
-        assert token["valueFrom"]["secretKeyRef"] == {"name": "ray-token", "key": "token"}
+        assert "--ray-clusters=/etc/meddistill/ray-clusters.yaml" in c["args"]
+        assert not any(e["name"].startswith("RAY_AUTH") for e in c["env"])  # tokens go per cluster, never via env
+        listed = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["ray-clusters.yaml"])
+        assert listed == {"default": "shared", "clusters": [
+            {"name": "shared", "address": "https://ray-head.ray.svc:8265", "tokenSecret": {"name": "ray-token"}}]}
         assert {"name": "artifacts-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in c["volumeMounts"]
 
 
-def test_read_secrets_grants_get_on_secrets_and_nothing_more(kube_cluster):
-    rendered = kube_cluster.helm("template", "x", str(CHART), "--set", "ray.readSecrets=true",
-                                 "--show-only", "templates/rbac.yaml").stdout
-    role = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ClusterRole")
-    assert [r["verbs"] for r in role["rules"] if "secrets" in r["resources"]] == [["get"]]
+def test_job_secrets_are_listable_only_in_the_namespaces_served_unless_cluster_wide_is_asked_for(kube_cluster):
+    base = ["--set", "rayClusters[0].name=shared", "--set", "rayClusters[0].address=https://r:8265"]
+
+    def secret_access(*extra):
+        rendered = kube_cluster.helm("template", "x", str(CHART), *base, *extra).stdout
+        return sorted((d["kind"], d["metadata"].get("namespace", "")) for d in yaml.safe_load_all(rendered)
+                      if d and d["kind"] in ("Role", "ClusterRole")
+                      and any("secrets" in r["resources"] and "create" not in r["verbs"] for r in d["rules"]))
+
+    assert secret_access() == []  # the default: no Secret access at all
+    assert secret_access("--set", "ray.secretNamespaces={team-a,team-b}") == [("Role", "team-a"), ("Role", "team-b")]
+    assert secret_access("--set", "ray.secretsClusterWide=true") == [("ClusterRole", "")]
+    refused = kube_cluster.helm("template", "x", str(CHART), "--set", "rayClusters[0].name=x", check=False)
+    assert refused.returncode != 0 and "address" in refused.stderr, refused.stderr
 
 
 def test_values_schema_refuses_bad_scope(kube_cluster):

@@ -19,7 +19,7 @@ from meddistill import artifacts
 from meddistill.data import load_dataset
 from meddistill.prompts import build_messages, extract_answer
 from meddistill.spec.models import Results
-from tests.e2e_fixture import wait_for_phase
+from tests.e2e_fixture import RAY_CLUSTER, wait_for_phase
 from tests.test_operator_kube import quickstart, wait_for
 
 pytest_plugins = ["tests.support.kube_fixtures", "tests.e2e_fixture"]
@@ -36,7 +36,7 @@ def our_ray_jobs(ray, namespace: str, name: str) -> dict[str, dict]:
 
 def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace, ray_head, tmp_path):
     kube, name = e2e_namespace, "broken"
-    doc = quickstart(name, str(tmp_path / "runs"), ray={"address": ray_head.address}, runPolicy={"backoffLimit": 1})
+    doc = quickstart(name, str(tmp_path / "runs"), ray={"cluster": RAY_CLUSTER}, runPolicy={"backoffLimit": 1})
     doc["spec"]["teacher"]["datasets"] = ["pubmedqa:/nonexistent/ori_pqal.json"]
     kube.apply(doc)
     st = wait_for_phase(kube, name, {"Failed"}, 600, ray_head)
@@ -46,14 +46,14 @@ def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace
     # The attempt that gave up, the stage's error class and where its full log is; never the log's text
     # (operator/failures.py: a log line can quote a training record), so not even the missing path.
     msg = failed["message"]
-    assert f"{kube.ns}-{name}-teacher-a2 failed" in msg, msg
-    assert re.search(r"stage teacher raised \w+Error", msg) and f"ray job logs {kube.ns}-{name}-teacher-a2" in msg, msg
+    assert f"{kube.ns}_{name}_teacher_a2 failed" in msg, msg
+    assert re.search(r"stage teacher raised \w+Error", msg) and f"ray job logs {kube.ns}_{name}_teacher_a2" in msg, msg
     assert "/nonexistent/ori_pqal.json" not in msg and "Traceback" not in msg, msg
     assert st["stages"][0]["state"] == "Failed" and st["stages"][0]["attempt"] == 2
     assert [s["state"] for s in st["stages"][1:]] == ["Pending"] * 4
     time.sleep(6)  # a few resyncs later: no third attempt
     jobs = our_ray_jobs(ray_head, kube.ns, name)
-    assert sorted(jobs) == [f"{kube.ns}-{name}-teacher-a1", f"{kube.ns}-{name}-teacher-a2"]
+    assert sorted(jobs) == [f"{kube.ns}_{name}_teacher_a1", f"{kube.ns}_{name}_teacher_a2"]
     assert {j["status"] for j in jobs.values()} == {"FAILED"}
     events = wait_for(lambda: (e := kube.events(name)) and "JobFailed" in e and e, 20, "the JobFailed event")
     assert {"StageStarted", "StageRetrying", "JobFailed"} <= set(events)
@@ -61,7 +61,7 @@ def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace
 
 def test_a_missing_secret_is_an_event_then_the_stage_gets_its_keys(e2e_namespace, ray_head, tmp_path):
     kube, name = e2e_namespace, "secrets"
-    doc = quickstart(name, str(tmp_path / "runs"), ray={"address": ray_head.address}, runPolicy={"backoffLimit": 0})
+    doc = quickstart(name, str(tmp_path / "runs"), ray={"cluster": RAY_CLUSTER}, runPolicy={"backoffLimit": 0})
     doc["spec"]["artifacts"]["secretName"] = "stage-env"
     doc["spec"]["teacher"]["datasets"] = ["pubmedqa:/nonexistent/ori_pqal.json"]  # fails at once: no CPU spent
     kube.apply(doc)
@@ -69,7 +69,12 @@ def test_a_missing_secret_is_an_event_then_the_stage_gets_its_keys(e2e_namespace
     assert not our_ray_jobs(ray_head, kube.ns, name)  # nothing is submitted without its Secret
 
     kube.cluster.kubectl("-n", kube.ns, "create", "secret", "generic", "stage-env", "--from-literal=MEDDISTILL_TEST_MARKER=m4rk")
-    sid = f"{kube.ns}-{name}-teacher-a1"
+    # Without its owner's consent label the Secret is not read: still no submission (the event names the label).
+    assert "meddistill.io/inject" in str(kube.core.list_namespaced_event(kube.ns).items)
+    time.sleep(5)  # a few resyncs
+    assert not our_ray_jobs(ray_head, kube.ns, name)
+    kube.cluster.kubectl("-n", kube.ns, "label", "secret", "stage-env", "meddistill.io/inject=true")
+    sid = f"{kube.ns}_{name}_teacher_a1"
     wait_for(lambda: sid in our_ray_jobs(ray_head, kube.ns, name), 30, f"Ray job {sid}")
     env = ray_head.get(f"/api/jobs/{sid}")["runtime_env"]["env_vars"]
     assert env["MEDDISTILL_TEST_MARKER"] == "m4rk" and "MEDDISTILL_JOB" in env
@@ -83,7 +88,7 @@ def test_every_stage_ran_as_a_ray_job_and_succeeded(quickstart_e2e):
     assert [(s["name"], s["state"]) for s in st["stages"]] == [(s, "Succeeded") for s in STAGES]
     for s in st["stages"]:
         directory = run.artifact_root / s["name"]
-        assert s["artifactUri"] == artifacts.stage_uri(str(run.artifact_root.parent), run.name, s["name"])
+        assert s["artifactUri"] == f"{run.artifact_root}/{s['name']}"  # <uri>/<namespace>/<name>-<uid[:8]>/<stage>
         assert s["artifactDigest"] == artifacts.verify(directory).digest  # the manifest the stage wrote
         assert s["child"] == f"{ns}-{run.name}-{s['name']}-a1"
     jobs = our_ray_jobs(run.ray, ns, run.name)

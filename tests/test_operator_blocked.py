@@ -66,7 +66,7 @@ def test_s3_403_on_a_finished_stages_manifest_is_artifact_store_unavailable_and_
     # The stage wrote its artifact; KubeRay reports it done long ago (past the planner's grace period).
     local = tmp_path / "local"
     write_stage_artifact(str(local), "store", "teacher")
-    artifacts.ArtifactStore(artifacts.stage_uri(uri, "store", "teacher")).publish(local / "store" / "teacher")
+    artifacts.ArtifactStore(artifacts.stage_uri(uri, kube.job_dir("store"), "teacher")).publish(local / "store" / "teacher")
     ended = (datetime.now(timezone.utc) - timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
     kube.kuberay_status("store-teacher-a1", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": ended})
     s3 = boto3.client("s3")

@@ -103,7 +103,7 @@ def run_pipeline(kube: Kube, job: str, before_evaluate=None) -> None:
         kube.kuberay_runs(name)
         if stage == "evaluate" and before_evaluate:
             before_evaluate()
-        digests[stage] = write_stage(store(kube), job, stage, digests)
+        digests[stage] = write_stage(store(kube), kube.job_dir(job), stage, digests)
         kube.kuberay_succeeds(name)
 
 
@@ -138,7 +138,7 @@ def test_failing_gate_ends_not_serving_then_an_override_serves_it(kube, operator
     kube.cluster.kubectl("annotate", "mdj", "failing", "-n", kube.ns,
                          f"{OVERRIDE_ANNOTATION}=Dr Jane Roe: reviewed the 16 wrong answers; pilot only")
     service = wait_for(lambda: kube.rayservices("failing"), RESYNC_S / 2, "the RayService after the override")[0]
-    assert artifacts.stage_uri(store(kube), "failing", "quantize") in service["spec"]["serveConfigV2"]
+    assert artifacts.stage_uri(store(kube), kube.job_dir("failing"), "quantize") in service["spec"]["serveConfigV2"]
     st = wait_for(lambda: (s := status(kube, "failing")).get("gate", {}).get("overriddenBy") and s, 30, "overriddenBy")
     assert (st["gate"]["overriddenBy"], st["gate"]["overrideReason"]) == ("Dr Jane Roe", "reviewed the 16 wrong answers; pilot only")
     gate = condition(st, "EvaluationGate")
@@ -164,7 +164,7 @@ def test_passing_gate_serves(kube):
 
 def test_one_changed_byte_of_the_quantized_weights_is_refused_naming_the_file(kube, pvc_root):
     kube.apply(gated("tampered", kube, min_accuracy=None))  # no gate: only the lineage stands in the way
-    weights = artifacts.local_path(artifacts.stage_uri(store(kube), "tampered", "quantize")) / WEIGHTS
+    weights = artifacts.local_path(artifacts.stage_uri(store(kube), kube.job_dir("tampered"), "quantize")) / WEIGHTS
     run_pipeline(kube, "tampered", before_evaluate=lambda: flip_byte(weights))  # after its manifest was written
     st = wait_for(lambda: (s := status(kube, "tampered")).get("phase") == "Succeeded" and s, 30, "phase Succeeded")
     lineage = condition(st, "LineageVerified")

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from meddistill import artifacts
-from meddistill.spec.models import NAME_MAX, MedDistillJob, MedDistillJobStatus, Results
+from meddistill.spec.models import NAME_MAX, MedDistillJob, MedDistillJobStatus, ObjectMeta, Results
 from tests.support.kube_cluster import OPERATOR_NAMESPACE, REPO_ROOT, free_port
 
 pytest_plugins = ["tests.support.kube_fixtures"]
@@ -77,8 +77,8 @@ def install_crd(cluster) -> None:
 class OperatorProcess:
     """`meddistill operator` in its own process, authenticated as the chart's ServiceAccount."""
 
-    def __init__(self, cluster, log_path: Path, namespace: str | None = None, resync: float = 2.0):
-        self.cluster, self.log_path, self.namespace, self.resync = cluster, log_path, namespace, resync
+    def __init__(self, cluster, log_path: Path, namespace: str | None = None, resync: float = 2.0, args: tuple = ()):
+        self.cluster, self.log_path, self.namespace, self.resync, self.args = cluster, log_path, namespace, resync, args
         self.proc: subprocess.Popen | None = None
         self.metrics_port = self.health_port = 0
 
@@ -89,6 +89,7 @@ class OperatorProcess:
                 "--resync-seconds", str(self.resync)]
         if self.namespace:
             argv += ["--namespace", self.namespace]
+        argv += list(self.args)
         # No PYTHONPATH=<repo>: the operator/ folder would shadow the standard library's `operator`.
         env = self.cluster.tool_env(self.cluster.operator_kubeconfig)
         log = open(self.log_path, "ab")
@@ -147,6 +148,10 @@ class Kube:
     def job(self, name: str) -> dict:
         return self.custom.get_namespaced_custom_object("meddistill.io", "v1alpha1", self.ns, "meddistilljobs", name)
 
+    def job_dir(self, name: str) -> str:
+        """Where the operator's stages of this job write under artifacts.uri (namespace, name, uid)."""
+        return artifacts.job_dir(ObjectMeta.model_validate(self.job(name)["metadata"]))
+
     def rayjobs(self, job: str) -> dict[str, dict]:
         items = self.custom.list_namespaced_custom_object("ray.io", "v1", self.ns, "rayjobs",
                                                           label_selector=f"meddistill.io/job={job}")["items"]
@@ -189,9 +194,9 @@ class Kube:
         return [e.reason for e in items]
 
 
-def write_stage_artifact(artifacts_uri: str, job: str, stage: str) -> str:
-    """What the stage entrypoint leaves behind: its files, then manifest.json last."""
-    d = artifacts.local_path(artifacts.stage_uri(artifacts_uri, job, stage))
+def write_stage_artifact(artifacts_uri: str, job_dir: str, stage: str) -> str:
+    """What the stage entrypoint leaves behind: its files, then manifest.json last (job_dir: Kube.job_dir)."""
+    d = artifacts.local_path(artifacts.stage_uri(artifacts_uri, job_dir, stage))
     d.mkdir(parents=True, exist_ok=True)
     (d / "output.txt").write_text(f"{stage} output\n")
     if stage == "evaluate":
@@ -208,7 +213,7 @@ def finish_stage(kube: Kube, artifacts_uri: str, job: str, stage: str, attempt: 
     name = f"{job}-{stage}-a{attempt}"
     kube.wait_rayjob(name)
     kube.kuberay_runs(name)
-    digest = write_stage_artifact(artifacts_uri, job, stage)
+    digest = write_stage_artifact(artifacts_uri, kube.job_dir(job), stage)
     kube.kuberay_succeeds(name)
     return digest
 
@@ -301,7 +306,7 @@ def test_quickstart_pipeline_to_serving(kube, operator):
     service = wait_for(lambda: kube.rayservices("quickstart"), 20, "the RayService")[0]
     assert service["metadata"]["name"] == "quickstart"
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-    quantize_uri = artifacts.stage_uri(uri, "quickstart", "quantize")
+    quantize_uri = artifacts.stage_uri(uri, kube.job_dir("quickstart"), "quantize")
     assert quantize_uri in service["spec"]["serveConfigV2"]
     # The RayService is created before the status that announces it is written.
     wait_for(lambda: kube.job("quickstart")["status"]["currentStage"] == "serving", 10, "currentStage serving")
@@ -360,7 +365,7 @@ def test_operator_restart_mid_pipeline_no_duplicates(kube, operator):
     operator.stop(kill=True)  # SIGKILL mid-pipeline
     # While it is down, KubeRay finishes the running stage.
     kube.kuberay_runs("restart-distill-data-a1")
-    write_stage_artifact(uri, "restart", "distill-data")
+    write_stage_artifact(uri, kube.job_dir("restart"), "distill-data")
     kube.kuberay_succeeds("restart-distill-data-a1")
     operator.start()
     kube.wait_rayjob("restart-distill-a1")

@@ -12,6 +12,7 @@ import yaml
 
 from meddistill.operator.backends import raycluster
 from meddistill.operator.backends import raycluster_objects as rb
+from meddistill.operator.backends.ray_clusters import AllowedCluster
 from meddistill.operator.planner import Observed, Serve, StartStage, plan
 from meddistill.serve.config import IMPORT_PATH
 from meddistill.spec.models import MedDistillJob
@@ -35,7 +36,7 @@ def test_submission_carries_the_job_document_names_and_resources():
     j = job()
     sub = rb.submission(j, "u1", StartStage("teacher", 2, "qs-teacher-a2"))
     assert sub["entrypoint"] == "python -m meddistill.jobs teacher"
-    assert sub["submission_id"] == "team-a-qs-teacher-a2"
+    assert sub["submission_id"] == "team-a_qs_teacher_a2"
     assert sub["metadata"] == {rb.META_JOB: "team-a/qs", rb.META_UID: "u1", rb.META_STAGE: "teacher", rb.META_ATTEMPT: "2"}
     sent = json.loads(sub["runtime_env"]["env_vars"]["MEDDISTILL_JOB"])
     assert MedDistillJob.model_validate(sent).spec == j.spec and sent["metadata"] == {"name": "qs", "namespace": "team-a"}
@@ -49,7 +50,7 @@ def test_submission_carries_the_job_document_names_and_resources():
                                           ("FAILED", "Failed"), ("STOPPED", "Deleting")])
 def test_ray_job_status_maps_to_run_state(status, state):
     run = rb.stage_run(details(status=status, attempt=3))
-    assert (run.stage, run.attempt, run.name, run.state) == ("teacher", 3, "team-a-qs-teacher-a3", state)
+    assert (run.stage, run.attempt, run.name, run.state) == ("teacher", 3, "team-a_qs_teacher_a3", state)
     assert run.start_time == "2023-11-14T22:13:20Z"
 
 
@@ -60,7 +61,7 @@ def test_failure_message_has_the_error_class_and_ray_message_head_only():
     run = rb.stage_run(d, logs, "https://ray.example:8265")
     assert run.reason == "JOB_ENTRYPOINT_COMMAND_ERROR"
     assert run.message == ("stage teacher raised FileNotFoundError | Job entrypoint command failed with exit code 1 | "
-                           "full log: ray job logs team-a-qs-teacher-a1 --address https://ray.example:8265")
+                           "full log: ray job logs team-a_qs_teacher_a1 --address https://ray.example:8265")
     assert len(rb.failure_message(d, "x" * 10_000)) <= 400
 
 
@@ -71,24 +72,24 @@ def test_a_job_that_is_not_a_stage_run_is_ignored():
 def test_serve_application_is_the_rayservice_app_renamed_and_routed_per_job():
     j = job()
     app = rb.serve_application(j, Serve("qs", "/runs/qs/quantize"))
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("mdj-team-a-qs", "/team-a/qs", IMPORT_PATH)
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("mdj_team-a_qs", "/team-a/qs", IMPORT_PATH)
     assert app["args"]["model_source"] == "/runs/qs/quantize"
     assert rb.job_of_route(app["route_prefix"]) == ("team-a", "qs")
-    observed = rb.serving_app("mdj-team-a-qs", {"status": "RUNNING", "deployed_app_config": app})
+    observed = rb.serving_app("mdj_team-a_qs", {"status": "RUNNING", "deployed_app_config": app})
     assert (observed.model_uri, observed.ready, observed.deleting) == ("/runs/qs/quantize", True, False)
     assert rb.serving_app("x", {"status": "DELETING", "deployed_app_config": app}).deleting
 
 
 def test_deploy_config_changes_only_our_app_and_keeps_serves_http_options():
     other = {"name": "someone-else", "route_prefix": "/other", "import_path": "x:y"}
-    mine = {"name": "mdj-team-a-qs", "route_prefix": "/team-a/qs", "import_path": IMPORT_PATH, "args": {"model_source": "old"}}
+    mine = {"name": "mdj_team-a_qs", "route_prefix": "/team-a/qs", "import_path": IMPORT_PATH, "args": {"model_source": "old"}}
     running = {"http_options": {"host": "127.0.0.1", "port": 8123}, "proxy_location": "HeadOnly",
                "applications": {a["name"]: {"deployed_app_config": a} for a in (other, mine)}}
     new = {**mine, "args": {"model_source": "new"}}
     put = rb.deploy_config(running, put=[new])
     assert put["applications"] == [other, new]
     assert put["http_options"] == {"host": "127.0.0.1", "port": 8123} and put["proxy_location"] == "HeadOnly"
-    assert rb.deploy_config(running, remove={"mdj-team-a-qs"})["applications"] == [other]
+    assert rb.deploy_config(running, remove={"mdj_team-a_qs"})["applications"] == [other]
     assert rb.deploy_config({"applications": {}}, put=[new])["http_options"] == {"host": "0.0.0.0", "port": 8000}
 
 
@@ -99,21 +100,21 @@ def test_deploy_config_refuses_to_drop_an_imperative_app():
 
 
 def test_ray_client_addresses_are_refused_with_the_fix():
-    with pytest.raises(rb.RayBackendError, match=r"spec.ray.address 'ray://head:10001'.*http://<head>:8265"):
+    with pytest.raises(rb.RayBackendError, match=r"Ray cluster address 'ray://head:10001'.*http://<head>:8265"):
         rb.dashboard_address("ray://head:10001")
 
 
 def test_the_same_planner_starts_the_first_stage_on_ray():
     p = plan(job(), Observed(), datetime.now(timezone.utc))
     assert [type(c).__name__ for c in p.create] == ["StartStage"] and p.create[0].stage == "teacher"
-    assert rb.submission(job(), "u1", p.create[0])["submission_id"] == "team-a-qs-teacher-a1"
+    assert rb.submission(job(), "u1", p.create[0])["submission_id"] == "team-a_qs_teacher_a1"
 
 
 class RecordingCluster(raycluster.RayCluster):
     """Records what garbage collection removes instead of calling the cluster (the decisions are tested here)."""
 
     def __init__(self):
-        super().__init__("http://head:8265")
+        super().__init__(AllowedCluster(name="head", address="http://head:8265"))
         self.stopped, self.removed_apps = [], set()
 
     def stop_and_delete(self, sid):
@@ -132,18 +133,18 @@ def test_garbage_collection_removes_what_no_live_job_owns():
     snapshot = raycluster.Snapshot(
         runs=[run("a/live", "u1"), run("a/live", "u1", "distill", "STOPPED"), run("a/gone", "u2"),
               run("a/renewed", "old-uid"), run("b/elsewhere", "u3")],
-        apps={"mdj-a-live": {"route_prefix": "/a/live"}, "mdj-a-gone": {"route_prefix": "/a/gone"},
-              "mdj-b-elsewhere": {"route_prefix": "/b/elsewhere"}},
+        apps={"mdj_a_live": {"route_prefix": "/a/live"}, "mdj_a_gone": {"route_prefix": "/a/gone"},
+              "mdj_b_elsewhere": {"route_prefix": "/b/elsewhere"}},
     )
     live = {("a", "live"): "u1", ("a", "renewed"): "new-uid"}
     c = RecordingCluster()
     removed = c.collect_garbage(snapshot, live, namespace="a")  # an operator watching namespace a only
-    assert c.stopped == ["a-live-distill-a1", "a-gone-teacher-a1", "a-renewed-teacher-a1"]
-    assert c.removed_apps == {"mdj-a-gone"}
+    assert c.stopped == ["a_live_distill_a1", "a_gone_teacher_a1", "a_renewed_teacher_a1"]
+    assert c.removed_apps == {"mdj_a_gone"}
     assert set(removed) == set(c.stopped) | c.removed_apps
     c = RecordingCluster()
     c.collect_garbage(snapshot, live, namespace=None)  # cluster-wide: b/elsewhere is gone too
-    assert "b-elsewhere-teacher-a1" in c.stopped and c.removed_apps == {"mdj-a-gone", "mdj-b-elsewhere"}
+    assert "b_elsewhere_teacher_a1" in c.stopped and c.removed_apps == {"mdj_a_gone", "mdj_b_elsewhere"}
 
 
 def test_secrets_reach_stages_and_the_serve_app_as_kuberay_pods_get_them():
@@ -169,3 +170,10 @@ def test_secrets_reach_stages_and_the_serve_app_as_kuberay_pods_get_them():
 
     with pytest.raises(rb.SecretUnavailable, match=r"no non-empty key 'token'.*spec.serving.auth.key.*it has: other"):
         rb.secret_env(j, {**secrets, "serve-token": {"other": "x"}}, serving=True)
+
+
+def test_ray_ids_are_unambiguous_across_namespaces():
+    # namespace a-b + job c and namespace a + job b-c: the same '-'-joined string, different jobs
+    assert rb.submission_id("a-b", "c", "teacher", 1) != rb.submission_id("a", "b-c", "teacher", 1)
+    assert rb.app_name("a-b", "c") != rb.app_name("a", "b-c")
+    assert rb.route_prefix("a-b", "c") != rb.route_prefix("a", "b-c")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+from pathlib import Path
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def register(subparsers, summary: str) -> None:
@@ -11,18 +15,26 @@ def register(subparsers, summary: str) -> None:
         "operator",
         help=summary,
         description="Watch MedDistillJobs and run each stage as a KubeRay RayJob, then serve the quantized "
-        "student with a RayService (needs KubeRay's CRDs in the cluster). A job with spec.ray.address (or every "
-        "job, with --ray-address) runs on that existing Ray cluster instead: stages through the Ray Jobs API, "
-        "serving as a Ray Serve app.",
+        "student with a RayService (needs KubeRay's CRDs in the cluster). A job naming one of the Ray clusters "
+        "listed in --ray-clusters (spec.ray.cluster), or every job when the list has a default, runs on that existing "
+        "Ray cluster instead: stages through the Ray Jobs API, serving as a Ray Serve app.",
     )
     p.add_argument("--namespace", "-n", help="watch only this namespace (default: all namespaces)")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG / ~/.kube/config)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 disables; default 8080)")
     p.add_argument("--health-port", type=int, default=8081, help="liveness endpoint /healthz port (default 8081)")
     p.add_argument("--resync-seconds", type=float, default=30.0, help="re-plan every job this often as a backstop")
-    p.add_argument("--ray-address", default=os.environ.get("MEDDISTILL_RAY_ADDRESS", ""),
-                   help="Ray dashboard URL (http://head:8265) for jobs whose spec.ray.address is empty "
-                        "(default $MEDDISTILL_RAY_ADDRESS; empty: such jobs use KubeRay)")
+    p.add_argument("--peering", metavar="NAME", default=os.environ.get("MEDDISTILL_PEERING", ""),
+                   help="run as one of several replicas: the kopf peering object NAME (a ClusterKopfPeering, or a "
+                        "KopfPeering in --namespace) elects one active replica (default $MEDDISTILL_PEERING; none: standalone)")
+    p.add_argument("--peering-priority", type=int, default=None,
+                   help="this replica's priority among its peers, highest active (default: random, so no two tie)")
+    p.add_argument("--peering-lifetime", type=int, default=60,
+                   help="seconds a silent active replica is trusted before a standby takes over (default 60)")
+    p.add_argument("--ray-clusters", metavar="FILE", default=os.environ.get("MEDDISTILL_RAY_CLUSTERS", ""),
+                   help="YAML list of the Ray clusters jobs may name (name, address, tokenSecret in the operator's "
+                        "namespace, allowInsecure; `default:` for jobs that name none); any other cluster or address "
+                        "is refused (default $MEDDISTILL_RAY_CLUSTERS; none: every job uses KubeRay)")
     p.set_defaults(func=run)
 
 
@@ -43,11 +55,23 @@ def _load_kube_config(kubeconfig: str | None) -> None:
         config.load_kube_config()
 
 
+def _operator_namespace() -> str:
+    """Where the Ray clusters' token Secrets are: the operator's own namespace."""
+    if os.environ.get("MEDDISTILL_OPERATOR_NAMESPACE"):
+        return os.environ["MEDDISTILL_OPERATOR_NAMESPACE"]
+    try:
+        return Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip()
+    except OSError:
+        return "default"
+
+
 def run(args) -> int:
     import kopf
+    import yaml
     from prometheus_client import start_http_server
 
     from meddistill.operator import handlers  # registers the kopf handlers
+    from meddistill.operator.backends import ray_clusters
 
     log = logging.getLogger("meddistill.operator")
     if not log.isEnabledFor(logging.DEBUG):
@@ -57,18 +81,29 @@ def run(args) -> int:
     _load_kube_config(args.kubeconfig)
     handlers.Config.namespace = args.namespace
     handlers.Config.resync_seconds = args.resync_seconds
-    if args.ray_address and not args.ray_address.startswith(("http://", "https://")):
-        log.error("--ray-address %r: give the Ray dashboard URL, e.g. http://head:8265", args.ray_address)
-        return 2
-    handlers.Config.ray_address = args.ray_address
+    # Equal priorities would pause every replica (kopf's rule): a random one unless told.
+    priority = args.peering_priority if args.peering_priority is not None else random.randint(1, 2**31 - 1)
+    handlers.Config.peering, handlers.Config.peering_priority = args.peering, priority
+    handlers.Config.peering_lifetime = args.peering_lifetime
+    allowed = ray_clusters.AllowedClusters()
+    if args.ray_clusters:
+        try:
+            allowed = ray_clusters.load(args.ray_clusters, _operator_namespace())
+        except (OSError, ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError is a ValueError
+            log.error("--ray-clusters %s: %s", args.ray_clusters, e)
+            return 2
+    ray_clusters.configure(allowed)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     scope = f"namespace {args.namespace}" if args.namespace else "all namespaces"
     log.info("meddistill operator starting: watching %s; metrics :%s/metrics; health :%s/healthz; backend %s",
              scope, args.metrics_port or "off", args.health_port,
-             f"Ray cluster {args.ray_address}" if args.ray_address else "KubeRay (or each job's spec.ray.address)")
+             f"KubeRay or the Ray clusters {[c.name for c in allowed.clusters]} (default {allowed.default or 'KubeRay'})"
+             if allowed.clusters else "KubeRay")
     kopf.run(
-        standalone=True,
+        standalone=not args.peering,
+        peering_name=args.peering or None,
+        priority=priority,
         namespaces=[args.namespace] if args.namespace else [],
         clusterwide=not args.namespace,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",

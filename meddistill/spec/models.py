@@ -436,19 +436,36 @@ class Artifacts(SpecModel):
         "./runs",
         min_length=1,
         pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|[^:]+)$",
-        description="Artifact store: a local path, pvc://CLAIM/PATH (mounted into every pod), or s3://BUCKET/PREFIX. The job's artifacts go under <uri>/<job name>/. A local path works for `meddistill run` and, absolute, on a Ray cluster whose nodes and operator all mount it; the operator refuses it on KubeRay (each pod's filesystem is its own).",
+        description="Artifact store: a local path, pvc://CLAIM/PATH (mounted into every pod), or s3://BUCKET/PREFIX. The job's artifacts go under <uri>/<job name>/ with `meddistill run`, and under <uri>/<namespace>/<job name>-<first 8 characters of its uid>/ when the operator runs it (jobs of two namespaces, or a re-created job, never share artifacts). A local path works for `meddistill run` and, absolute, on a Ray cluster whose nodes and operator all mount it; the operator refuses it on KubeRay (each pod's filesystem is its own).",
     )
     secret_name: str = Field("", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) for s3://.")
 
 
 class RayTarget(SpecModel):
-    """Run on an existing Ray cluster instead of KubeRay-created ones."""
+    """Run on an existing Ray cluster instead of KubeRay-created ones: one the platform team listed."""
 
+    RULES = (
+        Rule(
+            "!has(self.cluster) || !has(self.address) || self.cluster == '' || self.address == ''",
+            "set cluster or address, not both (cluster names a listed Ray cluster; address must be one's URL)",
+            lambda s: not (s.cluster and s.address),
+            field="cluster",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=_cel(*RULES))
+
+    # The operator sends a cluster's token and the job's Secrets there, so only the platform team's
+    # list (the chart's rayClusters) decides where that may be; a job names an entry.
+    cluster: str = Field(
+        "",
+        pattern=r"^(|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$",
+        description="Name of a Ray cluster the operator lists (the chart's rayClusters): its address and token come from that list. Empty: the operator's default cluster if it has one, else KubeRay RayJobs.",
+    )
     # Not ray:// (Ray Client): the operator submits through the dashboard's Jobs and Serve REST APIs.
     address: str = Field(
         "",
         pattern=r"^(|https?://.+)$",
-        description="Ray dashboard/Jobs API address (http://head:8265; a ray:// client address has no Jobs API). Empty: the operator creates KubeRay RayJobs (unless it was started with --ray-address).",
+        description="Ray dashboard/Jobs API address (https://head:8265), accepted only when it is the address of a cluster the operator lists (the chart's rayClusters; anything else is refused with a RayClusterUnavailable condition and nothing is sent there); prefer spec.ray.cluster. A ray:// client address has no Jobs API.",
     )
 
 

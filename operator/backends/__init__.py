@@ -1,8 +1,8 @@
 """Where a job's children run: one small protocol, two implementations.
 
 - KubeRay (kuberay.py): a RayJob per stage attempt and a RayService, the default;
-- an existing Ray cluster (raycluster.py): Ray Jobs API submissions and a Serve app, when
-  spec.ray.address (or the operator's --ray-address) is set.
+- an existing Ray cluster (raycluster.py): Ray Jobs API submissions and a Serve app, on a cluster
+  the platform team listed (ray_clusters.py) that the job names, or the operator's default one.
 
 Like KubeRay's injected dashboard client, the reconcile only calls this protocol: nothing outside
 this package branches on which backend runs. Backend-neutral pieces (entrypoint, job document, the
@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 from meddistill.spec.models import MedDistillJob
 
 from ..planner import Observed, Plan, ServingTarget
-from . import raycluster
+from . import ray_clusters, raycluster
 from .kuberay import KubeRayBackend
 
 
@@ -34,14 +34,13 @@ class Backend(Protocol):
         """Remove children whose job is gone (list_live: (ns, name) -> uid); returns what it removed."""
 
 
-def for_job(job: MedDistillJob, default_ray_address: str = "") -> Backend:
-    """The job's spec.ray.address, else the operator's --ray-address, else KubeRay."""
-    address = job.spec.ray.address or default_ray_address
-    return raycluster.RayClusterBackend(raycluster.cluster(address)) if address else KubeRayBackend()
+def for_job(job: MedDistillJob, default_cluster: str = "") -> Backend:
+    """The listed Ray cluster the job names (ray_clusters.py; anything unlisted is ReconcileBlocked before any
+    request), else the default cluster (this argument, else the --ray-clusters file's), else KubeRay."""
+    allowed = ray_clusters.for_job(job, default_cluster)
+    return raycluster.RayClusterBackend(raycluster.cluster(allowed)) if allowed else KubeRayBackend()
 
 
-def every_backend(default_ray_address: str = "") -> list[Backend]:
-    """The backends that may hold children: KubeRay and every Ray cluster a job used (for garbage collection)."""
-    if default_ray_address:
-        raycluster.cluster(default_ray_address)  # known from the start, even before any job used it
-    return [KubeRayBackend(), *(raycluster.RayClusterBackend(c) for c in raycluster.known_clusters())]
+def every_backend(default_cluster: str = "") -> list[Backend]:
+    """The backends that may hold children: KubeRay and every listed Ray cluster (for garbage collection)."""
+    return [KubeRayBackend(), *(raycluster.RayClusterBackend(raycluster.cluster(c)) for c in ray_clusters.ALLOWED.clusters)]

@@ -23,5 +23,7 @@ def stage_entrypoint(stage: str) -> str:
 def job_document(job: MedDistillJob) -> str:
     """The MedDistillJob as the stage entrypoint reads it from MEDDISTILL_JOB (no status)."""
     doc = job.model_dump(by_alias=True, mode="json", exclude={"status"}, exclude_none=True)
-    doc["metadata"] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
+    # The uid places the artifacts (artifacts.job_dir): a stage of a re-created job must not find the old one's.
+    meta = {"name": job.metadata.name, "namespace": job.metadata.namespace, "uid": getattr(job.metadata, "uid", None)}
+    doc["metadata"] = {k: v for k, v in meta.items() if v}
     return json.dumps(doc, sort_keys=True)

@@ -1,7 +1,9 @@
 """The Ray-cluster backend: stages through the Ray Jobs API, the serving app through Serve's REST
-API, on an existing Ray cluster (spec.ray.address, else the operator's --ray-address).
+API, on an existing Ray cluster the platform team listed (ray_clusters.py: spec.ray.cluster, a
+listed spec.ray.address, else the operator's default cluster).
 
-`RayCluster` is the thin client (one per address: it holds a Serve lock and a log cache);
+`RayCluster` is the thin client (one per listed cluster: it holds its token, a Serve lock and a
+log cache; the token goes only to that cluster's address, as a bearer header);
 `RayClusterBackend` is the backends.Backend a job on that cluster gets. What is sent and how it is
 read back are plain functions in raycluster_objects.py.
 
@@ -12,7 +14,9 @@ and removes the Serve apps whose MedDistillJob is gone or was re-created.
 Serve's REST API is declarative over *all* applications (a PUT replaces the whole set), so every
 change reads the deployed configs, changes only our app and writes the set back, under one lock.
 There are no pods to mount the job's Secrets in, so the operator reads them and passes their values
-in the runtime_env (never logged). Imports ray's job client lazily and never torch.
+in the runtime_env (never logged): only Secrets their owner labelled `meddistill.io/inject: "true"`,
+listed by that label so an unlabelled Secret never leaves the API server. Imports ray's job client
+lazily and never torch.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from meddistill.spec.models import MedDistillJob
 from .. import metrics
 from ..failures import CHILD_CONFLICT, ReconcileBlocked
 from ..planner import Observed, Plan, Serve, ServingApp, ServingTarget, StageRun, StartStage
+from .ray_clusters import AllowedCluster
 from .raycluster_objects import (
     APP_PREFIX,
     META_JOB,
@@ -54,6 +59,7 @@ from .raycluster_objects import (
 )
 
 log = logging.getLogger("meddistill.operator")
+INJECT_LABEL = "meddistill.io/inject"  # a Secret's owner consents to the operator passing it to a Ray cluster
 SERVE_API = "/api/serve/applications/"
 STOP_WAIT_SECONDS = 15.0
 FAILURE_MESSAGE_CHARS = 1500
@@ -70,11 +76,19 @@ class Snapshot:
 class RayCluster:
     """One Ray cluster's Jobs API and Serve REST API."""
 
-    def __init__(self, address: str):
-        self.address = dashboard_address(address)
+    def __init__(self, allowed: AllowedCluster, token: str | None = None):
+        self.allowed, self.address, self._token = allowed, dashboard_address(allowed.address), token
         self._client = self._serve = None
         self._serve_lock = threading.Lock()  # read-modify-write of the whole Serve config
         self._failure_logs: dict[str, str] = {}  # a failed job's logs never change
+
+    def headers(self) -> dict[str, str]:
+        """The bearer token for this cluster only, read when first needed (its Secret may come later).
+
+        An explicit Authorization header also keeps ray from adding a token of the operator's environment."""
+        if self._token is None and self.allowed.token_secret is not None:
+            self._token = _read_token(self.allowed)
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     # ---- Jobs API ----------------------------------------------------------------------------
 
@@ -82,12 +96,13 @@ class RayCluster:
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
+            headers = self.headers()
             try:
-                self._client = JobSubmissionClient(self.address)
+                self._client = JobSubmissionClient(self.address, headers=headers)
             except Exception as e:  # noqa: BLE001 - connection, HTTP and ray's AuthenticationError alike
-                raise RayBackendError(f"spec.ray.address {self.address}: the Ray Jobs API does not answer ({e}); "
-                                      f"check the address, that the dashboard runs on the head and, with token "
-                                      f"auth, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in the operator") from None
+                raise RayBackendError(f"Ray cluster {self.allowed.name!r} ({self.address}, spec.ray): the Ray Jobs API "
+                                      f"does not answer ({e}); check that its dashboard runs and, with token auth, "
+                                      f"its tokenSecret in the operator's rayClusters") from None
         return self._client
 
     def jobs(self) -> list[dict]:
@@ -169,8 +184,9 @@ class RayCluster:
             # The client `serve deploy` uses: same REST API, same auth headers as the Jobs client.
             from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
+            headers = self.headers()
             try:
-                self._serve = ServeSubmissionClient(self.address)
+                self._serve = ServeSubmissionClient(self.address, headers=headers)
             except Exception as e:  # noqa: BLE001 - connection, HTTP and auth errors alike
                 raise RayBackendError(f"{self.address}{SERVE_API}: {e}; is the Ray dashboard up?") from None
         return self._serve
@@ -246,22 +262,32 @@ class RayCluster:
         return removed
 
 
-_clusters: dict[str, RayCluster] = {}
+_clusters: dict[AllowedCluster, RayCluster] = {}
 _clusters_guard = threading.Lock()
 
 
-def cluster(address: str) -> RayCluster:
-    """One RayCluster per address for the operator's lifetime (it keeps a Serve lock and a log cache)."""
-    key = dashboard_address(address)
+def cluster(allowed: AllowedCluster) -> RayCluster:
+    """One RayCluster per listed cluster for the operator's lifetime (it keeps a Serve lock and a log cache)."""
     with _clusters_guard:
-        if key not in _clusters:
-            _clusters[key] = RayCluster(key)
-        return _clusters[key]
+        if allowed not in _clusters:
+            _clusters[allowed] = RayCluster(allowed)
+        return _clusters[allowed]
 
 
-def known_clusters() -> list[RayCluster]:
-    with _clusters_guard:
-        return list(_clusters.values())
+def _read_token(allowed: AllowedCluster) -> str | None:
+    """The cluster's token from its Secret in the operator's namespace (the platform team's, never a job's)."""
+    ref = allowed.token_secret
+    if ref is None:
+        return None
+    where = f"Secret {ref.namespace}/{ref.name} key {ref.key!r} (tokenSecret of Ray cluster {allowed.name!r})"
+    try:
+        data = kube.CoreV1Api().read_namespaced_secret(ref.name, ref.namespace).data or {}
+    except ApiException as e:
+        raise RayBackendError(f"{where}: HTTP {e.status} {e.reason}; create it, and let the operator get it "
+                              f"(the chart's Role for rayClusters token Secrets)") from None
+    if not data.get(ref.key):
+        raise RayBackendError(f"{where} is empty or missing; put the cluster's token there")
+    return base64.b64decode(data[ref.key]).decode().strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,19 +296,22 @@ def known_clusters() -> list[RayCluster]:
 
 
 def _read_secret(namespace: str, name: str, field: str) -> dict[str, str]:
+    """A Secret its owner consented to pass on (INJECT_LABEL); listed by that label, so no other is ever read."""
     try:
-        secret = kube.CoreV1Api().read_namespaced_secret(name, namespace)
+        found = kube.CoreV1Api().list_namespaced_secret(
+            namespace, label_selector=f"{INJECT_LABEL}=true", field_selector=f"metadata.name={name}").items
     except ApiException as e:
-        if e.status == 404:
-            raise SecretUnavailable(
-                f"Secret {namespace}/{name} (named by {field}) does not exist: create it in the job's namespace, "
-                f"e.g. kubectl -n {namespace} create secret generic {name} --from-literal=...") from None
         if e.status == 403:
             raise SecretUnavailable(
-                f"the operator may not read Secret {namespace}/{name} (named by {field}), which a job on a Ray cluster "
-                f"needs: install the chart with ray.readSecrets=true (or set ray.address)") from None
+                f"the operator may not list Secrets in namespace {namespace}, which {field} of a job on a Ray cluster "
+                f"needs: add {namespace} to the chart's ray.secretNamespaces") from None
         raise
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    if not found:
+        raise SecretUnavailable(
+            f"Secret {namespace}/{name} (named by {field}) does not exist or is not labelled {INJECT_LABEL}=\"true\": "
+            f"the operator passes a Secret to a Ray cluster only with its owner's consent; create it in the job's "
+            f"namespace and label it: kubectl -n {namespace} label secret {name} {INJECT_LABEL}=true")
+    return {k: base64.b64decode(v).decode() for k, v in (found[0].data or {}).items()}
 
 
 def job_secret_env(job: MedDistillJob, serving: bool) -> dict[str, str]:

@@ -1,14 +1,15 @@
 """Ray-cluster objects: stage runs as Ray Jobs API submissions, the serving app as a Ray Serve
-application on an existing Ray cluster (spec.ray.address, else the operator's --ray-address).
+application on an existing Ray cluster the platform team listed (ray_clusters.py).
 
 Like kuberay_objects.py, plain functions of plain data (tested without a cluster): names, render
 and observe. raycluster.py is the backend that sends and lists them. The same planner drives both
 backends: it only sees StageRun / ServingApp.
 
 Names (deterministic, so a restarted operator finds what it started instead of duplicating it):
-- submission id `<namespace>-<job>-<stage>-a<attempt>`, job metadata
+- submission id `<namespace>_<job>_<stage>_a<attempt>` ('_' is in no namespace or job name, so
+  namespace `a-b` + job `c` and namespace `a` + job `b-c` differ), job metadata
   `{meddistill.io/job: <ns>/<name>, meddistill.io/uid, meddistill.io/stage, meddistill.io/attempt}`;
-- Serve app `mdj-<namespace>-<job>` at route prefix `/<namespace>/<job>`, so the endpoint is
+- Serve app `mdj_<namespace>_<job>` at route prefix `/<namespace>/<job>`, so the endpoint is
   `http://<ray host>:<serve port>/<namespace>/<job>/v1`.
 
 A Ray job that is STOPPED counts as a deleted child (a suspension or a deletion stopped it): the
@@ -30,7 +31,8 @@ from ..sizing import entrypoint_resources
 from .common import ATTEMPT_KEY, JOB_KEY, STAGE_KEY, UID_KEY, job_document, stage_entrypoint
 
 META_JOB, META_UID, META_STAGE, META_ATTEMPT = JOB_KEY, UID_KEY, STAGE_KEY, ATTEMPT_KEY
-APP_PREFIX = "mdj-"
+APP_PREFIX = "mdj_"
+SEP = "_"  # in no Kubernetes namespace or object name: ids built with it cannot collide across namespaces
 
 
 class RayBackendError(ReconcileBlocked):
@@ -51,11 +53,11 @@ class SecretUnavailable(RayBackendError):
 
 
 def submission_id(namespace: str, job: str, stage: str, attempt: int) -> str:
-    return f"{namespace}-{job}-{stage}-a{attempt}"
+    return SEP.join((namespace, job, stage, f"a{attempt}"))
 
 
 def app_name(namespace: str, job: str) -> str:
-    return f"{APP_PREFIX}{namespace}-{job}"
+    return f"{APP_PREFIX}{namespace}{SEP}{job}"
 
 
 def route_prefix(namespace: str, job: str) -> str:
@@ -73,7 +75,7 @@ def dashboard_address(address: str) -> str:
     """The Jobs/Serve REST address; `ray://` (Ray Client) has neither, so it is refused clearly."""
     if not address.startswith(("http://", "https://")):
         raise RayBackendError(
-            f"spec.ray.address {address!r}: the operator talks to the Ray dashboard (Jobs API and Serve REST "
+            f"Ray cluster address {address!r}: the operator talks to the Ray dashboard (Jobs API and Serve REST "
             f"API); set it to the dashboard URL, e.g. http://<head>:8265")
     return address.rstrip("/")
 

@@ -45,10 +45,4 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create"]
-{{- if or .Values.ray.address .Values.ray.readSecrets }}
-{{- /* Ray-cluster backend only: no pod mounts a job's Secrets there, the operator passes them on. */}}
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
-{{- end }}
 {{- end }}
