@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
 
-from . import backends, metrics, served_lineage, serving_gate
+from . import backends, metrics, peering, served_lineage, serving_gate
 from .backends.kuberay_objects import LABEL_JOB, RAY_GROUP, RAY_VERSION, RAYJOBS, RAYSERVICES
 from .failures import ReconcileBlocked
 from .job_writes import custom_api, post_event, refuse, write_blocked, write_status
@@ -46,6 +46,9 @@ class Config:
     namespace: str | None = None  # None: all namespaces
     resync_seconds: float = 30.0
     ray_address: str = ""  # jobs whose spec.ray.address is empty run here; empty: KubeRay
+    peering: str = ""  # kopf peering object (high availability, peering.py); empty: standalone
+    peering_priority: int = 0
+    peering_lifetime: int = 60
 
 
 # Job events, child events and timers run concurrently in kopf's thread pool: one reconcile per job.
@@ -134,7 +137,12 @@ def _requeue(namespace: str, name: str, seconds: float) -> None:
 
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
-    settings.peering.standalone = True  # one replica; no KopfPeering objects, no RBAC for them
+    if Config.peering:  # replicas: the one with the highest priority runs (peering.py)
+        settings.peering.name, settings.peering.mandatory = Config.peering, True
+        settings.peering.priority, settings.peering.lifetime = Config.peering_priority, Config.peering_lifetime
+        settings.peering.clusterwide = not Config.namespace
+    else:
+        settings.peering.standalone = True  # one replica; no KopfPeering objects, no RBAC for them
     # No watching of CRDs/namespaces (no RBAC for them): our CRD and KubeRay's exist before we start.
     settings.scanning.disabled = True
     settings.posting.level = logging.WARNING  # our own Events describe transitions
@@ -184,6 +192,9 @@ async def _resync_forever() -> None:
     while True:
         await asyncio.sleep(Config.resync_seconds)
         try:
+            if not await loop.run_in_executor(None, peering.is_active, custom_api(), Config.peering, Config.namespace,
+                                              Config.peering_priority):
+                continue  # a standby replica: kopf has paused its watches, and so does its resync
             jobs = await loop.run_in_executor(None, _list_jobs)
         except Exception as e:
             log.warning("resync: cannot list %s: %s", PLURAL, e)

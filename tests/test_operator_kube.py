@@ -30,6 +30,7 @@ pytestmark = pytest.mark.kube
 
 CHART = REPO_ROOT / "charts" / "meddistill-operator"
 CRD_FILE = CHART / "crds" / "meddistilljobs.yaml"
+PEERING_CRDS_FILE = CHART / "crds" / "kopf-peerings.yaml"  # the chart's peering object needs them
 STAGES = ["teacher", "distill-data", "distill", "quantize", "evaluate"]
 
 
@@ -65,13 +66,17 @@ def install_operator_prereqs(cluster, values: list[str] | None = None) -> str:
 
 def install_crd(cluster) -> None:
     # Polls itself: `kubectl wait` right after creating a CRD can fail on its still-empty conditions.
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=meddistill-tests", "-f", str(CRD_FILE))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=meddistill-tests", "-f", str(CRD_FILE),
+                    "-f", str(PEERING_CRDS_FILE))
 
     def established() -> bool:
-        crd = json.loads(cluster.kubectl("get", "crd", "meddistilljobs.meddistill.io", "-o", "json").stdout)
-        return any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get("conditions") or [])
+        for name in ("meddistilljobs.meddistill.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+            crd = json.loads(cluster.kubectl("get", "crd", name, "-o", "json").stdout)
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get("conditions") or []):
+                return False
+        return True
 
-    wait_for(established, 30, "the MedDistillJob CRD to be Established")
+    wait_for(established, 30, "the MedDistillJob and kopf peering CRDs to be Established")
 
 
 class OperatorProcess:

@@ -37,6 +37,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- /* kopf peering: the replicas record themselves in the peering object and watch each other. */}}
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings", "kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- /* KubeRay children: each job's Ray token Secret (created, never read back) and the NetworkPolicy
      closing its Ray heads' ports. */}}
 - apiGroups: [""]
@@ -46,3 +50,4 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["networkpolicies"]
   verbs: ["create"]
 {{- end }}
+
