@@ -129,7 +129,7 @@ def test_failing_gate_ends_not_serving_then_an_override_serves_it(kube, operator
     assert (gate["status"], gate["reason"]) == ("False", "Failed")
     assert f"{DATASET} accuracy 0.60 < 0.75" in gate["message"], gate["message"]
     assert st["gate"]["passed"] is False and st["gate"]["checks"][0]["threshold"] == 0.75
-    assert st["modelCard"].endswith("/failing/evaluate/README.md")
+    assert st["modelCard"].endswith(f"/{kube.job_dir('failing')}/evaluate/README.md")
     assert MedDistillJobStatus.model_validate(st)
     # Events are posted after the status write.
     wait_for(lambda: "EvaluationGateFailed" in kube.events("failing"), 10, "a EvaluationGateFailed event")
