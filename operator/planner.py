@@ -20,7 +20,10 @@ Rules, in the order they apply:
 - `suspend: true` removes the running child and starts nothing; `suspend: false` re-creates the
   same attempt (a suspension does not use up a retry).
 - After the last stage: the serving app (when serving.enabled), updated in place when the model
-  changes; phase Serving once it reports ready.
+  changes; phase Serving once it reports ready. While stages re-run, the app keeps serving the old
+  model untouched (docs/replacing-models.md).
+- serving.replaces takes another job's app over in place once this job's model may be served; the
+  replaced job then leaves that app alone (`serving_replacement.py`).
 - Only a model that passes serving.gate (or is overridden) and whose artifact chain re-hashes is
   served (`serving_gate.py`); otherwise phase Succeeded with the EvaluationGate / LineageVerified
   condition saying why.
@@ -45,6 +48,8 @@ from meddistill.spec.models import (
 from .retries import failure_time, retry_at, retry_delay_seconds
 from .serving_gate import ServedLineage
 from .serving_gate import decide as decide_serving
+from .serving_replacement import decide as decide_takeover
+from .serving_replacement import owns
 
 RunState = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Deleting"]  # Queued: held by Kueue
 _NEXT_ATTEMPT = "; next attempt "  # joins a failure to its backoff note in a stage's message
@@ -89,6 +94,7 @@ class ServingApp:
     ready: bool
     message: str = ""
     deleting: bool = False
+    owner: str = ""  # "ns/name" of the job it serves for (serving.replaces moves it); "": its namesake
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Observed:
     # its own), "shared" (a Ray cluster whose nodes and operator may mount one path); "": not checked.
     local_paths: Literal["", "shared", "per-pod"] = ""
     lineage: ServedLineage | None = None  # the served artifact's chain, re-hashed (served_lineage.py); None: not yet
+    moves_serving: bool = False  # the backend can hand an app to another job (serving.replaces)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +330,15 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
     # The evaluation gate and the lineage check decide whether the evaluated model may be served.
     serving = decide_serving(job, prev, pipeline_done and failed is None, results, observed.lineage)
     out.events += [Event(*e) for e in serving.events]
+    # serving.replaces, or this job's app taken over by another job (serving_replacement.py).
+    app = observed.serving if observed.serving is not None and not observed.serving.deleting else None
+    takeover = decide_takeover(job, app.owner if app else None, observed.moves_serving,
+                               {c.type: c.message for c in prev.conditions})
+    serving.allowed = serving.allowed and takeover.serves
+    if takeover.condition:
+        serving.conditions[takeover.type_] = takeover.condition
+    if takeover.event:
+        out.events.append(Event(*takeover.event))
     serving_status, serving_ready = _plan_serving(job, observed, stages, pipeline_done and failed is None and serving.allowed, out)
 
     if failed is not None:
@@ -408,6 +424,9 @@ def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStat
     spec = job.spec
     app = observed.serving
     want = done and spec.serving.enabled and not spec.suspend
+    foreign = app is not None and not owns(job, app.owner)  # another job's app (serving.replaces)
+    if foreign and not (want and spec.serving.replaces):
+        return None, False  # never changed or removed from here: its owner reconciles it
     rerunning = any(s.state != "Succeeded" for s in stages)
     if not want and rerunning and spec.serving.enabled and not spec.suspend and app is not None and not app.deleting:
         # A re-run (or a retried stage): the model served so far answers until the new one is
@@ -431,8 +450,8 @@ def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStat
         return status, False
     if app.deleting:
         return status, False
-    if app.model_uri != model_uri:
-        out.update.append(Serve(app.name, model_uri))  # in place: serveConfigV2, never recreate
+    if app.model_uri != model_uri or foreign:
+        out.update.append(Serve(app.name, model_uri))  # in place: serveConfigV2, never recreate; takes a replaced app over
         out.events.append(Event("Normal", "ServingUpdated", f"{app.name}: model {app.model_uri} -> {model_uri}"))
         return status, False
     return status.model_copy(update={"ready": app.ready}), app.ready

@@ -31,6 +31,7 @@ from meddistill.artifacts import job_dir, local_path, stage_uri
 from meddistill.quantized_formats import GGUF_DIR, W4A16_DIR, gguf_file_name, requested_formats
 
 IMPORT_PATH = "meddistill.serve.app:build_app"
+MAX_SURGE_PERCENT = 100  # replacing a model: every new replica starts before an old one stops (docs/replacing-models.md)
 APP_NAME = "meddistill"
 TOKEN_ENV = "MEDDISTILL_SERVE_TOKEN"  # the bearer token itself (from a Secret via secretKeyRef)
 TOKEN_FILE_ENV = "MEDDISTILL_SERVE_TOKEN_FILE"  # or a file holding it (a mounted Secret)
@@ -103,6 +104,9 @@ def deployment_options(serving: Any, overrides: dict | None = None) -> dict:
         "max_ongoing_requests": serving.max_ongoing_requests,
         "max_queued_requests": 2 * serving.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": serving.cpus_per_replica, "num_gpus": serving.gpus_per_replica},
+        # A new model (or any restart-level change) starts its replicas beside the old ones, which
+        # answer until the new ones are ready (Serve's default, 0, stops the old replica first).
+        "max_surge_percent": MAX_SURGE_PERCENT,
         **overrides,
     }
 
@@ -132,6 +136,7 @@ def llm_config(serving: Any, model_uri: str, quantization_method: str = "none", 
             "autoscaling_config": autoscaling_config(serving),
             "max_ongoing_requests": serving.max_ongoing_requests,
             "max_queued_requests": 2 * serving.max_ongoing_requests,
+            "max_surge_percent": MAX_SURGE_PERCENT,
         },
         "log_engine_metrics": True,
         **({"callback_config": {"callback_kwargs": {"subfolder": W4A16_DIR}}} if w4a16 else {}),

@@ -4,6 +4,8 @@ evaluated, has passed its gate and verifies."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from meddistill.operator.planner import Observed, Serve, ServingApp
 from meddistill.spec.models import MedDistillJobStatus
 from tests.test_planner import STAGES, advance, done, make_job, run
@@ -58,3 +60,63 @@ def test_suspending_a_re_run_still_removes_the_app():
     job = serving_job(suspend=True)
     _, p = advance(job, rerun_observed(serving=OLD))
     assert [d.kind for d in p.delete] == ["serving", "stage"] or [d.kind for d in p.delete] == ["stage", "serving"]
+
+
+# ---- serving.replaces ---------------------------------------------------------------------------
+
+A_APP = ServingApp("mdj_ns_old-job", "/a/old-job/quantize", ready=True, owner="ns/old-job")
+
+
+def replacing(app: ServingApp | None, moves: bool = True, **spec):
+    """The quickstart job, every stage done, replacing `old-job`; its backend observes old-job's app."""
+    job = make_job(serving__replaces="old-job", **spec)
+    return advance(job, Observed(runs=tuple(done(s) for s in STAGES), serving=app, moves_serving=moves))
+
+
+def conditions(p) -> dict[str, dict]:
+    return {c["type"]: c for c in p.status["conditions"]}
+
+
+def test_replaces_takes_the_other_jobs_app_over_in_place_once_its_model_is_ready():
+    job, p = replacing(A_APP)
+    assert p.update == [Serve("mdj_ns_old-job", "/a/quickstart/quantize")] and not p.create and not p.delete
+    assert conditions(p)["Replaces"]["reason"] == "AwaitingModel"
+    taken = replace(A_APP, model_uri="/a/quickstart/quantize", owner="ns/quickstart")
+    _, p = advance(job, Observed(runs=tuple(done(s) for s in STAGES), serving=taken, moves_serving=True))
+    assert p.status["phase"] == "Serving" and not p.update
+    assert conditions(p)["Replaces"]["status"] == "True" and "in place of ns/old-job" in conditions(p)["Replaces"]["message"]
+
+
+def test_replaces_leaves_the_old_app_alone_while_its_own_stages_run():
+    job = make_job(serving__replaces="old-job")
+    _, p = advance(job, Observed(runs=(run("teacher", 1, "Running"),), serving=A_APP, moves_serving=True))
+    assert not p.update and not p.delete and "serving" not in p.status
+    assert conditions(p)["Replaces"]["status"] == "Unknown"
+
+
+def test_the_replaced_job_stops_reconciling_its_app_and_says_by_whom():
+    job = make_job()  # the old job: its app now records the new job as owner
+    taken = ServingApp("quickstart", "/a/new/quantize", ready=True, owner="ns/new-job")
+    _, p = advance(job, Observed(runs=tuple(done(s) for s in STAGES), serving=taken, moves_serving=True))
+    assert not p.update and not p.delete and not p.create  # no fight over the model, never deleted
+    assert p.status["phase"] == "Succeeded"
+    replaced = conditions(p)["Replaced"]
+    assert replaced["status"] == "True" and "ns/new-job" in replaced["message"]
+    assert [e.reason for e in p.events if e.reason == "ReplacedBy"] == ["ReplacedBy"]
+
+
+def test_replaces_refuses_a_missing_job_itself_a_third_owner_and_kuberay():
+    cases = [
+        (dict(app=None), "no serving app of MedDistillJob ns/old-job"),
+        (dict(app=replace(A_APP, owner="ns/third")), "taken over by ns/third"),
+        (dict(app=A_APP, moves=False), "KubeRay"),
+    ]
+    for kw, says in cases:
+        _, p = replacing(kw["app"], kw.get("moves", True))
+        cond = conditions(p)["Replaces"]
+        assert (cond["status"], cond["reason"]) == ("False", "Refused") and says in cond["message"], cond
+        assert not p.create and not p.update and not p.delete and p.status["phase"] == "Succeeded"
+        assert "remove spec.serving.replaces" in cond["message"]
+        assert any(e.type == "Warning" and e.reason == "ReplacesRefused" for e in p.events)
+    _, p = advance(make_job(serving__replaces="quickstart"), Observed(runs=tuple(done(s) for s in STAGES), moves_serving=True))
+    assert "names this job itself" in conditions(p)["Replaces"]["message"] and not p.create

@@ -410,7 +410,9 @@ class Serving(SpecModel):
     gate: EvaluationGate = Field(default_factory=EvaluationGate, description="Evaluation gate: what the quantized student must show before it is served.")
     replaces: str | None = Field(
         None, min_length=1,
-        description="Name of another MedDistillJob in this namespace whose served model this job's replaces: the old one keeps answering until the new one is ready and has passed its gate.",
+        description=("Name of another MedDistillJob in this namespace whose serving app (and endpoint) this job takes over in "
+                     "place: the old model keeps answering until this job's is ready and has passed its gate. On a Ray "
+                     "cluster (spec.ray); refused on KubeRay. See docs/replacing-models.md."),
     )
     chat_system_prompt: str | None = Field(
         None,

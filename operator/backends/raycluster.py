@@ -45,13 +45,14 @@ from .raycluster_objects import (
     RayBackendError,
     SecretUnavailable,
     app_name,
+    app_owner,
     dashboard_address,
     deploy_config,
-    job_of_route,
     route_prefix,
     secret_env,
     secret_refs,
     serve_application,
+    served_job,
     serving_app,
     stage_run,
     submission,
@@ -251,7 +252,7 @@ class RayCluster:
                 removed.append(d["submission_id"])
         orphans = set()
         for n, app in snapshot.apps.items():
-            owner = job_of_route(app.get("route_prefix") or "")
+            owner = app_owner(app)  # serving.replaces moves it: deleting the replaced job keeps the app
             if owner is None or (namespace and owner[0] != namespace):
                 continue
             if owner not in live:
@@ -329,11 +330,13 @@ class RayClusterBackend:
 
     def observe(self, job: MedDistillJob, uid: str) -> Observed:
         ns, name = job.metadata.namespace, job.metadata.name
-        return Observed(runs=tuple(self.ray.runs(ns, name, uid)), serving=self.ray.serving(ns, name))
+        # serving.replaces: the app this job takes over is observed as its own (its owner says whose it is).
+        return Observed(runs=tuple(self.ray.runs(ns, name, uid)), serving=self.ray.serving(ns, served_job(job)),
+                        moves_serving=True)
 
     def endpoint(self, job: MedDistillJob) -> ServingTarget:
-        ns, name = job.metadata.namespace, job.metadata.name
-        return ServingTarget(name=app_name(ns, name), endpoint=self.ray.endpoint(ns, name))
+        ns, target = job.metadata.namespace, served_job(job)
+        return ServingTarget(name=app_name(ns, target), endpoint=self.ray.endpoint(ns, target))
 
     def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
         ray, ns, name = self.ray, job.metadata.namespace, job.metadata.name

@@ -32,6 +32,7 @@ from .common import ATTEMPT_KEY, JOB_KEY, STAGE_KEY, UID_KEY, job_document, stag
 
 META_JOB, META_UID, META_STAGE, META_ATTEMPT = JOB_KEY, UID_KEY, STAGE_KEY, ATTEMPT_KEY
 APP_PREFIX = "mdj_"
+SERVED_BY_ENV = "MEDDISTILL_SERVED_BY"  # in the app's runtime_env: "ns/job" that owns it
 SEP = "_"  # in no Kubernetes namespace or object name: ids built with it cannot collide across namespaces
 
 
@@ -64,6 +65,11 @@ def route_prefix(namespace: str, job: str) -> str:
     # The route holds namespace and name unambiguously (names have no '/'): the garbage
     # collector reads the owning job back from it.
     return f"/{namespace}/{job}"
+
+
+def served_job(job: MedDistillJob) -> str:
+    """Whose app this job deploys to: its own, or the one serving.replaces takes over (same namespace)."""
+    return job.spec.serving.replaces or job.metadata.name
 
 
 def job_of_route(route: str) -> tuple[str, str] | None:
@@ -136,14 +142,24 @@ def serve_application(job: MedDistillJob, serve: Serve, env: dict[str, str] | No
 
     env (secret_env) goes into the app's runtime_env: what a RayService pod gets from its Secrets.
     """
-    ns, name = job.metadata.namespace or "default", job.metadata.name
+    ns, name, target = job.metadata.namespace or "default", job.metadata.name, served_job(job)
     app = yaml.safe_load(render_serve_config_v2(job, serve.model_uri))["applications"][0]
-    app = {**app, "name": app_name(ns, name), "route_prefix": route_prefix(ns, name)}
+    app = {**app, "name": app_name(ns, target), "route_prefix": route_prefix(ns, target)}
+    # serving.replaces moves the app to this job: the new owner travels with it (Serve keeps the deployed
+    # config as sent), read back by garbage collection and by the replaced job (app_owner).
+    env = {**(env or {}), **({SERVED_BY_ENV: f"{ns}/{name}"} if target != name else {})}
     if env:
         runtime_env = dict(app.get("runtime_env") or {})
         runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env}
         app["runtime_env"] = runtime_env
     return app
+
+
+def app_owner(app: dict) -> tuple[str, str] | None:
+    """(namespace, job) an app serves for: the recorded owner, else the job its route names."""
+    env = ((app.get("deployed_app_config") or {}).get("runtime_env") or {}).get("env_vars") or {}
+    ns, _, name = str(env.get(SERVED_BY_ENV, "")).partition("/")
+    return (ns, name) if ns and name else job_of_route(app.get("route_prefix") or "")
 
 
 def deploy_config(details: dict, put: list[dict] = (), remove: set[str] = frozenset()) -> dict:
@@ -214,5 +230,7 @@ def serving_app(name: str, app: dict) -> ServingApp:
     """A Serve application (GET /api/serve/applications/ entry) as the planner sees it."""
     config = app.get("deployed_app_config") or {}
     status = app.get("status", "")
+    owner = app_owner(app)
     return ServingApp(name=name, model_uri=(config.get("args") or {}).get("model_source", ""),
-                      ready=status == "RUNNING", message=app.get("message", ""), deleting=status == "DELETING")
+                      ready=status == "RUNNING", message=app.get("message", ""), deleting=status == "DELETING",
+                      owner="/".join(owner) if owner else "")
