@@ -10,7 +10,8 @@ Names (deterministic, so a restarted operator finds what it started instead of d
   namespace `a-b` + job `c` and namespace `a` + job `b-c` differ), job metadata
   `{meddistill.io/job: <ns>/<name>, meddistill.io/uid, meddistill.io/stage, meddistill.io/attempt}`;
 - Serve app `mdj_<namespace>_<job>` at route prefix `/<namespace>/<job>`, so the endpoint is
-  `http://<ray host>:<serve port>/<namespace>/<job>/v1`.
+  `http://<ray host>:<serve port>/<namespace>/<job>/v1`. A job with serving.replaces deploys to the
+  replaced job's app and records itself as its owner (`MEDDISTILL_SERVED_BY` in the app's runtime_env).
 
 A Ray job that is STOPPED counts as a deleted child (a suspension or a deletion stopped it): the
 planner waits for it to be gone and then re-creates the same attempt, as with a deleted RayJob.
