@@ -118,7 +118,7 @@ def test_openai_client_gets_a_pubmedqa_answer_from_the_endpoint_in_status(quicks
 
     run, ns = quickstart_e2e, quickstart_e2e.kube.ns
     assert run.endpoint == f"http://127.0.0.1:{run.ray.serve_port}/{ns}/{run.name}/v1"
-    assert run.status["serving"]["ready"] is True and run.status["serving"]["child"] == f"mdj-{ns}-{run.name}"
+    assert run.status["serving"]["ready"] is True and run.status["serving"]["child"] == f"mdj_{ns}_{run.name}"
     # serving.auth: the token from the job's Secret, passed on by the operator, is required.
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=run.endpoint, api_key="not-the-token", max_retries=0, timeout=60).models.list()
@@ -200,7 +200,7 @@ def test_quantized_student_keeps_80_percent_of_the_base_models_keyword_hits(quic
 def test_zz_kubectl_delete_removes_the_serve_app_and_the_ray_jobs(quickstart_e2e):
     """Last in the module: it takes the served model away."""
     run, ns = quickstart_e2e, quickstart_e2e.kube.ns
-    app = f"mdj-{ns}-{run.name}"
+    app = f"mdj_{ns}_{run.name}"
     assert app in run.ray.serve_apps()
     run.kube.cluster.kubectl("delete", "mdj", run.name, "-n", ns, "--wait=true", "--timeout=30s")  # no finalizer
     wait_for(lambda: app not in run.ray.serve_apps(), 120, f"the Serve app {app} to be removed", interval=1)

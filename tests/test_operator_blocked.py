@@ -16,7 +16,7 @@ import pytest
 
 from meddistill import artifacts
 from meddistill.operator import handlers
-from meddistill.operator.backends import kuberay_objects
+from meddistill.operator.backends import kuberay_objects, ray_clusters
 from meddistill.operator.planner import StartStage
 from meddistill.spec.models import MedDistillJob
 from tests.support.kube_cluster import free_port
@@ -124,12 +124,14 @@ def test_the_api_server_refusing_a_child_is_a_condition_and_event_naming_the_fie
     assert not kube.rayjobs("badq") and kube.job("badq")["status"]["phase"] == "Pending"
 
 
-def test_an_unreachable_ray_cluster_is_a_condition_and_event(kube):
+def test_an_unreachable_ray_cluster_is_a_condition_and_event(kube, monkeypatch):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    kube.apply(quickstart("noray", pvc_store(kube.ns), ray={"address": address}))
+    monkeypatch.setattr(ray_clusters, "ALLOWED", ray_clusters.AllowedClusters(
+        clusters=[ray_clusters.AllowedCluster(name="down", address=address)]))  # listed by the platform team
+    kube.apply(quickstart("noray", pvc_store(kube.ns), ray={"cluster": "down"}))
     handlers.reconcile(kube.ns, "noray")
     cond = conditions(kube, "noray")["RayClusterUnavailable"]
-    assert cond["status"] == "True" and address in cond["message"] and "spec.ray.address" in cond["message"]
+    assert cond["status"] == "True" and address in cond["message"] and "Ray cluster 'down'" in cond["message"]
     assert [r for r, _ in warnings(kube, "noray")] == ["RayClusterUnavailable"]
 
 
