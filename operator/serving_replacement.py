@@ -72,7 +72,7 @@ def decide(job: MedDistillJob, owner: str | None, supported: bool, previous: dic
 
 
 def _with_event(t: Takeover, kind: str, previous: dict[str, str]) -> Takeover:
-    status, reason, message = t.condition
+    _, reason, message = t.condition
     if previous.get(t.type_) == message:
         return t
     return Takeover(t.serves, t.condition, t.type_, (kind, f"{t.type_}{reason}" if t.type_ == REPLACES else reason, message))
