@@ -282,7 +282,8 @@ def test_quickstart_pipeline_to_serving(kube, operator):
     assert spec["entrypoint"] == "python -m meddistill.jobs teacher"
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     sent = json.loads(env["MEDDISTILL_JOB"])
-    assert sent["metadata"] == {"name": "quickstart", "namespace": kube.ns}
+    # uid: the stage writes under <uri>/<namespace>/<name>-<uid8>/ (a re-created job never inherits artifacts)
+    assert sent["metadata"] == {"name": "quickstart", "namespace": kube.ns, "uid": job["metadata"]["uid"]}
     assert MedDistillJob.model_validate(sent).spec == MedDistillJob.model_validate({**job, "status": None}).spec
     assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
     assert spec["ttlSecondsAfterFinished"] == 3600 and "suspend" not in spec
