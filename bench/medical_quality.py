@@ -58,11 +58,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spec", default=str(ROOT / "examples" / "pubmedqa-cpu.yaml"))
     p.add_argument("--workdir", default="bench-runs")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluation.limit: a seeded, label-stratified sample per dataset instead of all (faster; the report says so)")
+    p.add_argument("--generative-only", action="store_true", help="skip loglik scoring (the targets read generative rows only)")
     args = p.parse_args()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     doc = yaml.safe_load(Path(args.spec).read_text())
+    # Both overrides touch only spec.evaluation: the teacher, distill and quantize artifacts are reused.
+    if args.limit is not None:
+        doc["spec"]["evaluation"]["limit"] = args.limit
+    if args.generative_only:
+        doc["spec"]["evaluation"]["scoring"] = ["generative"]
     # Dataset paths in the spec are @samples/...: independent of where the copy is written.
     main_dir = run_job(doc, workdir)
 
@@ -100,13 +108,15 @@ def main() -> int:
     f1_ratio = (open_rows["quantized"].open_f1 or 0) / (open_rows["base"].open_f1 or float("nan"))
     lines = [
         f"# bench/medical_quality.py: {Path(args.spec).name}, wall {wall / 60:.1f} min", "",
+        f"Evaluation: {'all questions' if not doc['spec']['evaluation'].get('limit') else 'a seeded, label-stratified sample of ' + str(doc['spec']['evaluation']['limit']) + ' per dataset'}"
+        f"{', generative scoring only' if args.generative_only else ''}; PubMedQA n = {len(ids)} after exclusions.", "",
         "| model | PubMedQA (gen) | 95% CI | MedQuAD F1 | ROUGE-L | repetitive | general keyword hits |", "|---|---|---|---|---|---|---|",
     ]
     for m in ("base", "teacher", "student", "quantized"):
         r, o = rows[(m, PUBMEDQA)], rows.get((m, MEDQUAD))
         g = next((x for x in results.rows if x.model == m and "general_medical_keywords" in x.dataset), None)
         lines.append(f"| {m} | {100 * r.accuracy:.1f} % | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f} | "
-                     f"{(o.open_f1 or 0):.3f} | {(o.open_rouge_l or 0):.3f} | {o.repetitive_n}/{o.n or 200} | "
+                     f"{(o.open_f1 or 0):.3f} | {(o.open_rouge_l or 0):.3f} | {o.repetitive_n}/{o.n} | "
                      f"{g.keyword_hits if g else 'n/a'}/{g.keyword_n if g else 'n/a'} |")
     for r in results.rows:
         if r.scoring == "loglik":
