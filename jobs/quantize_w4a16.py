@@ -150,13 +150,22 @@ def gptq(weight, hessian, dtype):
     return Q, scales
 
 
-def input_hessians(model, names: list[str], samples: list[list[int]]) -> dict:
-    """H = sum of x x^T over every calibration token reaching each named linear layer (fp32)."""
+class _LayerDone(Exception):
+    """Raised after the calibrated decoder layer: the layers after it (and lm_head) need not run."""
+
+
+def input_hessians(model, names: list[str], samples: list[list[int]], layer: str | None = None) -> dict:
+    """H = sum of x x^T over every calibration token reaching each named linear layer (fp32); each forward
+    stops after the decoder layer named `layer`, which holds them."""
     import torch
 
     from meddistill.modelsource import input_device
 
     modules = dict(model.named_modules())
+
+    def stop(*_):
+        raise _LayerDone
+
     hessians = {n: torch.zeros(modules[n].in_features, modules[n].in_features, device=modules[n].weight.device)
                 for n in names}
 
@@ -167,10 +176,15 @@ def input_hessians(model, names: list[str], samples: list[list[int]]) -> dict:
         return accumulate
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    if layer in modules:
+        handles.append(modules[layer].register_forward_hook(stop))
     try:
         with torch.inference_mode():
             for ids in samples:  # one record at a time: no padding tokens in the statistics
-                model(torch.tensor([ids], device=input_device(model)))
+                try:
+                    model(torch.tensor([ids], device=input_device(model)))
+                except _LayerDone:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -189,7 +203,7 @@ def quantize_weights(model, names: list[str], samples: list[list[int]] | None, d
         match = _LAYER.match(name)
         by_layer.setdefault(match.group(1) if match else name, []).append(name)
     for layer, members in by_layer.items():
-        hessians = input_hessians(model, members, samples) if samples is not None else {}
+        hessians = input_hessians(model, members, samples, layer) if samples is not None else {}
         for name in members:
             weight = modules[name].weight
             if samples is None:

@@ -13,9 +13,14 @@ import torch
 
 from meddistill.jobs import quantize_w4a16 as w4a16
 
-PROMPTS = [f"Question {i}: is {drug} first-line for {illness}? Answer:" for i, (drug, illness) in enumerate(
-    [("metformin", "type 2 diabetes"), ("aspirin", "acute coronary syndrome"), ("amoxicillin", "otitis media"),
-     ("insulin", "diabetic ketoacidosis"), ("naloxone", "opioid overdose")] * 4)]  # 20 prompts
+PROMPTS = [f"Question: {q}? Answer:" for q in (
+    "Is metformin first-line for type 2 diabetes", "Which drug reverses opioid overdose", "What causes scurvy",
+    "Is aspirin given in acute coronary syndrome", "Which organ produces insulin", "What is the antidote to warfarin",
+    "Does smoking raise the risk of lung cancer", "Which electrolyte causes peaked T waves", "What treats anaphylaxis",
+    "Is amoxicillin used for otitis media", "What does a high TSH suggest", "Which vaccine prevents cervical cancer",
+    "What is the normal adult heart rate", "Which vitamin deficiency causes rickets", "Is ibuprofen safe in late pregnancy",
+    "What is the first sign of sepsis", "Which antibiotic class causes tendon rupture", "What lowers LDL cholesterol",
+    "Does exercise improve insulin sensitivity", "What is the treatment of diabetic ketoacidosis")]
 
 
 def write_model(target: Path, hidden: int, intermediate: int, layers: int = 2) -> Path:
