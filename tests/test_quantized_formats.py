@@ -78,3 +78,12 @@ def test_evaluation_rows_follow_the_formats_made():
     assert evaluated_models(job(["nf4", "gguf"]).spec)[-2:] == ["quantized", "gguf"]
     assert evaluated_models(job(["gguf"]).spec) == ["base", "teacher", "student", "gguf"]
     assert evaluated_models(job(["gguf"], models=["student"]).spec) == ["student"]
+
+
+def test_build_app_gives_a_cpu_replica_of_a_gguf_job_the_llamacpp_engine():
+    pytest.importorskip("llama_cpp")
+    from meddistill.serve.app import build_app
+
+    args = config.app_args(job(["nf4", "gguf"]), "/m")
+    assert build_app(args)._bound_deployment.init_args[0]["engine"] == "llamacpp"
+    assert build_app(config.app_args(job(), "/m"))._bound_deployment.init_args[0]["engine"] == "transformers"
