@@ -131,7 +131,7 @@ def main() -> None:
         import ray
 
         os.environ["RAY_worker_niceness"] = "0"  # as serve_throughput: replicas compete on equal terms
-        ray.init(num_cpus=opts.threads + 1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=opts.threads + 1, include_dashboard=False, log_to_driver=False)  # never attach to a running head
         print(f"throughput at concurrency {opts.concurrency}: transformers engine (nf4 artifact), then llama.cpp (gguf) ...",
               flush=True)
         rates["transformers"] = throughput("transformers", str(quantize_dir), {}, opts)
