@@ -47,6 +47,14 @@ def question_correct(job_dir: Path, model: str, dataset_dir: str) -> dict[str, b
     return {q["id"]: q["correct"] for q in data["questions"] if q["correct"] is not None}
 
 
+def stage_wall(job_dir: Path) -> float:
+    """Seconds the job's stages took, from their manifests (what --report-only can still tell)."""
+    total = 0.0
+    for manifest in job_dir.glob("*/manifest.json"):
+        total += json.loads(manifest.read_text()).get("metrics", {}).get("wall_s", 0.0)
+    return total
+
+
 def met(ok: bool) -> str:
     return "**met**" if ok else "**NOT met**"
 
@@ -61,6 +69,8 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None,
                    help="evaluation.limit: a seeded, label-stratified sample per dataset instead of all (faster; the report says so)")
     p.add_argument("--generative-only", action="store_true", help="skip loglik scoring (the targets read generative rows only)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: report on the runs already in WORKDIR (an ablation without results is reported as not run)")
     args = p.parse_args()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +82,7 @@ def main() -> int:
     if args.generative_only:
         doc["spec"]["evaluation"]["scoring"] = ["generative"]
     # Dataset paths in the spec are @samples/...: independent of where the copy is written.
-    main_dir = run_job(doc, workdir)
+    main_dir = workdir / "runs" / doc["metadata"]["name"] if args.report_only else run_job(doc, workdir)
 
     ablation = json.loads(json.dumps(doc))
     ablation["metadata"]["name"] = doc["metadata"]["name"] + "-nokd"
@@ -83,8 +93,10 @@ def main() -> int:
     abl_dir = workdir / "runs" / ablation["metadata"]["name"]
     if not (abl_dir / "teacher").is_dir():  # same teacher spec: its fingerprint matches, so it is reused
         shutil.copytree(main_dir / "teacher", abl_dir / "teacher")
-    run_job(ablation, workdir)
-    wall = time.time() - started
+    if not args.report_only:
+        run_job(ablation, workdir)
+    wall = time.time() - started if not args.report_only else stage_wall(main_dir) + stage_wall(abl_dir)
+    ablation_done = (abl_dir / "evaluate" / "results.json").is_file()
 
     results = Results.model_validate(json.loads((main_dir / "evaluate" / "results.json").read_text()))
     rows = {(r.model, r.dataset): r for r in results.rows}
@@ -98,16 +110,21 @@ def main() -> int:
     gold = {r.id: r.answer for r in load_dataset(PUBMEDQA).records}
     yes_share = sum(gold[i] == "yes" for i in ids) / len(ids)
 
-    kd_ok, nokd_ok = question_correct(main_dir, "student", pdir), question_correct(abl_dir, "student", pdir)
-    common = sorted(kd_ok.keys() & nokd_ok.keys())
-    a, b = [nokd_ok[i] for i in common], [kd_ok[i] for i in common]
-    boot = paired_bootstrap(a, b)
-    _, _, p_kd = mcnemar_exact(a, b)
+    if ablation_done:
+        kd_ok, nokd_ok = question_correct(main_dir, "student", pdir), question_correct(abl_dir, "student", pdir)
+        common = sorted(kd_ok.keys() & nokd_ok.keys())
+        a, b = [nokd_ok[i] for i in common], [kd_ok[i] for i in common]
+        boot = paired_bootstrap(a, b)
+        _, _, p_kd = mcnemar_exact(a, b)
+        kd_line = (f"- KD student - no-teacher student (alpha 0): {100 * boot.diff:+.1f} points (95% CI {100 * boot.diff_low:+.1f} to "
+                   f"{100 * boot.diff_high:+.1f}), {verdict('KD student', 'no-teacher student', boot.diff, p_kd, len(common))}")
+    else:
+        kd_line = "- KD student - no-teacher student (alpha 0): **not run** (the ablation job has no evaluation results)"
 
     open_rows = {m: rows.get((m, MEDQUAD)) for m in ("base", "quantized")}
     f1_ratio = (open_rows["quantized"].open_f1 or 0) / (open_rows["base"].open_f1 or float("nan"))
     lines = [
-        f"# bench/medical_quality.py: {Path(args.spec).name}, wall {wall / 60:.1f} min", "",
+        f"# bench/medical_quality.py: {Path(args.spec).name}, {'stage time' if args.report_only else 'wall'} {wall / 60:.1f} min", "",
         f"Evaluation: {'all questions' if not doc['spec']['evaluation'].get('limit') else 'a seeded, label-stratified sample of ' + str(doc['spec']['evaluation']['limit']) + ' per dataset'}"
         f"{', generative scoring only' if args.generative_only else ''}; PubMedQA n = {len(ids)} after exclusions.", "",
         "| model | PubMedQA (gen) | 95% CI | MedQuAD F1 | ROUGE-L | repetitive | general keyword hits |", "|---|---|---|---|---|---|---|",
@@ -125,8 +142,7 @@ def main() -> int:
               f"- teacher >= base + 10 points: {100 * (acc['teacher'] - acc['base']):+.1f} points, McNemar p = {p_teacher:.2g}: "
               f"{met(acc['teacher'] - acc['base'] >= 0.10 and p_teacher < 0.01)}",
               f"- teacher above always-yes ({100 * yes_share:.1f} %): {100 * acc['teacher']:.1f} %: {met(acc['teacher'] > yes_share)}",
-              f"- KD student - no-teacher student (alpha 0): {100 * boot.diff:+.1f} points (95% CI {100 * boot.diff_low:+.1f} to "
-              f"{100 * boot.diff_high:+.1f}), {verdict('KD student', 'no-teacher student', boot.diff, p_kd, len(common))}",
+              kd_line,
               f"- quantized >= 97 % of the 16-bit student: retention {results.accuracy_retention_pct} % (95% CI "
               f"{results.retention_ci_low}-{results.retention_ci_high}): {met((results.accuracy_retention_pct or 0) >= 97)}",
               f"- open-question F1 of the quantized student >= 90 % of base: {100 * f1_ratio:.1f} %: {met(f1_ratio >= 0.9)}",
