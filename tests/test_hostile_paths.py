@@ -91,7 +91,8 @@ def test_a_failed_ray_job_whose_log_quotes_a_record_leaves_no_log_text_in_status
     j.spec.run_policy.backoff_limit = 0  # the failure is final: the Failed condition and JobFailed event are written
     out = plan(j, Observed(runs=(run,)), datetime.now(timezone.utc))
     written = json.dumps(out.status) + json.dumps([e.__dict__ for e in out.events])
-    assert "stage teacher raised ValueError" in written and "ray job logs team-a-qs-teacher-a1" in written
+    assert "stage teacher raised ValueError" in written and f"ray job logs {run.name} " in written
+    assert run.name == "team-a_qs_teacher_a1"  # namespace_job_stage_attempt: unambiguous across namespaces
     for fragment in ("Jane Roe", "00123456", "carcinoma", "tokenize", "loss 1.2"):
         assert fragment not in written
 

@@ -9,7 +9,6 @@ tests/test_operator_kube.py.
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -19,6 +18,7 @@ from meddistill.operator import handlers
 from meddistill.operator.backends import kuberay_objects, ray_clusters
 from meddistill.operator.planner import StartStage
 from meddistill.spec.models import MedDistillJob
+from tests.support.operator_inprocess import as_operator, fresh_namespace  # noqa: F401 - fixture
 from tests.support.kube_cluster import free_port
 from tests.test_artifacts_s3 import bucket, s3_endpoint  # noqa: F401 - fixtures
 from tests.test_operator_kube import Kube, install_operator_prereqs, pvc_store, quickstart, write_stage_artifact
@@ -27,24 +27,10 @@ pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
 
 
-@pytest.fixture(scope="module")
-def as_operator(kube_cluster):
-    """This process's default Kubernetes client authenticates as the operator's ServiceAccount."""
-    from kubernetes import client, config
-
-    install_operator_prereqs(kube_cluster)
-    saved = client.Configuration.get_default_copy()
-    config.load_kube_config(config_file=str(kube_cluster.operator_kubeconfig))
-    yield
-    client.Configuration.set_default(saved)
-
-
 @pytest.fixture
 def kube(kube_cluster, as_operator):
-    ns = f"blk-{uuid.uuid4().hex[:6]}"
-    kube_cluster.kubectl("create", "namespace", ns)
-    yield Kube(kube_cluster, ns)
-    kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+    with fresh_namespace(kube_cluster, "blk") as kube:
+        yield kube
 
 
 def conditions(kube: Kube, name: str) -> dict[str, dict]:

@@ -7,35 +7,22 @@ in-process as the chart's ServiceAccount."""
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 
 from meddistill.operator import handlers
 from meddistill.operator.backends import kuberay_objects
-from tests.test_operator_kube import Kube, install_operator_prereqs, pvc_store, quickstart
+from tests.support.operator_inprocess import as_operator, fresh_namespace  # noqa: F401 - fixture
+from tests.test_operator_kube import Kube, pvc_store, quickstart
 
 pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
 
 
-@pytest.fixture(scope="module")
-def as_operator(kube_cluster):
-    from kubernetes import client, config
-
-    install_operator_prereqs(kube_cluster)
-    saved = client.Configuration.get_default_copy()
-    config.load_kube_config(config_file=str(kube_cluster.operator_kubeconfig))
-    yield
-    client.Configuration.set_default(saved)
-
-
 @pytest.fixture
 def kube(kube_cluster, as_operator):
-    ns = f"kq-{uuid.uuid4().hex[:6]}"
-    kube_cluster.kubectl("create", "namespace", ns)
-    yield Kube(kube_cluster, ns)
-    kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+    with fresh_namespace(kube_cluster, "kq") as kube:
+        yield kube
 
 
 def teacher(kube: Kube) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 
 import pytest
 from kubernetes import client
@@ -18,29 +17,17 @@ from meddistill.operator import handlers
 from meddistill.operator.backends import kuberay_objects
 from meddistill.operator.planner import Serve
 from meddistill.spec.models import MedDistillJob
-from tests.test_operator_kube import Kube, install_operator_prereqs, pvc_store, quickstart
+from tests.support.operator_inprocess import as_operator, fresh_namespace  # noqa: F401 - fixture
+from tests.test_operator_kube import pvc_store, quickstart
 
 pytest_plugins = ["tests.support.kube_fixtures"]
 pytestmark = pytest.mark.kube
 
 
-@pytest.fixture(scope="module")
-def as_operator(kube_cluster):
-    from kubernetes import client, config
-
-    install_operator_prereqs(kube_cluster)
-    saved = client.Configuration.get_default_copy()
-    config.load_kube_config(config_file=str(kube_cluster.operator_kubeconfig))
-    yield
-    client.Configuration.set_default(saved)
-
-
 @pytest.fixture
 def kube(kube_cluster, as_operator):
-    ns = f"auth-{uuid.uuid4().hex[:6]}"
-    kube_cluster.kubectl("create", "namespace", ns)
-    yield Kube(kube_cluster, ns)
-    kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+    with fresh_namespace(kube_cluster, "auth") as kube:
+        yield kube
 
 
 def selects(selector: dict, labels: dict) -> bool:
