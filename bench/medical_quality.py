@@ -55,6 +55,21 @@ def stage_wall(job_dir: Path) -> float:
     return total
 
 
+def answer_mix(job_dir: Path, model: str, dataset_dir: str) -> str:
+    """How often each answer was given: a small model that says one word to everything shows here."""
+    data = json.loads((job_dir / "evaluate" / model / dataset_dir / "eval.json").read_text())
+    counts: dict[str, int] = {}
+    for q in data["questions"]:
+        counts[str(q.get("predicted") or "unparsed")] = counts.get(str(q.get("predicted") or "unparsed"), 0) + 1
+    return " ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def open_count(job_dir: Path, model: str) -> int:
+    """Open questions the model answered on MedQuAD (the denominator of its repetitive count)."""
+    folder = next((job_dir / "evaluate" / model).glob("jsonl_samples_medquad_qa_*"))
+    return len(json.loads((folder / "eval.json").read_text())["questions"])
+
+
 def met(ok: bool) -> str:
     return "**met**" if ok else "**NOT met**"
 
@@ -127,14 +142,15 @@ def main() -> int:
         f"# bench/medical_quality.py: {Path(args.spec).name}, {'stage time' if args.report_only else 'wall'} {wall / 60:.1f} min", "",
         f"Evaluation: {'all questions' if not doc['spec']['evaluation'].get('limit') else 'a seeded, label-stratified sample of ' + str(doc['spec']['evaluation']['limit']) + ' per dataset'}"
         f"{', generative scoring only' if args.generative_only else ''}; PubMedQA n = {len(ids)} after exclusions.", "",
-        "| model | PubMedQA (gen) | 95% CI | MedQuAD F1 | ROUGE-L | repetitive | general keyword hits |", "|---|---|---|---|---|---|---|",
+        "| model | PubMedQA (gen) | 95% CI | answers given | MedQuAD F1 | ROUGE-L | MedQuAD repetitive | general keyword hits | general repetitive |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in ("base", "teacher", "student", "quantized"):
         r, o = rows[(m, PUBMEDQA)], rows.get((m, MEDQUAD))
         g = next((x for x in results.rows if x.model == m and "general_medical_keywords" in x.dataset), None)
-        lines.append(f"| {m} | {100 * r.accuracy:.1f} % | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f} | "
-                     f"{(o.open_f1 or 0):.3f} | {(o.open_rouge_l or 0):.3f} | {o.repetitive_n}/{o.n} | "
-                     f"{g.keyword_hits if g else 'n/a'}/{g.keyword_n if g else 'n/a'} |")
+        lines.append(f"| {m} | {100 * r.accuracy:.1f} % | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f} | {answer_mix(main_dir, m, pdir)} | "
+                     f"{(o.open_f1 or 0):.3f} | {(o.open_rouge_l or 0):.3f} | {o.repetitive_n}/{open_count(main_dir, m)} | "
+                     f"{g.keyword_hits if g else 'n/a'}/{g.keyword_n if g else 'n/a'} | {g.repetitive_n if g else 'n/a'} |")
     for r in results.rows:
         if r.scoring == "loglik":
             lines.append(f"| {r.model} (loglik acc) | {100 * r.accuracy:.1f} % | {100 * r.ci_low:.1f}-{100 * r.ci_high:.1f} | | | | |")
