@@ -144,7 +144,8 @@ def test_failing_gate_ends_not_serving_then_an_override_serves_it(kube, operator
     gate = condition(st, "EvaluationGate")
     assert (gate["status"], gate["reason"]) == ("True", "Overridden") and "0.60 < 0.75" in gate["message"]
     wait_for(lambda: "EvaluationGateOverridden" in kube.events("failing"), 10, "a EvaluationGateOverridden event")
-    assert "Forbidden" not in operator.log()
+    # The operator watches every namespace; other tests' namespaces may log their own (intended) 403s.
+    assert not [line for line in operator.log().splitlines() if "Forbidden" in line and f"{kube.ns}/" in line]
 
 
 def test_passing_gate_serves(kube):

@@ -176,10 +176,17 @@ def test_teacher_pass_of_distill_data_feeds_the_teachers_device(decide_meta, mon
         return model, tokenizer
 
     monkeypatch.setattr(modelsource, "load_model", load_guarded)
+    from meddistill.jobs import storage
+
+    artifact = tmp_path / "teacher"  # the teacher artifact as fetch_input leaves it on the task's node
+    artifact.mkdir()
+    (artifact / "model").symlink_to(tiny_model_dir)
+    monkeypatch.setattr(storage, "fetch_input", lambda uri, stage=None: artifact)
     spec = tiny_job(distillation={"mode": mode}, teacher={"resources": {"gpusPerWorker": 1}}).spec
     records = [r.to_dict() for r in _records(tiny_data_refs, "train")[:3]]
+    (tmp_path / "out").mkdir()
     with pytest.raises(ReachedTheModel):
-        teacher_shard(str(tiny_model_dir), records, spec.model_dump(), str(tmp_path / "shard"))
+        teacher_shard(str(tmp_path / "out"), "s3://bucket/runs/tiny/teacher", records, spec.model_dump(), "shard-00000")
     (stage, gpus, weight_bytes), = decide_meta
     assert (stage, gpus) == ("distill-data", 1) and weight_bytes > 0
 
