@@ -200,3 +200,22 @@ def quickstart_run(quickstart_e2e) -> Path:
     covered end to end on a tiny job by tests/test_run_resume.py.
     """
     return quickstart_e2e.artifact_root
+
+
+def write_distill_artifact(ctx, base_model, target_modules: list[str]) -> None:
+    """A verified distill artifact: a LoRA adapter on `base_model` with non-zero B, so merging changes the weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from meddistill.artifacts import write_manifest
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    out = ctx.output_dir("distill")
+    model.save_pretrained(out / "adapter")
+    write_manifest(out, stage="distill", config={})

@@ -5,44 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow  # one real quantize stage on Ray (about a minute on 2 shared cores), then fast tests
 
-from meddistill.artifacts import verify, write_manifest  # noqa: E402
+from meddistill.artifacts import verify  # noqa: E402
 from meddistill.jobs.stage import StageContext, StageError, run_stage  # noqa: E402
-
-
-def write_distill_artifact(ctx: StageContext, base_model: Path) -> None:
-    """A verified distill artifact: a LoRA adapter (non-zero B, so the merge changes the weights) on the tiny model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    out = ctx.output_dir("distill")
-    model.save_pretrained(out / "adapter")
-    write_manifest(out, stage="distill", config={})
 
 
 @pytest.fixture(scope="module")
 def quantized(tiny_model_dir, tiny_data_refs, tmp_path_factory, ray_local):
     """(ctx, quantize artifact dir) for formats [nf4, gguf], ggufType Q8_0."""
     from meddistill.spec.models import MedDistillJob
-    from tests.pipeline_fixture import tiny_job_document
+    from tests.pipeline_fixture import tiny_job_document, write_distill_artifact
 
     doc = tiny_job_document(str(tiny_model_dir), tiny_data_refs, str(tmp_path_factory.mktemp("runs")),
                             quantization={"formats": ["nf4", "gguf"], "ggufType": "Q8_0"})
     ctx = StageContext(MedDistillJob.model_validate(doc))
-    write_distill_artifact(ctx, tiny_model_dir)
+    write_distill_artifact(ctx, tiny_model_dir, ["q_proj", "v_proj"])
     result = run_stage(ctx, "quantize")
     return ctx, ctx.output_dir("quantize"), result
 

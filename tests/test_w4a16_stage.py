@@ -6,36 +6,19 @@ import json
 
 import pytest
 
-from meddistill.artifacts import verify, write_manifest
+from meddistill.artifacts import verify
 from meddistill.jobs.stage import StageContext, run_stage
-
-
-def write_distill_artifact(ctx: StageContext, base_model) -> None:
-    """A verified distill artifact: a LoRA adapter on the tiny model, non-zero, so merging changes the weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    out = ctx.output_dir("distill")
-    model.save_pretrained(out / "adapter")
-    write_manifest(out, stage="distill", config={})
 
 
 @pytest.fixture(scope="module")
 def quantized(tiny_model_dir, tiny_data_refs, tmp_path_factory, ray_local):
     from meddistill.spec.models import MedDistillJob
-    from tests.pipeline_fixture import tiny_job_document
+    from tests.pipeline_fixture import tiny_job_document, write_distill_artifact
 
     doc = tiny_job_document(str(tiny_model_dir), tiny_data_refs, str(tmp_path_factory.mktemp("runs")),
                             quantization={"formats": ["nf4", "w4a16"]})
     ctx = StageContext(MedDistillJob.model_validate(doc))
-    write_distill_artifact(ctx, tiny_model_dir)
+    write_distill_artifact(ctx, tiny_model_dir, ["v_proj", "down_proj"])
     result = run_stage(ctx, "quantize")
     return ctx, ctx.output_dir("quantize"), result
 
