@@ -92,7 +92,7 @@ def test_every_stage_ran_as_a_ray_job_and_succeeded(quickstart_e2e):
         assert s["artifactDigest"] == artifacts.verify(directory).digest  # the manifest the stage wrote
         assert s["child"] == f"{ns}_{run.name}_{s['name']}_a1"  # unambiguous across namespaces
     jobs = our_ray_jobs(run.ray, ns, run.name)
-    assert sorted(jobs) == sorted(f"{ns}-{run.name}-{s}-a1" for s in STAGES)  # one per stage, none duplicated
+    assert sorted(jobs) == sorted(f"{ns}_{run.name}_{s}_a1" for s in STAGES)  # one per stage, none duplicated
     assert {j["status"] for j in jobs.values()} == {"SUCCEEDED"}
     assert all(j["entrypoint"].startswith("python -m meddistill.jobs ") for j in jobs.values())
     assert "Forbidden" not in run.operator.log()
