@@ -8,11 +8,9 @@ a refused create, an unreadable store) becomes a condition and a Warning event n
 
 No finalizer: kopf only adds one for deletion handlers, timers and daemons, and this module has
 none of them (the periodic resync is a plain asyncio task started at startup). Deleting a job
-therefore never waits for the operator; owner references let the garbage collector remove its
-KubeRay children, and for a Ray cluster the operator collects its own garbage (on the job's
-DELETED event, and level-triggered in every resync). kopf's own progress/diff-base annotations
-are not used either: `on.event` handlers are level-triggered and stateless, exactly what a pure
-planner wants.
+therefore never waits for the operator (garbage.py removes what owner references cannot). kopf's
+progress/diff-base annotations are not used either: `on.event` handlers are level-triggered and
+stateless, exactly what a pure planner wants.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from pydantic import ValidationError
 
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
 
-from . import backends, metrics, peering, served_lineage, serving_gate
+from . import backends, garbage, metrics, peering, served_lineage, serving_gate
 from .backends.kuberay_objects import LABEL_JOB, RAY_GROUP, RAY_VERSION, RAYJOBS, RAYSERVICES
 from .failures import ReconcileBlocked
 from .job_writes import custom_api, post_event, refuse, write_blocked, write_status
@@ -130,9 +128,7 @@ def _requeue(namespace: str, name: str, seconds: float) -> None:
         timer.start()
 
 
-# --------------------------------------------------------------------------------------------
-# kopf wiring
-# --------------------------------------------------------------------------------------------
+# -- kopf wiring: every trigger ends in reconcile() ------------------------------------------
 
 
 @kopf.on.startup()
@@ -172,7 +168,7 @@ def _echo_of_own_write(type: str | None, body: kopf.Body) -> bool:
 def on_job_event(type: str | None, body: kopf.Body, **_) -> None:
     # Covers create, update, resume (the initial listing) alike.
     if type == "DELETED":
-        collect_garbage()  # children without owner references (a Ray cluster's) are the operator's to remove
+        garbage.collect_garbage(Config.ray_address, Config.namespace)  # a Ray cluster's children have no owner refs
         return
     if _echo_of_own_write(type, body):
         return
@@ -195,30 +191,10 @@ async def _resync_forever() -> None:
             if not await loop.run_in_executor(None, peering.is_active, custom_api(), Config.peering, Config.namespace,
                                               Config.peering_priority):
                 continue  # a standby replica: kopf has paused its watches, and so does its resync
-            jobs = await loop.run_in_executor(None, _list_jobs)
+            jobs = await loop.run_in_executor(None, garbage.list_jobs, Config.namespace)
         except Exception as e:
             log.warning("resync: cannot list %s: %s", PLURAL, e)
             continue
         for ns, name in jobs:
             await loop.run_in_executor(None, reconcile, ns, name)
-        await loop.run_in_executor(None, collect_garbage)
-
-
-def _list_jobs() -> dict[tuple[str, str], str]:
-    """(namespace, name) -> uid of every MedDistillJob this operator watches."""
-    api = custom_api()
-    if Config.namespace:
-        items = api.list_namespaced_custom_object(API_GROUP, API_VERSION, Config.namespace, PLURAL)["items"]
-    else:
-        items = api.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
-    return {(o["metadata"]["namespace"], o["metadata"]["name"]): o["metadata"]["uid"] for o in items}
-
-
-def collect_garbage() -> None:
-    """Remove the children of MedDistillJobs that are gone, on every backend (level-triggered)."""
-    for backend in backends.every_backend(Config.ray_address):
-        try:
-            for what in backend.collect_garbage(_list_jobs, Config.namespace):
-                log.info("removed %s: its MedDistillJob is gone (or was stopped)", what)
-        except (ReconcileBlocked, ApiException, OSError, RuntimeError) as e:
-            log.warning("garbage collection failed, retrying next resync: %s", e)
+        await loop.run_in_executor(None, garbage.collect_garbage, Config.ray_address, Config.namespace)
