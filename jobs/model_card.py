@@ -45,6 +45,9 @@ LIMITATIONS = [
     "types, languages and patient populations are untested.",
 ]
 _SOURCE_KEY = re.compile(r"^([A-Z][\w ()-]*?):(\s|$)")
+# Each format's rows in results.json (jobs/evaluate.evaluated_models), and what the card keeps of them.
+FORMAT_ROWS = {"nf4": "quantized", "gguf": "gguf", "w4a16": "w4a16"}
+ROW_FIELDS = {"dataset", "scoring", "accuracy", "ci_low", "ci_high", "n", "weight_bytes", "latency_b1_ms", "ms_per_token"}
 
 
 def manifest_of(stage_dir: Path) -> dict:
@@ -154,7 +157,7 @@ def build_card(ctx, stage_dirs: dict[str, Path], results: dict, results_md: str)
     removed_path = stage_dirs["teacher"] / "decontamination.json"
     removed = json.loads(removed_path.read_text()) if removed_path.is_file() else []
     student_cfg = distill["config"].get("student", {})
-    served_files = quantize["files"]
+    formats = format_entries(ctx, quantize, results)
     return {
         "schema": SCHEMA,
         "job": ctx.name,
@@ -169,9 +172,8 @@ def build_card(ctx, stage_dirs: dict[str, Path], results: dict, results_md: str)
                         "base_digest": tree_digest(files_under(distill, "base/")),
                         "adapter_digest": tree_digest(files_under(distill, "adapter/")),
                         "uri": ctx.uri("distill"), "manifest_sha256": distill["digest"]},
-            "served": {"uri": ctx.uri("quantize"), "format": quantization_format(quantize["config"]),
-                       "files": served_files, "digest": tree_digest(served_files),
-                       "manifest_sha256": quantize["digest"]},
+            "served": served_entry(ctx.spec, formats, quantize["digest"]),
+            "formats": formats,
         },
         "datasets": datasets,
         "decontamination": {
@@ -206,6 +208,71 @@ def build_card(ctx, stage_dirs: dict[str, Path], results: dict, results_md: str)
               "inputs": {s: manifests[s]["digest"] for s in ("teacher", "distill", "quantize")}, "data_digest": "",
               "files": None}],
     }
+
+
+def format_entries(ctx, quantize: dict, results: dict) -> list[dict]:
+    """Each format the quantize stage made (its manifest's metrics.formats), as the card lists it: where
+    it is, its files and their digest, its weight bytes, its evaluation rows, and whether it is served."""
+    from meddistill.quantized_formats import GGUF_DIR, W4A16_DIR, gguf_file_name
+
+    config, metrics, uri = quantize["config"], quantize["metrics"], ctx.uri("quantize")
+    made = metrics.get("formats") or ["nf4"]  # manifests from before quantization.formats: nf4 only
+    served, engine, why_none = served_format(ctx.spec, made)
+    rows = Results.model_validate(results).rows
+    entries = []
+    for fmt in made:
+        if fmt == "gguf":
+            gguf_type = metrics.get("gguf_type") or config.get("ggufType", "")
+            files = files_under(quantize, f"{GGUF_DIR}/")
+            entry = {"what": f"llama.cpp GGUF {gguf_type}",
+                     "location": f"{uri}/{metrics.get('gguf_file') or f'{GGUF_DIR}/{gguf_file_name(gguf_type)}'}",
+                     "weight_bytes": metrics.get("gguf_weight_bytes")}
+        elif fmt == "w4a16":
+            from meddistill.jobs.quantize_w4a16 import GROUP_SIZE
+
+            files = files_under(quantize, f"{W4A16_DIR}/")
+            entry = {"what": f"compressed-tensors W4A16 ({metrics.get('w4a16_method', config.get('w4a16Method'))}), "
+                             f"group size {GROUP_SIZE}",
+                     "location": f"{uri}/{W4A16_DIR}", "weight_bytes": metrics.get("w4a16_file_bytes")}
+        else:  # nf4: the artifact's root folder, i.e. every file not in another format's subfolder
+            files = {k: v for k, v in quantize["files"].items() if not k.startswith((f"{GGUF_DIR}/", f"{W4A16_DIR}/"))}
+            entry = {"what": quantization_format(config), "location": uri, "weight_bytes": metrics.get("weight_bytes_after")}
+        row = FORMAT_ROWS[fmt]
+        evaluation = [r.model_dump(by_alias=True, include=ROW_FIELDS) for r in rows if r.model == row]
+        entries.append({"format": fmt, **entry, "files": files, "digest": tree_digest(files), "evaluation_row": row,
+                        "evaluation": evaluation, "served": fmt == served,
+                        "engine": engine if fmt == served else "", "not_served_because": why_none})
+    return entries
+
+
+def served_format(spec, formats: list[str]) -> tuple[str | None, str, str]:
+    """(format, engine, "") that serving loads, or (None, "", why not): serve.config.pick_engine's choice
+    for serving.engine with the packages of the image writing the card (the serving image decides
+    `auto` the same way where the app runs)."""
+    from importlib.util import find_spec
+
+    from meddistill.serve.config import pick_engine
+
+    try:
+        engine = pick_engine(spec.serving.engine, gpu=spec.serving.gpus_per_replica > 0,
+                             vllm_installed=find_spec("vllm") is not None, formats=tuple(formats),
+                             llamacpp_installed=find_spec("llama_cpp") is not None)
+    except ValueError as err:
+        return None, "", str(err)
+    # vLLM serves w4a16 when it was made (its Marlin kernels), else nf4 (serve/config.llm_config).
+    served = {"llamacpp": "gguf", "transformers": "nf4"}.get(engine) or ("w4a16" if "w4a16" in formats else "nf4")
+    return served, engine, ""
+
+
+def served_entry(spec, formats: list[dict], manifest_sha256: str) -> dict:
+    """models.served: the served format's entry, in the keys the card has always had."""
+    served = next((f for f in formats if f["served"]), None)
+    if served is None:
+        return {"uri": "", "format": f"none: {formats[0]['not_served_because']}", "files": {}, "digest": "",
+                "manifest_sha256": manifest_sha256, "serving_enabled": spec.serving.enabled}
+    return {"uri": served["location"], "format": served["what"], "files": served["files"], "digest": served["digest"],
+            "manifest_sha256": manifest_sha256, "quantization_format": served["format"], "engine": served["engine"],
+            "serving_enabled": spec.serving.enabled}
 
 
 def quantization_format(config: dict) -> str:
@@ -251,17 +318,41 @@ def gate_lines(gate: dict) -> list[str]:
     return ["| check | dataset | value | threshold | passed |", "|---|---|---|---|---|", *rows, "", gate["override"], ""]
 
 
+def quantization_lines(formats: list[dict]) -> list[str]:
+    """One row per format the quantize stage made, each its own files under the quantize artifact."""
+
+    def accuracy(f):
+        scores = [f"{r['accuracy']:.2f} (n={r['n']})" for r in f["evaluation"] if r["scoring"] == "generative"]
+        return f"`{f['evaluation_row']}` row: {', '.join(scores)}" if scores else "not evaluated"
+
+    def served(f):
+        return f"yes ({f['engine']} engine)" if f["served"] else ""
+
+    rows = [f"| {f['format']} | {f['what']} | `{f['location']}` | `{f['digest']}` | {f['weight_bytes'] or 'n/a'} "
+            f"| {accuracy(f)} | {served(f)} |" for f in formats]
+    lines = ["Each format is made from the same merged student into the quantize artifact and listed in its manifest; "
+             "the files digest is the sha256 over the format's files and their sha256. Accuracy is generative, "
+             "per evaluation dataset (the full rows are under Evaluation).", "",
+             "| format | what | location | files digest | weight bytes | accuracy | served |",
+             "|---|---|---|---|---|---|---|", *rows, ""]
+    if not any(f["served"] for f in formats):
+        lines += [f"Not served: {formats[0]['not_served_because']}", ""]
+    return lines
+
+
 def render_markdown(card: dict) -> str:
     """README.md: Hugging Face YAML metadata, then the card for people."""
     base, teacher, student, served = (card["models"][k] for k in ("base", "teacher", "student", "served"))
     meta = {"library_name": "transformers", "pipeline_tag": "text-generation", "base_model": base["source"],
-            "tags": ["medical", "distillation", "lora", "quantized", "meddistill"],
+            "tags": ["medical", "distillation", "lora", "quantized", "meddistill",
+                     *(f["format"] for f in card["models"]["formats"])],
             "datasets": [d["ref"] for d in card["datasets"]]}
     if base.get("license"):
         meta["license"] = base["license"]
     out = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
            f"# {card['job']}: quantized medical student (MedDistill)", "",
-           f"Served weights: `{served['uri']}` ({served['format']}), files digest `{served['digest']}`.", "",
+           f"{'Served' if served['serving_enabled'] else 'Weights `meddistill serve` loads (serving.enabled is false)'}: "
+           f"`{served['uri']}` ({served['format']}), files digest `{served['digest']}`.", "",
            "## Intended use", "", card["intended_use"], "", "## Limitations", ""]
     out += [f"- {item}" for item in card["limitations"]]
     out += ["", "## Models", "", "| model | what | digest |", "|---|---|---|",
@@ -290,8 +381,9 @@ def render_markdown(card: dict) -> str:
             + (", ".join(f"{ref}: {len(ids)}" for ref, ids in dec["evaluation_excluded"].items()) or "none") + ".",
             "", "## Training and distillation", "", "```yaml",
             yaml.safe_dump({k: v for k, v in card["training"].items() if k != "metrics"}, sort_keys=False).strip(), "```",
-            "", "## Quantization", "", served["format"], "",
-            "## Evaluation", "",
+            "", "## Quantization", ""]
+    out += quantization_lines(card["models"]["formats"])
+    out += ["## Evaluation", "",
             f"Harness: {card['evaluation']['harness']}; scoring: {', '.join(card['evaluation']['scoring'])}; "
             f"seed {card['evaluation']['seed']}, limit {card['evaluation']['limit']} per dataset.", "",
             re.sub(r"^# .*\n+", "", card["evaluation"]["results_md"]).strip(), "",

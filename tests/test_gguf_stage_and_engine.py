@@ -41,6 +41,63 @@ def test_quantize_makes_both_formats_listed_in_its_manifest(quantized):
     assert m["weight_bytes_after"] < m["weight_bytes_before"]  # nf4 as before
 
 
+def test_model_card_lists_every_format_with_its_digest_and_which_is_served(quantized, capsys):
+    """The real evaluate stage on this artifact (student, nf4 and gguf rows) writes the card: one entry per
+    format, its digest recomputed here from the files, weight bytes and rows as recorded, gguf served on CPU.
+    Runs before the refusal test below, which leaves this artifact without its manifest."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from meddistill.artifacts import write_manifest
+    from meddistill.cli import main
+
+    ctx, folder, result = quantized
+    job = ctx.job.model_copy(deep=True)
+    # The teacher stage is not run here: no teacher row (no weights needed), its manifest only, no distill-data stage.
+    job.spec.evaluation.models = ["student", "quantized"]
+    job.spec.distillation.teacher_cache = "online"
+    ev = StageContext(job)
+    write_manifest(ev.output_dir("teacher"), stage="teacher", config=job.spec.teacher.model_dump(by_alias=True, mode="json"))
+    run_stage(ev, "evaluate")
+    out = Path(ev.uri("evaluate"))
+    card, readme = json.loads((out / "model_card.json").read_text()), (out / "README.md").read_text()
+
+    def digest(paths):
+        files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths)}
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+    on_disk = [p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"]
+    expected = {"nf4": digest(p for p in on_disk if p.parent == folder),
+                "gguf": digest(p for p in on_disk if p.parent == folder / "gguf")}
+    formats = {f["format"]: f for f in card["models"]["formats"]}
+    assert list(formats) == ["nf4", "gguf"]
+    assert {k: f["digest"] for k, f in formats.items()} == expected and expected["nf4"] != expected["gguf"]
+    assert formats["gguf"]["weight_bytes"] == result.metrics["gguf_weight_bytes"]
+    assert formats["nf4"]["weight_bytes"] == result.metrics["weight_bytes_after"]
+    assert formats["gguf"]["location"] == f"{ev.uri('quantize')}/gguf/model-Q8_0.gguf"
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for fmt, row in (("nf4", "quantized"), ("gguf", "gguf")):
+        recorded = [(r["dataset"], r["scoring"], r["accuracy"]) for r in rows if r["model"] == row]
+        assert recorded and [(r["dataset"], r["scoring"], r["accuracy"]) for r in formats[fmt]["evaluation"]] == recorded
+    # CPU replicas, engine auto, llama_cpp installed: build_app's pick_engine serves gguf with llama.cpp.
+    assert formats["gguf"]["served"] and not formats["nf4"]["served"] and formats["gguf"]["engine"] == "llamacpp"
+    assert card["models"]["served"]["digest"] == expected["gguf"]
+
+    meta = yaml.safe_load(readme.split("---\n", 2)[1])
+    assert {"nf4", "gguf"} <= set(meta["tags"])
+    section = readme.split("\n## Quantization\n", 1)[1].split("\n## ", 1)[0]
+    for fmt, f in formats.items():
+        line = next(row for row in section.splitlines() if row.startswith(f"| {fmt} |"))
+        assert f"`{f['digest']}`" in line and str(f["weight_bytes"]) in line
+        assert ("yes (llamacpp engine)" in line) == (fmt == "gguf")
+    assert main(["card", str(out.parent)]) == 0
+    printed = capsys.readouterr().out
+    assert expected["nf4"] in printed and expected["gguf"] in printed
+
+
 def test_a_format_the_replicas_cannot_serve_fails_the_stage_with_the_reason(quantized):
     ctx, _, _ = quantized
     bad = StageContext(ctx.job.model_copy(deep=True))
@@ -63,12 +120,13 @@ def run_concurrently(engine, prompts: list[list[int]], max_tokens: int):
 def test_engine_batches_sequences_and_answers_as_alone(quantized):
     """Eight requests, 12 tokens each: far fewer llama_decode calls than sequences x tokens, several
     sequences in a call, and every answer the same as that request served alone."""
+    from meddistill.serve.args import ServeArgs
     from meddistill.serve.config import serving_args
     from meddistill.serve.llamacpp_engine import load_llamacpp_engine
 
     ctx, folder, _ = quantized
     args = serving_args(ctx.spec.serving, str(folder), formats=["nf4", "gguf"], gguf_type="Q8_0", engine="llamacpp")
-    engine, tokenizer = load_llamacpp_engine(folder, {**args, "max_batch_size": 8, "num_threads": 1})
+    engine, tokenizer = load_llamacpp_engine(folder, ServeArgs.parse({**args, "max_batch_size": 8, "num_threads": 1}))
     prompts = [tokenizer(f"Question {i}: is aspirin {'safe ' * i}in pregnancy?").input_ids for i in range(8)]
     widths = []
     decode = engine.model.decode
