@@ -1,6 +1,7 @@
 """The Ray Serve app: `build_app(args)`, the one import path for `serve run` and RayService.
 
-`args` is `meddistill.serve.config.app_args(job, model_uri)`. Two engines behind it:
+`args` is `meddistill.serve.config.app_args(job, model_uri)`, validated once into `args.ServeArgs`
+(an unknown or bad key fails here, its path named). Three engines behind it:
   vllm          Ray Serve LLM (`ray.serve.llm.build_openai_app`): vLLM's continuous batching,
                 FlashAttention and 4-bit weights on GPU, configured from our spec, not re-implemented.
   transformers  our `MedDistillServer` deployment below, around `engine.TransformersEngine`
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from meddistill.serve import protocol as P
+from meddistill.serve.args import ServeArgs
 from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV, pick_engine
 
 # A child of Ray Serve's logger, so lines land in the replica log with the request id.
@@ -64,7 +66,7 @@ def read_token() -> str | None:
 class MedDistillServer:
     """One replica: the student model behind a continuous-batching engine."""
 
-    def __init__(self, args: dict):
+    def __init__(self, args: ServeArgs):
         import torch
 
         from meddistill.modelsource import load_model
@@ -72,30 +74,29 @@ class MedDistillServer:
         from meddistill.serve.metrics import ServeMetrics
         from meddistill.serve.model_source import local_model_dir
 
-        self.model_name = args["model_name"]
-        self.prompt_style = args.get("prompt_style", "plain")
-        self.log_prompts = bool(args.get("log_prompts"))
-        self.chat_system = args.get("chat_system_prompt") or ""
-        self.token = read_token() if args.get("require_auth") else None
-        if args.get("require_auth") and not self.token:
+        self.model_name = args.model_name
+        self.prompt_style = args.prompt_style
+        self.log_prompts = args.log_prompts
+        self.chat_system = args.chat_system_prompt
+        self.token = read_token() if args.require_auth else None
+        if args.require_auth and not self.token:
             raise RuntimeError(
                 f"serving.auth is set but neither ${TOKEN_ENV} nor ${TOKEN_FILE_ENV} holds a token; "
                 f"mount the Secret into the replica's environment"
             )
         # Resolved here, in the replica: its PVC mount, its cache, its GPU (Ray gives one when reserved).
-        path = local_model_dir(args["model_source"])
-        if args.get("engine") == "llamacpp":  # the gguf format (serve/llamacpp_engine.py)
+        path = local_model_dir(args.model_source)
+        if args.engine == "llamacpp":  # the gguf format (serve/llamacpp_engine.py)
             from meddistill.serve.llamacpp_engine import load_llamacpp_engine
 
             self.engine, self.tokenizer = load_llamacpp_engine(path, args)
         else:
             device, dtype = replica_device(torch.cuda.is_available())
-            log.info("engine transformers: %s from %s on %s (%s)", args["model_source"], path, device, dtype)
+            log.info("engine transformers: %s from %s on %s (%s)", args.model_source, path, device, dtype)
             model, self.tokenizer = load_model(path, dtype=dtype, device=device)
-            max_batch = int(args.get("max_batch_size", 16))
             self.engine = TransformersEngine(
-                model, self.tokenizer, max_batch_size=max_batch, max_model_len=int(args.get("max_model_len", 2048)),
-                max_waiting=int(args.get("max_waiting", 4 * max_batch)), num_threads=args.get("num_threads"),
+                model, self.tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                max_waiting=args.waiting_limit, num_threads=args.num_threads,
             )
         self.metrics = ServeMetrics(self.model_name)
         threading.Thread(target=self._report_engine_metrics, daemon=True).start()
@@ -290,17 +291,17 @@ def build_app(args: dict):
     This runs where Serve builds the app (on the cluster, from the serving image): vllm is importable
     here exactly when it is in the replicas, and a replica that reserves GPUs always gets one.
     """
-    args = dict(args)
-    gpu = args.get("deployment", {}).get("ray_actor_options", {}).get("num_gpus", 0) > 0
+    args = ServeArgs.parse(args)
+    gpu = args.deployment.gpus > 0
     vllm = importlib.util.find_spec("vllm") is not None
-    engine = pick_engine(args.get("engine", "auto"), gpu=gpu, vllm_installed=vllm, formats=tuple(args.get("formats", ["nf4"])),
+    engine = pick_engine(args.engine, gpu=gpu, vllm_installed=vllm, formats=tuple(args.formats),
                          llamacpp_installed=importlib.util.find_spec("llama_cpp") is not None)
-    log.info("engine %s (requested %s; replica GPU %s, vllm installed %s)", engine, args.get("engine", "auto"), gpu, vllm)
+    log.info("engine %s (requested %s; replica GPU %s, vllm installed %s)", engine, args.engine, gpu, vllm)
     if engine == "vllm":
         from meddistill.serve.vllm_app import build_vllm_app
 
-        if "llm_config" not in args:
+        if args.llm_config is None:
             raise ValueError("engine vllm needs args.llm_config; render args with meddistill.serve.config.app_args")
         return build_vllm_app(args)
-    options = args.pop("deployment", {})
-    return MedDistillServer.options(**options).bind({**args, "engine": engine})
+    options = args.deployment.model_dump(exclude_none=True)
+    return MedDistillServer.options(**options).bind(args.model_copy(update={"engine": engine}))

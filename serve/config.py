@@ -1,7 +1,9 @@
 """Serving settings as data: the spec's `serving` section rendered for Ray Serve, one pure function each.
 
-The same `app_args()` dict feeds `meddistill.serve.app:build_app` locally (`meddistill serve`) and
-in a KubeRay RayService (`render_serve_config_v2`), so local and cluster serving cannot drift.
+The same `app_args()` dict (a dumped `args.ServeArgs`) feeds `meddistill.serve.app:build_app` locally
+(`meddistill serve`), in a KubeRay RayService and on a Ray cluster (`render_serve_config_v2`), so local
+and cluster serving cannot drift. What a pod needs (the token Secret's env entry, worker sizing) is
+the KubeRay backend's (operator/backends/kuberay_objects.py); the app only reads `TOKEN_ENV`.
 Torch-free and Ray-free at import time: the operator imports this module.
 
 Autoscaling defaults (why both knobs are always explicit: Ray Serve LLM leaves
@@ -22,18 +24,19 @@ queue is full. Scaling delays: up after 10 s of load, down after 60 s idle.
 """
 from __future__ import annotations
 
-import json
+import copy
 from typing import Any
 
 import yaml
 
 from meddistill.artifacts import job_dir, local_path, stage_uri
 from meddistill.quantized_formats import GGUF_DIR, W4A16_DIR, gguf_file_name, requested_formats
+from meddistill.serve.args import ServeArgs
 
 IMPORT_PATH = "meddistill.serve.app:build_app"
 MAX_SURGE_PERCENT = 100  # replacing a model: every new replica starts before an old one stops (docs/replacing-models.md)
 APP_NAME = "meddistill"
-TOKEN_ENV = "MEDDISTILL_SERVE_TOKEN"  # the bearer token itself (from a Secret via secretKeyRef)
+TOKEN_ENV = "MEDDISTILL_SERVE_TOKEN"  # the bearer token itself (the backend puts the Secret's key there)
 TOKEN_FILE_ENV = "MEDDISTILL_SERVE_TOKEN_FILE"  # or a file holding it (a mounted Secret)
 DEPLOYMENT_NAME = "MedDistillServer"
 UPSCALE_DELAY_S = 10.0
@@ -159,7 +162,7 @@ def chat_system_prompt(serving: Any) -> str:
 def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", quantization_method: str = "none",
                  engine: str | None = None, overrides: dict | None = None, formats: list[str] | None = None,
                  gguf_type: str = "Q4_K_M") -> dict:
-    """The JSON-serialisable args of `build_app` (also `serveConfigV2.applications[0].args`).
+    """The JSON args of `build_app` (also `serveConfigV2.applications[0].args`): a dumped `ServeArgs`.
 
     `engine` stays as the spec says (`auto` is decided by `build_app` where it runs).
     `overrides` replaces deployment options (tests shorten autoscaling delays with it).
@@ -167,25 +170,24 @@ def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", q
     `gguf_file` is where the llama.cpp engine finds it in the artifact.
     """
     engine = engine or serving.engine
-    args: dict[str, Any] = {
-        "engine": engine,
-        "model_source": model_uri,
-        "model_name": serving.model_name,
-        "max_batch_size": serving.max_batch_size,
-        "max_model_len": serving.max_model_len,
-        "num_threads": serving.cpus_per_replica,
-        "prompt_style": prompt_style,
-        "require_auth": serving.auth is not None,
-        "log_prompts": serving.log_prompts,
-        "chat_system_prompt": chat_system_prompt(serving),
-        "deployment": deployment_options(serving, overrides),
-        "formats": list(formats or ["nf4"]),
-    }
-    if "gguf" in args["formats"]:
-        args["gguf_file"] = f"{GGUF_DIR}/{gguf_file_name(gguf_type)}"
-    if engine == "vllm" or (engine == "auto" and may_use_vllm(serving)):
-        args["llm_config"] = llm_config(serving, model_uri, quantization_method, args["formats"])
-    return args
+    formats = list(formats or ["nf4"])
+    may_vllm = engine == "vllm" or (engine == "auto" and may_use_vllm(serving))
+    return ServeArgs(
+        engine=engine,
+        model_source=model_uri,
+        model_name=serving.model_name,
+        max_batch_size=serving.max_batch_size,
+        max_model_len=serving.max_model_len,
+        num_threads=serving.cpus_per_replica,
+        prompt_style=prompt_style,
+        require_auth=serving.auth is not None,
+        log_prompts=serving.log_prompts,
+        chat_system_prompt=chat_system_prompt(serving),
+        deployment=deployment_options(serving, overrides),
+        formats=formats,
+        gguf_file=f"{GGUF_DIR}/{gguf_file_name(gguf_type)}" if "gguf" in formats else None,
+        llm_config=llm_config(serving, model_uri, quantization_method, formats) if may_vllm else None,
+    ).rendered()
 
 
 def app_args(job: Any, model_uri: str | None = None, *, engine: str | None = None,
@@ -194,31 +196,6 @@ def app_args(job: Any, model_uri: str | None = None, *, engine: str | None = Non
     return serving_args(job.spec.serving, model_uri or model_uri_for(job), prompt_style=job.spec.evaluation.prompt_style,
                         quantization_method=job.spec.quantization.method, engine=engine, overrides=overrides,
                         formats=requested_formats(job.spec), gguf_type=job.spec.quantization.gguf_type)
-
-
-def auth_env(job: Any) -> list[dict]:
-    """Pod env entries that bring the bearer token from the job's Secret (empty without auth)."""
-    auth = job.spec.serving.auth
-    if auth is None:
-        return []
-    return [{"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": auth.secret_name, "key": auth.key}}}]
-
-
-def ray_cluster_hints(job: Any) -> dict:
-    """Sizing of the RayService's cluster: one worker group that fits max_replicas replicas."""
-    serving = job.spec.serving
-    return {
-        "workerGroup": {
-            "minReplicas": max(serving.min_replicas, 0),
-            "maxReplicas": serving.max_replicas,
-            "cpusPerWorker": serving.cpus_per_replica + 1,  # +1 for the Serve proxy and metrics
-            "gpusPerWorker": serving.gpus_per_replica,
-            "memory": "16Gi" if serving.gpus_per_replica else "4Gi",
-        },
-        "enableInTreeAutoscaling": serving.max_replicas > serving.min_replicas,
-        "env": auth_env(job),
-        "image": job.spec.image,
-    }
 
 
 def render_serve_config_v2(job: Any, model_uri: str | None = None, engine: str | None = None) -> str:
@@ -232,7 +209,7 @@ def render_serve_config_v2(job: Any, model_uri: str | None = None, engine: str |
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": IMPORT_PATH,
-            "args": json.loads(json.dumps(args)),
+            "args": copy.deepcopy(args),  # not shared with `deployments`: YAML would write &id anchors
             # Listed again so `kubectl get rayservice -o yaml` shows the limits; build_app applies
             # the same values, so the two never disagree. Only when our deployment surely exists:
             # Serve refuses overrides for a deployment the app does not have (vLLM's app).

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from meddistill.llamacpp_model import LlamaCppModel, Row
+from meddistill.serve.args import ServeArgs
 from meddistill.serve.engine import TransformersEngine, _Request
 
 log = logging.getLogger(__name__)
@@ -113,17 +114,16 @@ def gguf_path(model_dir: Path, gguf_file: str | None) -> Path:
     return found[0]
 
 
-def load_llamacpp_engine(model_dir: Path, args: dict) -> tuple[LlamaCppEngine, Any]:
+def load_llamacpp_engine(model_dir: Path, args: ServeArgs) -> tuple[LlamaCppEngine, Any]:
     """(engine, Hugging Face tokenizer) for a replica: the GGUF and the tokenizer files beside it."""
     from meddistill.modelsource import load_tokenizer
 
-    path = gguf_path(Path(model_dir), args.get("gguf_file"))
+    path = gguf_path(Path(model_dir), args.gguf_file)
     tokenizer = load_tokenizer(path.parent)
-    max_batch = int(args.get("max_batch_size", 16))
-    model = LlamaCppModel(path, n_ctx=int(args.get("max_model_len", 2048)), n_seq_max=max_batch,
-                          threads=args.get("num_threads"))
+    max_batch = args.max_batch_size
+    model = LlamaCppModel(path, n_ctx=args.max_model_len, n_seq_max=max_batch, threads=args.num_threads)
     engine = LlamaCppEngine(model, tokenizer, eos_ids=stop_ids(path.parent, tokenizer), max_batch_size=max_batch,
-                            max_waiting=int(args.get("max_waiting", 4 * max_batch)))
+                            max_waiting=args.waiting_limit)
     log.info("engine llamacpp: %s (%d sequences x %d tokens)", path, max_batch, model.n_ctx)
     return engine, tokenizer
 

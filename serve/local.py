@@ -8,34 +8,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meddistill.serve.args import ActorOptions, ServeArgs
 from meddistill.serve.config import APP_NAME, TOKEN_ENV, TOKEN_FILE_ENV, app_args, model_uri_for, serving_args
 
 
-def start(args: dict, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+def start(args: "dict | ServeArgs", *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
           route_prefix: str = "/") -> str:
     """Run the app for `args` on Ray Serve (starting a local Ray if none is up); returns the base URL."""
     import ray
     from ray import serve
 
-    from meddistill.serve.app import build_app
+    from meddistill.serve.app import build_app, read_token
 
+    args = ServeArgs.parse(args)
     if not ray.is_initialized():
         # Ray runs workers at nice 15 by default; a replica answering users must not lose the CPU
         # to every other process on the machine (measured: 5-7x slower under a shared load).
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else None, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
-    if args.get("require_auth"):
+    if args.require_auth:
         # Replicas read the token from their environment, as a RayService pod gets it from the Secret.
-        token = os.environ.get(TOKEN_ENV) or (Path(os.environ[TOKEN_FILE_ENV]).read_text().strip()
-                                              if os.environ.get(TOKEN_FILE_ENV) else "")
+        token = read_token()
         if not token:
             raise RuntimeError(f"serving.auth is set: put the bearer token in ${TOKEN_ENV} (or a file named by "
                                f"${TOKEN_FILE_ENV}) before serving")
-        args = {**args, "deployment": {**args["deployment"]}}
-        actor = dict(args["deployment"].get("ray_actor_options", {}))
-        actor["runtime_env"] = {**actor.get("runtime_env", {}), "env_vars": {TOKEN_ENV: token}}
-        args["deployment"]["ray_actor_options"] = actor
+        actor = args.deployment.ray_actor_options or ActorOptions()
+        actor = actor.model_copy(update={"runtime_env": {**(actor.runtime_env or {}), "env_vars": {TOKEN_ENV: token}}})
+        args = args.model_copy(update={"deployment": args.deployment.model_copy(update={"ray_actor_options": actor})})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}/v1"
 
@@ -64,7 +64,7 @@ def serve_model(model: str, *, serving: Any = None, host: str = "127.0.0.1", por
 
 def _serve(args: dict, host: str, port: int, blocking: bool) -> str:
     url = start(args, host=host, port=port)
-    print(usage_text(url, args["model_name"], args.get("require_auth", False)), flush=True)
+    print(usage_text(url, args["model_name"], args["require_auth"]), flush=True)
     if not blocking:
         return url
     import ray

@@ -17,6 +17,8 @@ import hmac
 import json
 import logging
 
+from meddistill.serve.args import ServeArgs
+
 log = logging.getLogger("ray.serve").getChild("meddistill")
 UNAUTHORIZED = json.dumps({"error": {
     "message": "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'",
@@ -94,17 +96,18 @@ class ResolveModelSource(_callback_base()):
         config._engine_config = None
 
 
-def vllm_llm_config(args: dict):
-    """The LLMConfig of config.app_args' `llm_config`, with ResolveModelSource as its callback (keeping
-    the callback kwargs the config rendered: the w4a16 subfolder)."""
+def vllm_llm_config(args: "ServeArgs | dict"):
+    """The LLMConfig of the args' `llm_config`, with ResolveModelSource as its callback (keeping the
+    callback kwargs the config rendered: the w4a16 subfolder)."""
     # ray.serve.llm's LLMConfig is this class under a public name, but importing that module needs vllm.
     from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 
-    callback = {**args["llm_config"].get("callback_config", {}), "callback_class": ResolveModelSource}
-    return LLMConfig(**{**args["llm_config"], "callback_config": callback})
+    rendered = ServeArgs.parse(args).llm_config.model_dump(exclude_none=True)
+    callback = {**rendered.get("callback_config", {}), "callback_class": ResolveModelSource}
+    return LLMConfig(**{**rendered, "callback_config": callback})
 
 
-def build_vllm_app(args: dict):
+def build_vllm_app(args: ServeArgs):
     """The Serve application for the vLLM engine (args from config.app_args, `llm_config` included)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
@@ -114,7 +117,7 @@ def build_vllm_app(args: dict):
 
     config = vllm_llm_config(args)
     api = ray_llm_fastapi_app()
-    if args.get("require_auth"):
+    if args.require_auth:
         api.add_middleware(BearerAuth)  # added last, so it runs first
     ingress = make_fastapi_ingress(OpenAiIngress, app=api)
     return serve.deployment(ingress, **OpenAiIngress.get_deployment_options([config])).bind(

@@ -85,5 +85,5 @@ def test_build_app_gives_a_cpu_replica_of_a_gguf_job_the_llamacpp_engine():
     from meddistill.serve.app import build_app
 
     args = config.app_args(job(["nf4", "gguf"]), "/m")
-    assert build_app(args)._bound_deployment.init_args[0]["engine"] == "llamacpp"
-    assert build_app(config.app_args(job(), "/m"))._bound_deployment.init_args[0]["engine"] == "transformers"
+    assert build_app(args)._bound_deployment.init_args[0].engine == "llamacpp"
+    assert build_app(config.app_args(job(), "/m"))._bound_deployment.init_args[0].engine == "transformers"

@@ -96,10 +96,13 @@ def test_vllm_args_are_a_valid_ray_serve_llm_config(job):
 
 
 def test_auth_comes_from_the_secret_as_env(job):
-    assert config.ray_cluster_hints(job)["env"] == []
+    # The app only reads TOKEN_ENV; the KubeRay backend brings the Secret's key there in every Serve pod.
+    from meddistill.operator.backends.kuberay_objects import serving_token_env
+
+    assert serving_token_env(job) == [] and config.app_args(job)["require_auth"] is False
     job.spec.serving.auth = {"secret_name": "student-token", "key": "tok"}
     job = type(job).model_validate(job.model_dump(by_alias=True))
-    env = config.ray_cluster_hints(job)["env"]
+    env = serving_token_env(job)
     assert env == [{"name": config.TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": "student-token", "key": "tok"}}}]
     assert config.app_args(job)["require_auth"] is True
 

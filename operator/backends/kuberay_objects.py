@@ -13,7 +13,7 @@ import json
 import yaml
 
 from meddistill.artifacts import PVC_ROOT, PVC_ROOT_ENV
-from meddistill.serve.config import ray_cluster_hints, render_serve_config_v2
+from meddistill.serve.config import TOKEN_ENV, render_serve_config_v2
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
 
 from ..failures import redacted_failure
@@ -232,18 +232,26 @@ def rayjob(job: MedDistillJob, owner_uid: str, start: StartStage) -> dict:
     return body
 
 
+def serving_token_env(job: MedDistillJob) -> list[dict]:
+    """Pod env bringing the bearer token from the job's Secret to where the app reads it (empty without auth)."""
+    auth = job.spec.serving.auth
+    if auth is None:
+        return []
+    return [{"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": auth.secret_name, "key": auth.key}}}]
+
+
 def rayservice(job: MedDistillJob, owner_uid: str, serve: Serve) -> dict:
-    """The RayService: sizing, auth env and autoscaling come from the serving package's hints."""
-    s, hints = job.spec.serving, ray_cluster_hints(job)
-    group = hints["workerGroup"]
-    res = Resources(workers=1, gpus_per_worker=group["gpusPerWorker"], cpus_per_worker=group["cpusPerWorker"],
-                    memory=group["memory"])
-    replicas = s.initial_replicas if s.initial_replicas is not None else group["minReplicas"]
-    cluster = ray_cluster_spec(job, "serving", res, "serve", min_replicas=group["minReplicas"], max_replicas=group["maxReplicas"],
+    """The RayService: one worker group that fits max_replicas Serve replicas, the token from its Secret."""
+    s = job.spec.serving
+    # A worker per replica, +1 CPU for the Serve proxy and metrics agent beside it.
+    res = Resources(workers=1, gpus_per_worker=s.gpus_per_replica, cpus_per_worker=s.cpus_per_replica + 1,
+                    memory="16Gi" if s.gpus_per_replica else "4Gi")
+    replicas = s.initial_replicas if s.initial_replicas is not None else s.min_replicas
+    cluster = ray_cluster_spec(job, "serving", res, "serve", min_replicas=s.min_replicas, max_replicas=s.max_replicas,
                                replicas=replicas)
-    cluster["enableInTreeAutoscaling"] = hints["enableInTreeAutoscaling"]
+    cluster["enableInTreeAutoscaling"] = s.max_replicas > s.min_replicas
     for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
-        pod["spec"]["containers"][0]["env"] += hints["env"]  # the bearer token Secret, when auth is on
+        pod["spec"]["containers"][0]["env"] += serving_token_env(job)
     return {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
         "kind": "RayService",
