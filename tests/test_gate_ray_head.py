@@ -4,9 +4,10 @@ person overrides, and status records who.
 
 Cheap by design: no stage runs. The tiny pipeline's finished artifacts are copied under the new
 job's name and the job's status is written as a restarted operator would find it (every stage
-Succeeded with its digest, the table from results.json): the job starts suspended so nothing is
-submitted before that, then resumes straight into the gate. The floor sits just above the accuracy
-the tiny pipeline measured. Reuses the session's Ray head and operator (tests/e2e_fixture.py).
+Succeeded with its digest, the table from results.json) in the job's own directory, which needs its
+uid: the job starts suspended so nothing is submitted before that, then resumes straight into the
+gate. The floor sits just above the accuracy the tiny pipeline measured. Reuses the session's Ray
+head and operator (tests/e2e_fixture.py).
 """
 from __future__ import annotations
 
@@ -31,15 +32,13 @@ def condition(st: dict, ctype: str) -> dict:
     return next((c for c in st.get("conditions", []) if c["type"] == ctype), {})
 
 
-@pytest.mark.xfail(strict=False, reason="known break, not fixed yet: the job's artifacts are copied to runs/NAME, but operator "
-                   "jobs now live under <uri>/<ns>/<name>-<uid8> (tenancy), so the LineageVerified condition is never set")
 def test_failing_gate_withholds_then_override_serves_on_the_ray_head(tiny_pipeline, tiny_model_dir, e2e_namespace,
                                                                       ray_head, ray_operator, tmp_path):
     ctx, _ = tiny_pipeline
     kube = e2e_namespace
     runs = tmp_path / "runs"
-    shutil.copytree(artifacts.local_path(ctx.uri("evaluate")).parent, runs / NAME)
-    results = json.loads((runs / NAME / "evaluate" / "results.json").read_text())
+    finished = artifacts.local_path(ctx.uri("evaluate")).parent
+    results = json.loads((finished / "evaluate" / "results.json").read_text())
     ref = ctx.spec.evaluation.datasets[0]
     measured = next(r["accuracy"] for r in results["rows"]
                     if r["model"] == "quantized" and r["dataset"] == ref and r["scoring"] == "generative")
@@ -52,8 +51,11 @@ def test_failing_gate_withholds_then_override_serves_on_the_ray_head(tiny_pipeli
                                                           "minAccuracy": [{"dataset": ref, "minAccuracy": floor}]}})
     kube.apply(doc)
     wait_for_phase(kube, NAME, {"Suspended"}, 60)
-    stages = [{"name": s, "state": "Succeeded", "attempt": 1, "artifactUri": artifacts.stage_uri(str(runs), NAME, s),
-               "artifactDigest": artifacts.read_manifest(runs / NAME / s).digest} for s in pipeline_stages(ctx.spec)]
+    # The operator's stages write under <uri>/<namespace>/<name>-<uid8> (tenancy): the copy goes where they would have.
+    own = kube.job_dir(NAME)
+    shutil.copytree(finished, runs / own)
+    stages = [{"name": s, "state": "Succeeded", "attempt": 1, "artifactUri": artifacts.stage_uri(str(runs), own, s),
+               "artifactDigest": artifacts.read_manifest(runs / own / s).digest} for s in pipeline_stages(ctx.spec)]
     kube.custom.patch_namespaced_custom_object_status("meddistill.io", "v1alpha1", kube.ns, "meddistilljobs", NAME,
                                                       {"status": {"stages": stages, "results": results}})
     doc["spec"]["suspend"] = False

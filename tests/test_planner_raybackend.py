@@ -99,6 +99,14 @@ def test_deploy_config_refuses_to_drop_an_imperative_app():
         rb.deploy_config(running, put=[{"name": "mdj-a-b"}])
 
 
+def test_deploy_config_leaves_out_an_app_that_is_being_deleted():
+    # Serve clears a deleted app's deployed_app_config while it drains (seen in CI: the previous test's app).
+    running = {"applications": {"mdj_team-a_rep": {"status": "DELETING", "deployed_app_config": None}}}
+    assert rb.deploy_config(running, put=[{"name": "mdj_team-a_old"}])["applications"] == [{"name": "mdj_team-a_old"}]
+    with pytest.raises(rb.RayBackendError, match="serve.run"):  # a running one without a config is still refused
+        rb.deploy_config({"applications": {"nb": {"status": "RUNNING", "deployed_app_config": None}}}, put=[])
+
+
 def test_ray_client_addresses_are_refused_with_the_fix():
     with pytest.raises(rb.RayBackendError, match=r"Ray cluster address 'ray://head:10001'.*http://<head>:8265"):
         rb.dashboard_address("ray://head:10001")

@@ -183,8 +183,6 @@ def test_a_served_model_is_replaced_without_a_failed_request(backend, tmp_path):
     check_answers(client, switch_reported(backend, job, new_model))
 
 
-@pytest.mark.xfail(strict=False, reason="known break in CI, not fixed yet: on the shared Ray head the other job's app "
-                   "reads as deployed with serve.run() and the backend refuses to replace it (passes when run alone)")
 def test_serving_replaces_takes_the_other_jobs_endpoint_over_without_a_failed_request(backend, tmp_path):
     old_model, new_model = two_models(tmp_path)
     old = served_job("local-head", tmp_path, old_model, name="old")

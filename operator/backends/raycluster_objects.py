@@ -175,6 +175,8 @@ def deploy_config(details: dict, put: list[dict] = (), remove: set[str] = frozen
         if app_name_ in remove or any(p["name"] == app_name_ for p in put):
             continue
         config = app.get("deployed_app_config")
+        if config is None and app.get("status") == "DELETING":
+            continue  # Serve clears a deleted app's config while it drains: it is leaving the config anyway
         if config is None:
             raise RayBackendError(
                 f"Serve application {app_name_!r} on this Ray cluster was deployed with serve.run(); the Serve REST "
