@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))  # appended, after the standard library: operator/ must not shadow `operator`
 
 from tests.support.kube_cluster import KubeCluster  # noqa: E402
-from tests.test_operator_kube import OperatorProcess, install_operator_prereqs, quickstart  # noqa: E402
+from tests.test_operator_kube import OperatorProcess, install_operator_prereqs, pvc_store, quickstart  # noqa: E402
 
 COUNTED = {"meddistilljobs", "rayjobs", "rayservices", "events"}
 METRIC = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
@@ -92,8 +92,9 @@ def main() -> int:
         for i in range(args.jobs):
             name = f"bench-{i:03d}"
             custom.create_namespaced_custom_object("meddistill.io", "v1alpha1", ns, "meddistilljobs",
-                                                   # a local path is refused on KubeRay (its pods share none)
-                                                   quickstart(name, "pvc://artifacts/bench"))
+                                                   # a local path is refused on KubeRay (its pods share none);
+                                                   # pvc_store mounts the claim for the operator in ns
+                                                   quickstart(name, pvc_store(ns)))
             created[name] = time.monotonic()
         apply_s = time.monotonic() - t0
         watcher.join(timeout=300)

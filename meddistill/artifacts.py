@@ -8,7 +8,8 @@ manifest's own sha256 is the stage's *artifact digest*: the operator records it 
 the next stage reads the files it lists.
 
 Stores: a local path; `pvc://CLAIM/PATH` (a PersistentVolumeClaim mounted at
-`$MEDDISTILL_PVC_ROOT/CLAIM`, default `/mnt/pvc/CLAIM`, in every pod); `s3://BUCKET/PREFIX`
+`$MEDDISTILL_PVC_ROOT/CLAIM`, default `/mnt/pvc/CLAIM`, in every pod; the operator reads a job's at
+`$MEDDISTILL_PVC_ROOT/<namespace>/CLAIM`); `s3://BUCKET/PREFIX`
 (boto3; files are staged in a local cache). Torch-free: the operator imports this module.
 """
 
@@ -55,13 +56,20 @@ def stage_uri(artifacts_uri: str, job_dir: str, stage: str) -> str:
     return f"{artifacts_uri.rstrip('/')}/{job_dir}/{stage}"
 
 
-def local_path(uri: str, base_dir: str | os.PathLike | None = None) -> Path | None:
-    """The local directory behind a URI, or None for object storage."""
+def local_path(uri: str, base_dir: str | os.PathLike | None = None, namespace: str | None = None) -> Path | None:
+    """The local directory behind a URI, or None for object storage.
+
+    namespace: the operator's view of pvc://, which sees claims of many namespaces, each mounted at
+    `$MEDDISTILL_PVC_ROOT/<namespace>/<claim>` (the chart's artifactClaims): a claim name means the
+    job's own namespace's claim, never a same-named one elsewhere. A pod (namespace None) mounts its
+    own namespace's claim at `$MEDDISTILL_PVC_ROOT/<claim>`.
+    """
     if uri.startswith("s3://"):
         return None
     if uri.startswith("pvc://"):
         claim, _, rest = uri[len("pvc://"):].partition("/")
-        return Path(os.environ.get(PVC_ROOT_ENV) or PVC_ROOT) / claim / rest
+        root = Path(os.environ.get(PVC_ROOT_ENV) or PVC_ROOT)
+        return (root / namespace if namespace else root) / claim / rest
     path = Path(uri).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path

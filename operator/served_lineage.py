@@ -1,6 +1,7 @@
 """Re-hash the chain of the artifact about to be served (the handlers' side of serving_gate.py).
 
-Filesystem stores (a local path, or pvc://, which the chart mounts read-only into the operator):
+Filesystem stores (a local path, or pvc://, the job's namespace's claim that the chart mounts read-only
+into the operator, stage_artifacts.operator_dir):
 the operator re-hashes the quantize and evaluate artifacts against their manifests and checks each
 recorded input digest against the upstream manifest (meddistill/lineage.py, the same check as
 `meddistill verify`). A 4 GB student takes seconds to hash, and the operator reconciles every resync,
@@ -24,6 +25,7 @@ from meddistill.spec.models import MedDistillJob
 
 from .planner import Observed
 from .serving_gate import ServedLineage
+from .stage_artifacts import operator_dir
 
 SERVED = ("quantize", "evaluate")  # the weights served and the stage that evaluated them
 CARD_MD = "README.md"  # jobs/model_card.py (not imported: it pulls the data loaders)
@@ -39,7 +41,7 @@ def check(job: MedDistillJob, observed: Observed) -> ServedLineage | None:
         return None
     root_uri = f"{job.spec.artifacts.uri.rstrip('/')}/{artifacts.job_dir(job.metadata)}"
     card = f"{artifacts.stage_uri(job.spec.artifacts.uri, artifacts.job_dir(job.metadata), CARD_STAGE)}/{CARD_MD}"
-    job_dir = artifacts.local_path(root_uri)
+    job_dir = operator_dir(job, root_uri)
     if job_dir is None:
         return _check_object_store(job, card)
     if not (job_dir / CARD_STAGE / MANIFEST).is_file():

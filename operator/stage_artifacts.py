@@ -4,6 +4,9 @@ The same for every backend: the store is spec.artifacts.uri, not where the stage
 manifest (and the results table) is fetched, never a stage's model weights. A store that cannot
 be read (403, outage) is ArtifactStoreUnavailable, never "no manifest": that would, after the
 planner's grace period, re-run a stage that succeeded.
+
+A pvc:// store is read through the job's own namespace's claim (operator_dir): the operator serves
+many namespaces, and a same-named claim of another one is other storage than the job's pods write.
 """
 
 from __future__ import annotations
@@ -20,10 +23,34 @@ from .failures import ARTIFACT_STORE_UNAVAILABLE, ReconcileBlocked
 from .planner import ArtifactRecord, Observed
 
 
+def operator_dir(job: MedDistillJob, uri: str) -> Path | None:
+    """Where the operator reads `uri` (the job's store or a folder in it); None for s3://.
+
+    Every operator read of a store goes through here. pvc://CLAIM is the job's namespace's claim,
+    which the chart mounts for the operator at $MEDDISTILL_PVC_ROOT/<namespace>/<claim>
+    (artifactClaims); one not mounted for that namespace blocks the job: reading a same-named claim
+    of another namespace would judge other storage than the job's pods write.
+    """
+    namespace = job.metadata.namespace or "default"
+    if uri.startswith("pvc://"):
+        claim = uri[len("pvc://"):].partition("/")[0]
+        mount = artifacts.local_path(f"pvc://{claim}", namespace=namespace)
+        if not mount.is_dir():
+            raise ReconcileBlocked(
+                f"spec.artifacts.uri {job.spec.artifacts.uri}: the operator has no mount of claim {claim} of "
+                f"namespace {namespace} ({mount}), and it never reads a same-named claim of another namespace; "
+                f"fix: add {{namespace: {namespace}, claim: {claim}, operatorClaim: <a claim in the operator's "
+                "namespace bound to the same storage>} to the operator chart's artifactClaims",
+                ARTIFACT_STORE_UNAVAILABLE)
+    return artifacts.local_path(uri, namespace=namespace)
+
+
 def read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
     """The stage's manifest (and results.json for evaluate) through the artifact store."""
     uri = artifacts.stage_uri(job.spec.artifacts.uri, artifacts.job_dir(job.metadata), stage)
-    directory = artifacts.ArtifactStore(uri).fetch(only={"results.json"} if stage == "evaluate" else set())
+    local = operator_dir(job, uri)
+    store = artifacts.ArtifactStore(str(local) if local else uri)
+    directory = store.fetch(only={"results.json"} if stage == "evaluate" else set())
     if directory is None:
         return None
     manifest = artifacts.read_manifest(directory)
@@ -50,6 +77,7 @@ def readable_store():
 
 def with_artifacts(job: MedDistillJob, observed: Observed) -> Observed:
     """Succeeded runs with their artifact read (once: a stage recorded with its digest is not re-read)."""
+    operator_dir(job, job.spec.artifacts.uri)  # an unmounted claim blocks before any stage is submitted
     recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded" and s.artifact_digest}
     runs = tuple(replace(r, artifact=read_artifact(job, r.stage)) if r.state == "Succeeded" and r.stage not in recorded
                  else r for r in observed.runs)

@@ -17,7 +17,8 @@ def test_helm_lint_is_clean(kube_cluster):
     assert "0 chart(s) failed" in res.stdout and "[WARNING]" not in res.stdout, res.stdout
 
 
-@pytest.mark.parametrize("values", [[], ["rbac.scope=namespace", "watchNamespace=team-a", "artifactClaims={models}",
+@pytest.mark.parametrize("values", [[], ["rbac.scope=namespace", "watchNamespace=team-a", "artifactClaims[0].namespace=team-a",
+                                         "artifactClaims[0].claim=models", "artifactClaims[0].operatorClaim=team-a-models",
                                          "artifactSecretName=s3-creds", "logLevel=debug",
                                          "rayClusters[0].name=shared", "rayClusters[0].address=https://ray-head.ray.svc:8265",
                                          "rayClusters[0].tokenSecret.name=ray-token", "ray.defaultCluster=shared"]])
@@ -55,7 +56,7 @@ def test_template_passes_server_dry_run(kube_cluster, values):
         listed = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["ray-clusters.yaml"])
         assert listed == {"default": "shared", "clusters": [
             {"name": "shared", "address": "https://ray-head.ray.svc:8265", "tokenSecret": {"name": "ray-token"}}]}
-        assert {"name": "artifacts-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "artifacts-0", "mountPath": "/mnt/pvc/team-a/models", "readOnly": True} in c["volumeMounts"]
 
 
 def test_job_secrets_are_listable_only_in_the_namespaces_served_unless_cluster_wide_is_asked_for(kube_cluster):

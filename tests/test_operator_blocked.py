@@ -75,6 +75,23 @@ def test_s3_403_on_a_finished_stages_manifest_is_artifact_store_unavailable_and_
     assert "ArtifactStoreUnavailable" not in conditions(kube, "store")
 
 
+def test_a_pvc_claim_not_mounted_for_the_jobs_namespace_blocks_before_any_stage(kube):
+    pvc_store(f"{kube.ns}-other")  # a claim named `artifacts` is mounted for another namespace only
+    kube.apply(quickstart("claim", f"pvc://artifacts/{kube.ns}"))
+    handlers.reconcile(kube.ns, "claim")
+    handlers.reconcile(kube.ns, "claim")
+    assert not kube.rayjobs("claim") and kube.job("claim")["status"]["phase"] == "Pending"
+    cond = conditions(kube, "claim")["ArtifactStoreUnavailable"]
+    assert f"claim artifacts of namespace {kube.ns}" in cond["message"], cond["message"]
+    assert f"add {{namespace: {kube.ns}, claim: artifacts, operatorClaim:" in cond["message"]
+    assert [r for r, _ in warnings(kube, "claim")] == ["ArtifactStoreUnavailable"]  # once, not every reconcile
+
+    pvc_store(kube.ns)  # the platform team adds the artifactClaims entry: the job starts
+    handlers.reconcile(kube.ns, "claim")
+    kube.wait_rayjob("claim-teacher-a1", timeout=5)
+    assert "ArtifactStoreUnavailable" not in conditions(kube, "claim")
+
+
 def test_a_foreign_rayjob_holding_the_childs_name_is_child_conflict_not_running(kube):
     doc = quickstart("clash", pvc_store(kube.ns))
     foreign = kuberay_objects.rayjob(MedDistillJob.model_validate({**doc, "metadata": {"name": "clash", "namespace": kube.ns}}),

@@ -4,8 +4,8 @@ kube-apiserver, with the chart's RBAC.
 The test plays KubeRay, as tests/test_operator_kube.py does, and writes each stage's artifact the
 way the stages do: files, then a manifest recording the sha256 of every file and the digest of
 each upstream manifest. The evaluate table comes from the real results_table over synthetic
-answers (quantized 24/40 = 0.60 on PubMedQA, better than base). The store is pvc://, which the
-chart mounts into the operator (here: MEDDISTILL_PVC_ROOT points at a temp dir).
+answers (quantized 24/40 = 0.60 on PubMedQA, better than base). The store is pvc://, whose claim the
+chart mounts into the operator per namespace (here: pvc_store() under MEDDISTILL_PVC_ROOT, a temp dir).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from meddistill.gate import OVERRIDE_ANNOTATION
 from meddistill.spec.models import MedDistillJobStatus, ResultRow
 from tests.test_gate_judge import DATASET, results_for
 from tests.test_operator_kube import (
-    STAGES, Kube, OperatorProcess, install_operator_prereqs, now_rfc3339, quickstart, wait_for,
+    STAGES, Kube, OperatorProcess, install_operator_prereqs, now_rfc3339, pvc_root, pvc_store, quickstart, wait_for,
 )
 
 pytest_plugins = ["tests.support.kube_fixtures"]
@@ -30,18 +30,6 @@ pytestmark = pytest.mark.kube
 OPEN_QUESTIONS = "jsonl:@samples/general/general_medical_keywords.jsonl"  # the quickstart's second evaluation set
 WEIGHTS = "model.safetensors"
 RESYNC_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def pvc_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pvc")
-    old = os.environ.get(artifacts.PVC_ROOT_ENV)
-    os.environ[artifacts.PVC_ROOT_ENV] = str(root)  # this process and the operator it starts resolve pvc:// here
-    yield root
-    if old is None:
-        del os.environ[artifacts.PVC_ROOT_ENV]
-    else:
-        os.environ[artifacts.PVC_ROOT_ENV] = old
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +50,7 @@ def kube(kube_cluster, operator):
 
 
 def store(kube: Kube) -> str:
-    return f"pvc://artifacts/{kube.ns}"
+    return pvc_store(kube.ns)
 
 
 def gated(name: str, kube: Kube, min_accuracy: float | None) -> dict:
@@ -82,7 +70,7 @@ def evaluate_table() -> dict:
 
 def write_stage(uri: str, job: str, stage: str, digests: dict[str, str]) -> str:
     """A stage's files, then its manifest with the upstream digests (as jobs/stage.py writes them)."""
-    d = artifacts.local_path(artifacts.stage_uri(uri, job, stage))
+    d = artifacts.local_path(artifacts.stage_uri(uri, job, stage), namespace=job.partition("/")[0])  # operator's mount
     d.mkdir(parents=True, exist_ok=True)
     if stage == "quantize":
         (d / WEIGHTS).write_bytes(os.urandom(64 * 1024))
@@ -165,7 +153,8 @@ def test_passing_gate_serves(kube):
 
 def test_one_changed_byte_of_the_quantized_weights_is_refused_naming_the_file(kube, pvc_root):
     kube.apply(gated("tampered", kube, min_accuracy=None))  # no gate: only the lineage stands in the way
-    weights = artifacts.local_path(artifacts.stage_uri(store(kube), kube.job_dir("tampered"), "quantize")) / WEIGHTS
+    job_dir = kube.job_dir("tampered")
+    weights = artifacts.local_path(artifacts.stage_uri(store(kube), job_dir, "quantize"), namespace=kube.ns) / WEIGHTS
     run_pipeline(kube, "tampered", before_evaluate=lambda: flip_byte(weights))  # after its manifest was written
     st = wait_for(lambda: (s := status(kube, "tampered")).get("phase") == "Succeeded" and s, 30, "phase Succeeded")
     lineage = condition(st, "LineageVerified")

@@ -8,13 +8,18 @@ kube-controller-manager's garbage collector deletes children of a deleted job.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -97,6 +102,7 @@ class OperatorProcess:
         argv += list(self.args)
         # No PYTHONPATH=<repo>: the operator/ folder would shadow the standard library's `operator`.
         env = self.cluster.tool_env(self.cluster.operator_kubeconfig)
+        env[artifacts.PVC_ROOT_ENV] = str(operator_pvc_root())  # pvc_store() mounts claims there
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         log.close()
@@ -200,8 +206,11 @@ class Kube:
 
 
 def write_stage_artifact(artifacts_uri: str, job_dir: str, stage: str) -> str:
-    """What the stage entrypoint leaves behind: its files, then manifest.json last (job_dir: Kube.job_dir)."""
-    d = artifacts.local_path(artifacts.stage_uri(artifacts_uri, job_dir, stage))
+    """What the stage entrypoint leaves behind: its files, then manifest.json last (job_dir: Kube.job_dir).
+
+    A pvc:// store is written through the operator's mount of the job's namespace's claim (the same
+    storage the pods write; job_dir starts with the namespace)."""
+    d = artifacts.local_path(artifacts.stage_uri(artifacts_uri, job_dir, stage), namespace=job_dir.partition("/")[0])
     d.mkdir(parents=True, exist_ok=True)
     (d / "output.txt").write_text(f"{stage} output\n")
     if stage == "evaluate":
@@ -228,25 +237,43 @@ def finish_stage(kube: Kube, artifacts_uri: str, job: str, stage: str, attempt: 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pvc_root(tmp_path_factory):
-    """pvc:// stores resolve under one directory, in this process and the operators it starts.
+@functools.cache
+def operator_pvc_root() -> Path:
+    """Where the tests' operators find pvc:// claims: <root>/<namespace>/<claim>, as the chart's
+    artifactClaims mount them ($MEDDISTILL_PVC_ROOT of every OperatorProcess)."""
+    root = Path(tempfile.mkdtemp(prefix="meddistill-pvc-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+@contextmanager
+def pvc_root_env():
+    """This process resolves pvc:// as the operators do (in-process reconciles, the tests' artifact writes).
 
     KubeRay pods do not share a local path, so the operator refuses one (ArtifactStoreNotShared);
-    the tests play the pods by writing where a mounted claim would be."""
-    root = tmp_path_factory.mktemp("pvc")
+    the tests play the pods by writing where the operator's mount of their claim is."""
     old = os.environ.get(artifacts.PVC_ROOT_ENV)
-    os.environ[artifacts.PVC_ROOT_ENV] = str(root)
-    yield root
-    if old is None:
-        del os.environ[artifacts.PVC_ROOT_ENV]
-    else:
-        os.environ[artifacts.PVC_ROOT_ENV] = old
+    os.environ[artifacts.PVC_ROOT_ENV] = str(operator_pvc_root())
+    try:
+        yield operator_pvc_root()
+    finally:
+        if old is None:
+            del os.environ[artifacts.PVC_ROOT_ENV]
+        else:
+            os.environ[artifacts.PVC_ROOT_ENV] = old
 
 
-def pvc_store(unique: str) -> str:
-    """A pvc:// artifacts.uri of its own (under pvc_root)."""
-    return f"pvc://artifacts/{unique}"
+@pytest.fixture(scope="module")
+def pvc_root():
+    with pvc_root_env() as root:
+        yield root
+
+
+def pvc_store(namespace: str, claim: str = "artifacts") -> str:
+    """A pvc:// artifacts.uri of the namespace's own, its claim mounted for the operators (as the
+    chart's artifactClaims entry {namespace, claim, operatorClaim} would)."""
+    (operator_pvc_root() / namespace / claim).mkdir(parents=True, exist_ok=True)
+    return f"pvc://{claim}/{namespace}"
 
 
 @pytest.fixture(scope="module")

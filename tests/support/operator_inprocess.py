@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.test_operator_kube import Kube, install_operator_prereqs
+from tests.test_operator_kube import Kube, install_operator_prereqs, pvc_root_env
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,8 @@ def as_operator(kube_cluster):
     install_operator_prereqs(kube_cluster)
     saved = client.Configuration.get_default_copy()
     config.load_kube_config(config_file=str(kube_cluster.operator_kubeconfig))
-    yield
+    with pvc_root_env():  # pvc:// resolves where pvc_store() mounts each namespace's claim
+        yield
     client.Configuration.set_default(saved)
 
 

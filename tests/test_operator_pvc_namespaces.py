@@ -1,0 +1,89 @@
+"""The operator reads a job's pvc:// store through the job's own namespace's claim.
+
+The operator serves many namespaces and the chart mounts each one's claims apart
+($MEDDISTILL_PVC_ROOT/<namespace>/<claim>, its artifactClaims); a same-named claim of another
+namespace is other storage than the job's pods write, so it is never read, and a claim not mounted
+for the job's namespace blocks the job with a condition naming the fix.
+"""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from meddistill import artifacts
+from meddistill.operator import served_lineage
+from meddistill.operator.failures import ARTIFACT_STORE_UNAVAILABLE, ReconcileBlocked
+from meddistill.operator.planner import Observed, StageRun
+from meddistill.operator.stage_artifacts import operator_dir, read_artifact, with_artifacts
+from meddistill.spec.models import MedDistillJob
+from tests.support.kube_cluster import REPO_ROOT
+
+STORE = "pvc://models/runs"
+
+
+def job_in(namespace: str, evaluated: bool = False) -> MedDistillJob:
+    doc = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"].update(namespace=namespace, uid="0123456789abcdef")  # the same name and uid in every namespace
+    doc["spec"]["artifacts"] = {"uri": STORE}
+    if evaluated:
+        doc["status"] = {"stages": [{"name": "evaluate", "state": "Succeeded", "artifactDigest": "x"}]}
+    return MedDistillJob.model_validate(doc)
+
+
+@pytest.fixture
+def pvc_root(tmp_path, monkeypatch):
+    monkeypatch.setenv(artifacts.PVC_ROOT_ENV, str(tmp_path))
+    return tmp_path
+
+
+def write_stage(job: MedDistillJob, stage: str) -> str:
+    """A finished stage as the job's pods leave it, seen through the operator's mount of their claim."""
+    d = operator_dir(job, artifacts.stage_uri(STORE, artifacts.job_dir(job.metadata), stage))
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "output.txt").write_text(f"{job.metadata.namespace} {stage}\n")
+    return artifacts.write_manifest(d, stage=stage, config={}).digest
+
+
+def test_same_named_claims_of_two_namespaces_resolve_to_their_own_folders(pvc_root):
+    for ns in ("team-a", "team-b"):
+        (pvc_root / ns / "models").mkdir(parents=True)
+    a, b = job_in("team-a"), job_in("team-b")
+    assert operator_dir(a, STORE) == pvc_root / "team-a" / "models" / "runs"
+    assert operator_dir(b, STORE) == pvc_root / "team-b" / "models" / "runs"
+
+    digest = write_stage(a, "teacher")
+    assert read_artifact(a, "teacher").digest == digest
+    assert read_artifact(a, "teacher").uri.startswith(f"{STORE}/team-a/")  # status keeps the job's own URI
+    assert read_artifact(b, "teacher") is None  # team-a's manifest is not team-b's stage having succeeded
+    assert write_stage(b, "teacher") != digest and read_artifact(b, "teacher").digest != digest
+
+
+def test_a_claim_not_mounted_for_the_jobs_namespace_blocks_naming_the_fix(pvc_root):
+    (pvc_root / "team-a" / "models").mkdir(parents=True)  # mounted for team-a only
+    write_stage(job_in("team-a"), "teacher")
+    b = job_in("team-b")
+    with pytest.raises(ReconcileBlocked) as blocked:  # before any stage: the reconcile submits nothing
+        with_artifacts(b, Observed())
+    assert blocked.value.reason == ARTIFACT_STORE_UNAVAILABLE
+    message = str(blocked.value)
+    assert "namespace team-b" in message and "claim models" in message
+    assert "add {namespace: team-b, claim: models, operatorClaim:" in message and "artifactClaims" in message
+    succeeded = Observed(runs=(StageRun("teacher", 1, "quickstart-teacher-a1", "Succeeded"),))
+    with pytest.raises(ReconcileBlocked):  # nor is team-a's finished teacher taken for team-b's
+        with_artifacts(b, succeeded)
+    assert with_artifacts(job_in("team-a"), succeeded).runs[0].artifact is not None
+
+
+def test_the_served_lineage_is_checked_on_the_jobs_own_claim(pvc_root):
+    for ns in ("team-a", "team-b"):
+        (pvc_root / ns / "models").mkdir(parents=True)
+    a = job_in("team-a", evaluated=True)
+    quantized = write_stage(a, "quantize")
+    d = operator_dir(a, artifacts.stage_uri(STORE, artifacts.job_dir(a.metadata), "evaluate"))
+    d.mkdir(parents=True)
+    (d / "results.json").write_text("{}")
+    artifacts.write_manifest(d, stage="evaluate", config={}, inputs={"quantize": quantized})
+    assert served_lineage.check(a, Observed()).verified is True
+    assert served_lineage.check(job_in("team-b", evaluated=True), Observed()) is None  # nothing of team-b's yet
+    with pytest.raises(ReconcileBlocked):  # unmounted for team-c: blocked, never another namespace's verdict
+        served_lineage.check(job_in("team-c", evaluated=True), Observed())
