@@ -68,7 +68,7 @@ def throughput(engine: str, model_source: str, extra: dict, opts) -> float:
     serving = Serving(max_batch_size=c, max_ongoing_requests=c, target_ongoing_requests=c,
                       cpus_per_replica=opts.threads, min_replicas=1, max_replicas=1, engine=engine)
     args = {**serving_args(serving, model_source, engine=engine), **extra}
-    url = start(args, port=free_port(), name=f"bench-{engine}")
+    url = start(args, port=opts.port, name=f"bench-{engine}")  # one Serve, one HTTP port for both engines
     questions = (QUESTIONS * (c // len(QUESTIONS) + 1))[:c]
     serve_run(url, serving.model_name, questions[:2], 4)  # warm-up
     rates = [serve_run(url, serving.model_name, questions, opts.new_tokens)[0] for _ in range(opts.repeats)]
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/quant_formats"))
     parser.add_argument("--skip-serve", action="store_true", help="accuracy and batch-1 latency only")
     opts = parser.parse_args()
+    opts.port = free_port()
 
     import torch
 
@@ -135,8 +136,8 @@ def main() -> None:
         print(f"throughput at concurrency {opts.concurrency}: transformers engine (nf4 artifact), then llama.cpp (gguf) ...",
               flush=True)
         rates["transformers"] = throughput("transformers", str(quantize_dir), {}, opts)
-        rates["llamacpp"] = throughput("llamacpp", str(opts.out), {"formats": ["gguf"],
-                                                                 "gguf_file": f"gguf/{gguf_file.name}"}, opts)
+        # The GGUF's folder holds its tokenizer and config (build_gguf copies them), as the quantize artifact does.
+        rates["llamacpp"] = throughput("llamacpp", str(gguf_dir), {"formats": ["gguf"], "gguf_file": gguf_file.name}, opts)
         ray.shutdown()
 
     print(f"\n{opts.run_dir}: {len(records)} PubMedQA test questions, {opts.threads} threads")

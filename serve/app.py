@@ -85,7 +85,7 @@ class MedDistillServer:
                 f"mount the Secret into the replica's environment"
             )
         # Resolved here, in the replica: its PVC mount, its cache, its GPU (Ray gives one when reserved).
-        path = local_model_dir(args.model_source)
+        path = local_model_dir(args.model_source, gguf=args.engine == "llamacpp")
         if args.engine == "llamacpp":  # the gguf format (serve/llamacpp_engine.py)
             from meddistill.serve.llamacpp_engine import load_llamacpp_engine
 

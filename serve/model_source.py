@@ -37,8 +37,12 @@ def _checked(directory: Path, source: str) -> Path:
     return directory
 
 
-def local_model_dir(source: str) -> Path:
-    """A local path the engines can load `source` from (see the module docstring)."""
+def local_model_dir(source: str, *, gguf: bool = False) -> Path:
+    """A local path the engines can load `source` from (see the module docstring).
+
+    gguf: for the llama.cpp engine, which reads the .gguf (and the tokenizer beside it), a local
+    artifact folder needs no transformers config.json at its root (`formats: [gguf]` alone has none).
+    """
     if source.startswith("pvc://"):
         path = local_path(source)
         if not path.is_dir():
@@ -58,6 +62,8 @@ def local_model_dir(source: str) -> Path:
                 f"model source {source}: the downloaded files in {fetched} do not match the sha256s in its "
                 f"manifest.json; the artifact was changed after it was published: re-run the quantize stage")
         return fetched
+    if gguf and Path(source).expanduser().is_dir():
+        return _checked(Path(source).expanduser(), source)
     from meddistill.modelsource import resolve_model_source
 
     return resolve_model_source(source)

@@ -4,10 +4,10 @@ engine `auto` on a CPU replica (llama.cpp, since gguf was made) on a local Ray S
 client: concurrent requests answer as llama.cpp does for each alone, streaming equals the whole answer,
 and the bearer token is enforced as for the transformers engine (tests/test_serve_api.py).
 
-Formats [nf4, gguf], not [gguf] alone: a gguf-only artifact has no config.json in its root folder, and the
-replica's model-source check (serve/model_source.local_model_dir) refuses it before the llama.cpp engine
-loads (reported, not fixed here: serve/ is being refactored). The real model, not the tests' tiny random one:
-that one answers every prompt with the same replacement characters, so equal answers would prove nothing."""
+Formats [nf4, gguf], so the same artifact also gives the transformers engine's answers to compare with; a
+gguf-only artifact (no config.json at its root) starts a replica too (the last test). The real model, not
+the tests' tiny random one: that one answers every prompt with the same replacement characters, so equal
+answers would prove nothing."""
 from __future__ import annotations
 
 import asyncio
@@ -137,3 +137,27 @@ def test_bearer_token_is_required(url):
     ok = httpx.get(url + "/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert ok.status_code == 200 and [m["id"] for m in ok.json()["data"]] == [NAME]
     assert ok.json()["data"][0]["max_model_len"] == 512  # the gguf engine's context, from serving.maxModelLen
+
+
+
+def test_a_gguf_only_artifact_is_served(gguf_job, tmp_path):
+    """formats [gguf] alone: the artifact folder has no transformers config.json at its root, only gguf/."""
+    import shutil
+
+    from ray import serve
+
+    from meddistill.serve.local import start
+
+    job, folder = gguf_job
+    only = tmp_path / "quantize"
+    shutil.copytree(folder / "gguf", only / "gguf")
+    assert not (only / "config.json").exists()
+    args = {**app_args(job, str(only), overrides={"ray_actor_options": {"num_cpus": 0.5}}), "formats": ["gguf"],
+            "require_auth": False}
+    try:
+        base = start(args, port=serve_port(), name="gguf-only", route_prefix="/gguf-only")
+        r = httpx.post(base + "/completions", json={"model": NAME, "prompt": PROMPTS[0], "max_tokens": 4,
+                                                    "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finally:
+        serve.delete("gguf-only")
