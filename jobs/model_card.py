@@ -322,7 +322,8 @@ def quantization_lines(formats: list[dict]) -> list[str]:
     """One row per format the quantize stage made, each its own files under the quantize artifact."""
 
     def accuracy(f):
-        scores = [f"{r['accuracy']:.2f} (n={r['n']})" for r in f["evaluation"] if r["scoring"] == "generative"]
+        # Open-question sets have no accuracy (n = 0): their F1 / keyword hits are under Evaluation.
+        scores = [f"{r['accuracy']:.2f} (n={r['n']})" for r in f["evaluation"] if r["scoring"] == "generative" and r["n"]]
         return f"`{f['evaluation_row']}` row: {', '.join(scores)}" if scores else "not evaluated"
 
     def served(f):

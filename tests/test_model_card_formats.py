@@ -18,6 +18,7 @@ RESULTS = {"rows": [
     {"model": "quantized", "dataset": "jsonl:e.jsonl", "scoring": "generative", "accuracy": 0.5, "n": 10, "weightBytes": 7},
     {"model": "w4a16", "dataset": "jsonl:e.jsonl", "scoring": "generative", "accuracy": 0.6, "n": 10, "weightBytes": 8},
     {"model": "w4a16", "dataset": "jsonl:e.jsonl [loglik]", "scoring": "loglik", "accuracy": 0.7, "n": 10},
+    {"model": "w4a16", "dataset": "jsonl:open.jsonl", "scoring": "generative", "accuracy": 0.0, "n": 0},  # open questions
 ]}
 
 
@@ -53,10 +54,11 @@ def test_gpu_with_vllm_serves_w4a16_and_each_format_owns_its_files(vllm_installe
     assert nf4["files"] == ROOT_FILES and nf4["digest"] == tree_digest(ROOT_FILES) and nf4["weight_bytes"] == 100
     assert w4a16["files"] == W4A16_FILES and w4a16["location"] == f"{ctx.uri('quantize')}/w4a16"
     assert w4a16["weight_bytes"] == 90 and "group size 128" in w4a16["what"] and "gptq" in w4a16["what"]
-    assert [(r["dataset"], r["accuracy"]) for r in w4a16["evaluation"]] == [("jsonl:e.jsonl", 0.6),
-                                                                              ("jsonl:e.jsonl [loglik]", 0.7)]
+    assert [(r["dataset"], r["accuracy"]) for r in w4a16["evaluation"]] == [
+        ("jsonl:e.jsonl", 0.6), ("jsonl:e.jsonl [loglik]", 0.7), ("jsonl:open.jsonl", 0.0)]
     line = next(row for row in quantization_lines([nf4, w4a16]) if row.startswith("| w4a16 |"))
     assert "0.60 (n=10)" in line and "0.70" not in line and line.endswith("| yes (vllm engine) |")  # generative only
+    assert "n=0" not in line  # an open-question set has no accuracy to show
 
 
 def test_w4a16_alone_without_vllm_is_not_served_and_the_card_says_why():
