@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, PLURAL, MedDistillJob, MedDistillJobStatus
 
+from . import kube_api
 from .failures import ReconcileBlocked, blocked_status
 from .planner import job_generation, rfc3339
 
@@ -19,7 +20,7 @@ log = logging.getLogger("meddistill.operator")
 
 
 def custom_api() -> client.CustomObjectsApi:
-    return client.CustomObjectsApi()
+    return kube_api.custom_objects()
 
 
 def write_status(body: dict, status: dict) -> bool:
@@ -44,7 +45,7 @@ def post_event(body: dict, type_: str, reason: str, message: str) -> None:
         source=client.V1EventSource(component="meddistill-operator"), reporting_component="meddistill-operator",
     )
     try:
-        client.CoreV1Api().create_namespaced_event(meta["namespace"], event)
+        kube_api.core().create_namespaced_event(meta["namespace"], event)
     except ApiException as e:  # an event is never worth failing a reconcile for
         if e.status == 403 and "NamespaceTerminating" not in str(e.body):
             log.error("403 Forbidden: cannot create events in %s: the operator's RBAC role lacks it (check the "

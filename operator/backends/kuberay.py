@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from meddistill.spec.models import MedDistillJob
 
-from .. import metrics
+from .. import kube_api, metrics
 from ..failures import CHILD_CONFLICT, CHILD_REFUSED, FORBIDDEN, KUBERAY_MISSING, ReconcileBlocked
 from ..planner import Observed, Plan, ServingTarget, StartStage
 from .kuberay_objects import (
@@ -82,7 +82,7 @@ class KubeRayBackend:
     """backends.Backend for KubeRay; stateless (every call reads the API server)."""
 
     def _api(self) -> client.CustomObjectsApi:
-        return client.CustomObjectsApi()
+        return kube_api.custom_objects()
 
     def _list(self, plural: str, job: MedDistillJob, uid: str) -> list[dict]:
         ns = job.metadata.namespace
@@ -130,9 +130,9 @@ class KubeRayBackend:
         ns, name = job.metadata.namespace, job.metadata.name
         kuberay_ns = tuple(n for n in os.environ.get(KUBERAY_NAMESPACES_ENV, "").split(",") if n)
         for what, create in (
-            (f"Secret {ns}/{name}-ray-auth", lambda: client.CoreV1Api().create_namespaced_secret(
+            (f"Secret {ns}/{name}-ray-auth", lambda: kube_api.core().create_namespaced_secret(
                 ns, ray_auth_secret(job, uid, secrets.token_urlsafe(32)))),
-            (f"NetworkPolicy {ns}/{name}-ray-head", lambda: client.NetworkingV1Api().create_namespaced_network_policy(
+            (f"NetworkPolicy {ns}/{name}-ray-head", lambda: kube_api.networking().create_namespaced_network_policy(
                 ns, head_network_policy(job, uid, kuberay_ns))),
         ):
             try:

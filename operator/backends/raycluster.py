@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlparse
 
-from kubernetes import client as kube
 from kubernetes.client.exceptions import ApiException
 
 from meddistill.spec.models import MedDistillJob
 
-from .. import metrics
+from .. import kube_api, metrics
 from ..failures import CHILD_CONFLICT, ReconcileBlocked
 from ..planner import Observed, Plan, Serve, ServingApp, ServingTarget, StageRun, StartStage
 from .ray_clusters import AllowedCluster
@@ -282,7 +281,7 @@ def _read_token(allowed: AllowedCluster) -> str | None:
         return None
     where = f"Secret {ref.namespace}/{ref.name} key {ref.key!r} (tokenSecret of Ray cluster {allowed.name!r})"
     try:
-        data = kube.CoreV1Api().read_namespaced_secret(ref.name, ref.namespace).data or {}
+        data = kube_api.core().read_namespaced_secret(ref.name, ref.namespace).data or {}
     except ApiException as e:
         raise RayBackendError(f"{where}: HTTP {e.status} {e.reason}; create it, and let the operator get it "
                               f"(the chart's Role for rayClusters token Secrets)") from None
@@ -299,7 +298,7 @@ def _read_token(allowed: AllowedCluster) -> str | None:
 def _read_secret(namespace: str, name: str, field: str) -> dict[str, str]:
     """A Secret its owner consented to pass on (INJECT_LABEL); listed by that label, so no other is ever read."""
     try:
-        found = kube.CoreV1Api().list_namespaced_secret(
+        found = kube_api.core().list_namespaced_secret(
             namespace, label_selector=f"{INJECT_LABEL}=true", field_selector=f"metadata.name={name}").items
     except ApiException as e:
         if e.status == 403:
