@@ -106,8 +106,9 @@ def main() -> int:
     # evaluation.datasets stay as they are: they are part of the teacher's fingerprint (decontamination).
     ablation["spec"]["evaluation"]["scoring"] = ["generative"]
     abl_dir = workdir / "runs" / ablation["metadata"]["name"]
-    if not (abl_dir / "teacher").is_dir():  # same teacher spec: its fingerprint matches, so it is reused
-        shutil.copytree(main_dir / "teacher", abl_dir / "teacher")
+    for stage in ("teacher", "distill-data"):  # same teacher and cache settings (alpha is not one): reused
+        if not (abl_dir / stage).is_dir() and (main_dir / stage).is_dir():
+            shutil.copytree(main_dir / stage, abl_dir / stage)
     if not args.report_only:
         run_job(ablation, workdir)
     wall = time.time() - started if not args.report_only else stage_wall(main_dir) + stage_wall(abl_dir)

@@ -39,7 +39,10 @@ RECIPES = {  # stage -> module under meddistill.jobs exposing run(ctx, out_dir) 
 DEPENDS_ON: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     #  stage          spec sections                                            input stages
     "teacher":      (("teacher", "evaluation.datasets"),                       ()),  # eval sets: decontamination
-    "distill-data": (("distillation", "student.training.maxSamples", "student.training.maxSeqLength",
+    "distill-data": (("distillation.mode", "distillation.temperature", "distillation.topK",  # not alpha: it
+                      "distillation.teacherCache", "distillation.maxNewTokens",  # weighs the loss, the cache
+                      "distillation.similarityThreshold",                       # stays valid (ablations reuse it)
+                      "student.training.maxSamples", "student.training.maxSeqLength",
                       "student.training.seed", "teacher.promptStyle"),         ("teacher",)),
     "distill":      (("student", "distillation"),                              ("teacher", "distill-data")),
     "quantize":     (("quantization",),                                        ("distill",)),

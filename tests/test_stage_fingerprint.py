@@ -50,9 +50,9 @@ def built(tmp_path):
 
 
 CHANGES = [  # (override, the first stage that must re-run, the section it names)
-    ({"distillation": {"temperature": 4.0}}, "distill-data", "spec.distillation"),
-    ({"distillation": {"topK": 16}}, "distill-data", "spec.distillation"),
-    ({"distillation": {"alpha": 0.9}}, "distill-data", "spec.distillation"),
+    ({"distillation": {"temperature": 4.0}}, "distill-data", "spec.distillation.temperature"),
+    ({"distillation": {"topK": 16}}, "distill-data", "spec.distillation.topK"),
+    ({"distillation": {"alpha": 0.9}}, "distill", "spec.distillation"),  # the loss weight: the cache stays valid
     ({"evaluation": {"datasets": ["jsonl:other.jsonl"]}}, "teacher", "spec.evaluation.datasets"),  # decontamination
     ({"teacher": {"datasets": ["jsonl:more.jsonl"]}}, "teacher", "spec.teacher"),
     ({"teacher": {"training": {"learningRate": 5e-4}}}, "teacher", "spec.teacher"),
@@ -118,3 +118,13 @@ def test_the_dependency_table_names_real_spec_fields_and_earlier_stages(tmp_path
         assert len(spec_fingerprint(ctx, stage)) == len(sections)  # raises KeyError on a typo
         assert all(STAGES.index(i) < STAGES.index(stage) for i in inputs)
     assert set(DEPENDS_ON) == set(STAGES)
+
+
+def test_the_teacher_cache_depends_on_every_distillation_field_but_the_loss_weight():
+    """A new field of spec.distillation must be named here or it could change the cache unseen;
+    alpha only weighs CE against KD, so a no-teacher ablation (alpha 0) reuses the job's cache."""
+    from meddistill.spec.models import Distillation
+
+    named = {path.split(".", 1)[1] for path in DEPENDS_ON["distill-data"][0] if path.startswith("distillation.")}
+    fields = {info.alias or name for name, info in Distillation.model_fields.items()}
+    assert named == fields - {"alpha"}
