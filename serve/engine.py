@@ -127,7 +127,7 @@ class TransformersEngine:
             self._wake.notify()
         try:
             while True:
-                chunk = await req.queue.get()
+                chunk = _coalesce(await req.queue.get(), req.queue)
                 if isinstance(chunk, BaseException):
                     raise chunk
                 yield chunk
@@ -285,6 +285,28 @@ class TransformersEngine:
                     probs[order[cut]] = 0
                 tokens[i] = torch.multinomial(probs / probs.sum(), 1)[0]
         return tokens
+
+
+def _coalesce(first: Chunk | BaseException, queue: asyncio.Queue) -> Chunk | BaseException:
+    """`first` plus every chunk already waiting behind it, as one chunk.
+
+    When the consumer (SSE writer, Serve's proxy, the client) is slower than decoding, deltas pile
+    up here; sending them as one event costs one pass through that path instead of one per token,
+    and costs no latency: nothing waits for tokens that are not there yet. An error queued behind
+    text stays queued, so the text goes out first and the error on the next read."""
+    if isinstance(first, BaseException):
+        return first
+    parts, last = [first.text], first
+    while last.finish_reason is None and not queue.empty():
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException):
+            queue.put_nowait(nxt)  # the only item left: it is read next
+            break
+        parts.append(nxt.text)
+        last = nxt
+    if last is first:
+        return first
+    return Chunk("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Chunk]]) -> None:

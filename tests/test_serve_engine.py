@@ -108,3 +108,40 @@ def test_client_that_goes_away_frees_its_row(engine, model_and_tokenizer):
         return False
 
     assert asyncio.run(run()), "the cancelled request still holds a batch row"
+
+
+def test_a_slow_reader_gets_the_tokens_that_piled_up_as_one_chunk(engine, model_and_tokenizer):
+    """Deltas waiting in a request's queue go out together (fewer SSE events and Serve hops when
+    the consumer lags); the text and counts stay what a fast reader gets."""
+    model, tokenizer = model_and_tokenizer
+    ids = _prompt_ids(tokenizer, QUESTIONS[0])
+    params = GenerationParams(max_tokens=24, ignore_eos=True)
+
+    async def read(pause):
+        chunks = []
+        async for chunk in engine.stream(ids, params):
+            chunks.append(chunk)
+            await asyncio.sleep(pause)  # the engine decodes several tokens meanwhile
+        return chunks
+
+    fast, slow = asyncio.run(read(0)), asyncio.run(read(0.5))
+    assert "".join(c.text for c in slow) == "".join(c.text for c in fast) == _alone(model, tokenizer, ids, 24)
+    assert slow[-1].completion_tokens == fast[-1].completion_tokens == 24
+    assert slow[-1].finish_reason == fast[-1].finish_reason == "length"
+    assert len(slow) < len(fast) / 2, (len(slow), len(fast))
+    assert [c.completion_tokens for c in slow] == sorted(c.completion_tokens for c in slow)
+
+
+def test_an_error_queued_behind_text_comes_after_that_text():
+    from meddistill.serve.engine import Chunk, _coalesce
+
+    async def run():
+        queue = asyncio.Queue()
+        for item in (Chunk("b", 3, 2), RuntimeError("generation failed")):
+            queue.put_nowait(item)
+        merged = _coalesce(Chunk("a", 3, 1), queue)
+        return merged, queue.get_nowait(), queue.empty()
+
+    merged, error, empty = asyncio.run(run())
+    assert (merged.text, merged.completion_tokens, merged.finish_reason) == ("ab", 2, None)
+    assert isinstance(error, RuntimeError) and empty
