@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_throughput import QUESTIONS, serve_run  # bench/ is sys.path[0] when run as a script
+from serve_throughput import EVENTS, QUESTIONS, serve_run  # bench/ is sys.path[0] when run as a script
 
 PUBMEDQA = "pubmedqa:@samples/pubmedqa/ori_pqal.json#test"
 
@@ -71,9 +71,28 @@ def throughput(engine: str, model_source: str, extra: dict, opts) -> float:
     url = start(args, port=opts.port, name=f"bench-{engine}")  # one Serve, one HTTP port for both engines
     questions = (QUESTIONS * (c // len(QUESTIONS) + 1))[:c]
     serve_run(url, serving.model_name, questions[:2], 4)  # warm-up
+    EVENTS[0] = 0
     rates = [serve_run(url, serving.model_name, questions, opts.new_tokens)[0] for _ in range(opts.repeats)]
     serve.delete(f"bench-{engine}")
+    tokens = opts.repeats * c * opts.new_tokens
+    print(f"  {engine}: {', '.join(f'{r:.1f}' for r in rates)} tok/s; {tokens / max(EVENTS[0], 1):.2f} tokens per SSE event",
+          flush=True)
     return statistics.median(rates)
+
+
+def serve_rates(quantize_dir: Path, gguf_dir: Path, gguf_file: Path, opts) -> dict[str, float]:
+    """Tokens/s through Serve: today's transformers engine (nf4 artifact), then llama.cpp (gguf)."""
+    import ray
+
+    os.environ["RAY_worker_niceness"] = "0"  # as serve_throughput: replicas compete on equal terms
+    ray.init(address="local", num_cpus=opts.threads + 1, include_dashboard=False, log_to_driver=False)  # never attach to a running head
+    print(f"throughput at concurrency {opts.concurrency}: transformers engine (nf4 artifact), then llama.cpp (gguf) ...",
+          flush=True)
+    rates = {"transformers": throughput("transformers", str(quantize_dir), {}, opts)}
+    # The GGUF's folder holds its tokenizer and config (build_gguf copies them), as the quantize artifact does.
+    rates["llamacpp"] = throughput("llamacpp", str(gguf_dir), {"formats": ["gguf"], "gguf_file": gguf_file.name}, opts)
+    ray.shutdown()
+    return rates
 
 
 def main() -> None:
@@ -91,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("/tmp/quant_formats"))
     parser.add_argument("--skip-serve", action="store_true", help="accuracy and batch-1 latency only")
+    parser.add_argument("--serve-only", action="store_true", help="tokens/s through Serve only (no accuracy or latency rows)")
     opts = parser.parse_args()
     opts.port = free_port()
 
@@ -117,6 +137,12 @@ def main() -> None:
         made = build_gguf(merged_dir, gguf_dir, opts.gguf_type)
         print(f"gguf made in {time.perf_counter() - started:.0f} s: {made}", flush=True)
 
+    if opts.serve_only:
+        rates = serve_rates(quantize_dir, gguf_dir, gguf_file, opts)
+        print(f"tokens/s at concurrency {opts.concurrency} through Serve: {rates}; llama.cpp / transformers "
+              f"{rates['llamacpp'] / rates['transformers']:.2f} x (target >= 3)")
+        return
+
     records = sample_records(load_dataset(PUBMEDQA).records, opts.limit or None, seed=opts.seed)
     print(f"evaluating {len(records)} PubMedQA test questions: student (transformers), then gguf (llama.cpp) ...", flush=True)
     rows = {"student": evaluate_row("student", adapter, records, opts), "gguf": evaluate_row("gguf", gguf_file, records, opts)}
@@ -127,18 +153,7 @@ def main() -> None:
     g_ok = [g["correct_by_id"][i] for i in sorted(s["correct_by_id"])]
     boot = paired_bootstrap(s_ok, g_ok, seed=opts.seed)
 
-    rates = {}
-    if not opts.skip_serve:
-        import ray
-
-        os.environ["RAY_worker_niceness"] = "0"  # as serve_throughput: replicas compete on equal terms
-        ray.init(address="local", num_cpus=opts.threads + 1, include_dashboard=False, log_to_driver=False)  # never attach to a running head
-        print(f"throughput at concurrency {opts.concurrency}: transformers engine (nf4 artifact), then llama.cpp (gguf) ...",
-              flush=True)
-        rates["transformers"] = throughput("transformers", str(quantize_dir), {}, opts)
-        # The GGUF's folder holds its tokenizer and config (build_gguf copies them), as the quantize artifact does.
-        rates["llamacpp"] = throughput("llamacpp", str(gguf_dir), {"formats": ["gguf"], "gguf_file": gguf_file.name}, opts)
-        ray.shutdown()
+    rates = {} if opts.skip_serve else serve_rates(quantize_dir, gguf_dir, gguf_file, opts)
 
     print(f"\n{opts.run_dir}: {len(records)} PubMedQA test questions, {opts.threads} threads")
     print(f"{'model':<10} {'dtype':<26} {'accuracy':>9} {'weights MB':>11} {'b1 s/q':>8} {'ms/token':>9} {'tok/s@batch':>12}")

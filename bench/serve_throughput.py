@@ -77,6 +77,9 @@ def engine_run(engine, encoded, n):
     return asyncio.run(all_of())
 
 
+EVENTS = [0]  # SSE data events received by serve_run so far (tokens per event shows the engine's coalescing)
+
+
 def serve_run(url, model_name, questions, n):
     import httpx
 
@@ -88,6 +91,7 @@ def serve_run(url, model_name, questions, n):
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
+                EVENTS[0] += 1
                 chunk = json.loads(line[6:])
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
                     first = time.perf_counter() - t0
