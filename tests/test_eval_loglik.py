@@ -62,3 +62,38 @@ def test_loglik_picks_the_option_with_the_larger_summed_logprob(smollm2):
     # acc_norm divides by characters: " maybe" (6) vs " no" (3) can flip the choice, letters cannot
     for q, w in zip(result.questions, expected):
         assert q.correct_norm == (max(w, key=lambda k: w[k] / (len(k) + 1)) == q.gold)
+
+
+
+class _SplitMaybe:
+    """SmolLM2's tokenizer, except that " maybe" is two tokens (" may" + "be"), as in tokenizers
+    that split it: the path where a continuation has several positions."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kwargs):
+        if text == " maybe":
+            ids = self._tok(" may", **kwargs)["input_ids"] + self._tok("be", add_special_tokens=False)["input_ids"]
+            return {"input_ids": ids}
+        return self._tok(text, **kwargs)
+
+
+def test_multi_token_options_are_scored_at_every_continuation_position(smollm2):
+    """The LM head runs only where a continuation token is predicted (logits_to_keep): with a
+    two-token option, rows of different lengths in one batch, every position must map back."""
+    model, real = smollm2
+    tok = _SplitMaybe(real)
+    assert len(tok(" maybe", add_special_tokens=False)["input_ids"]) == 2
+    expected = [{label: _independent_logprob(model, tok, r, label) for label in ("yes", "no", "maybe")}
+                for r in (RECORDS[0], SHORT)]
+    got = score_choices(model, tok, [RECORDS[0], SHORT], style="plain", batch_size=6)
+    for want, score in zip(expected, got):
+        assert score.logprobs == pytest.approx(want, abs=2e-3)
+        assert score.predicted == max(want, key=want.get)
+
+
+SHORT = MedicalRecord("short", "Is water wet?", None, None, "yes", "yes_no_maybe", "t")

@@ -81,14 +81,20 @@ class GGUFCausalLM:
             tail[b, :len(tokens)] = torch.tensor(tokens)
         return torch.cat([input_ids.cpu(), tail], dim=1)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> SimpleNamespace:
-        """Logits at every position of right-padded rows (zeros at padding)."""
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: Any = 0,
+                 **_: Any) -> SimpleNamespace:
+        """Logits at every position of right-padded rows (zeros at padding); `logits_to_keep` as
+        transformers reads it: an int keeps the last N positions (0: all), a tensor those positions."""
         rows = self._rows(input_ids, attention_mask)
         self.llama.forget_all()
         outs = self.llama.decode([Row(b, ids, 0, all_logits=True) for b, ids in enumerate(rows)])
         logits = torch.zeros((len(rows), input_ids.shape[1], self.llama.n_vocab), dtype=torch.float32)
         for b, out in enumerate(outs):
             logits[b, :len(out)] = torch.from_numpy(out)
+        if isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep.cpu()]
+        elif logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits)
 
 

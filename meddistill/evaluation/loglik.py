@@ -99,12 +99,16 @@ def score_choices(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], 
             for b, (_, row_ids, _) in enumerate(batch):  # right padding: positions stay 0..len-1
                 ids[b, : len(row_ids)] = torch.tensor(row_ids)
                 mask[b, : len(row_ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            # token cont[k] sits at position first + k and is predicted from position first + k - 1: the
+            # LM head runs on those positions only (logits_to_keep), not on every prompt token
+            keep = sorted({first - 1 + k for _, _, targets in batch for _, first, cont in targets for k in range(len(cont))})
+            column = {position: j for j, position in enumerate(keep)}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           logits_to_keep=torch.tensor(keep, device=device)).logits
             for b, (i, _, targets) in enumerate(batch):
                 for label, first, cont in targets:
-                    # token cont[k] sits at position first + k and is predicted from position first + k - 1;
-                    # log_softmax over those few positions only: the full [batch, length, vocab] copy is GBs
-                    logprobs = torch.log_softmax(logits[b, first - 1:first - 1 + len(cont)].float(), -1)
+                    at = [column[first - 1 + k] for k in range(len(cont))]
+                    logprobs = torch.log_softmax(logits[b, at].float(), -1)
                     picked = logprobs.gather(-1, torch.tensor(cont, device=logprobs.device)[:, None])
                     sums[i][label] = float(picked.sum())
             del logits
