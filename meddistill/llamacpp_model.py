@@ -90,7 +90,11 @@ class LlamaCppModel:
         """Append every row's tokens to its sequence in one llama_decode (split only past n_batch);
         per row, float32 logits [1 or len(tokens), n_vocab] (a copy)."""
         L, batch = self.L, self.batch
-        flat = [(r, i) for r, row in enumerate(rows) for i in range(len(row.tokens))]
+        # In sequence-id order: llama.cpp splits a batch over a non-unified cache into per-sequence
+        # streams, and rows out of order cost up to 4x per step (measured: 39 ms sorted, 150 ms
+        # reversed, 104 ms shuffled for 16 sequences), while the engine hands out freed ids in any order.
+        order = sorted(range(len(rows)), key=lambda r: rows[r].seq)
+        flat = [(r, i) for r in order for i in range(len(rows[r].tokens))]
         out: list[list[np.ndarray]] = [[] for _ in rows]
         for start in range(0, len(flat), self.n_batch):
             chunk = flat[start:start + self.n_batch]

@@ -87,6 +87,26 @@ def test_sequences_in_one_decode_do_not_see_each_other(f16_gguf):
         np.testing.assert_allclose(a, t, atol=1e-3 * np.abs(a).max())
 
 
+
+def test_rows_out_of_sequence_order_reach_llama_cpp_sorted_and_keep_their_logits(f16_gguf):
+    """The engine hands freed sequence ids out in any order; llama.cpp steps a batch whose rows are
+    not in sequence-id order up to 4x slower (a non-unified cache is split per sequence), so decode
+    sorts them, and each row must still get its own logits back."""
+    prompts = [PROMPT, PROMPT[:5], [1, 77, 78, 79]]
+    alone = [LlamaCppModel(f16_gguf, n_ctx=64, n_seq_max=1, threads=1).decode([Row(0, p, 0)])[0] for p in prompts]
+    model = LlamaCppModel(f16_gguf, n_ctx=64, n_seq_max=3, threads=1)
+    seqs = [2, 0, 1]  # row i is sequence seqs[i]
+    together = model.decode([Row(s, p, 0) for s, p in zip(seqs, prompts)])
+    for a, t in zip(alone, together):
+        np.testing.assert_allclose(a, t, atol=1e-3 * np.abs(a).max())
+    sent = [model.batch.seq_id[k][0] for k in range(model.batch.n_tokens)]  # the batch llama_decode last got
+    assert sent == sorted(sent) and set(sent) == {0, 1, 2}
+    # and the next step (one token per row, rows again out of order) continues each sequence
+    step = model.decode([Row(s, [9], len(p)) for s, p in zip(seqs, prompts)])
+    ref = [LlamaCppModel(f16_gguf, n_ctx=64, n_seq_max=1, threads=1).decode([Row(0, p + [9], 0)])[0] for p in prompts]
+    for a, t in zip(ref, step):
+        np.testing.assert_allclose(a, t, atol=1e-3 * np.abs(a).max())
+
 def test_architectures_llama_cpp_would_compute_wrongly_are_refused(tiny_model_dir, tmp_path):
     folder = tmp_path / "gpt"
     folder.mkdir()
