@@ -241,13 +241,13 @@ def run_stage(ctx: StageContext, stage: str, ray_address: str | None = None) -> 
     inputs = input_digests(ctx, stage)  # before running: the artifacts the recipe is about to read
     store = ArtifactStore(ctx.uri(stage))
     out = store.working_dir()
-    (out / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it writes a new one
-    (out / PROGRESS).unlink(missing_ok=True)  # an interrupted run's steps are not this run's
     if store.local is not None:  # several nodes write here: it must be one filesystem for all of them
-        try:
+        try:  # checked before anything is removed: a refused run must leave a finished artifact intact
             storage.require_shared_filesystem(out, "spec.artifacts.uri", ctx.spec.artifacts.uri)
         except storage.SharedFilesystemError as e:
             raise StageError(str(e)) from None
+    (out / "manifest.json").unlink(missing_ok=True)  # a re-run is incomplete until it writes a new one
+    (out / PROGRESS).unlink(missing_ok=True)  # an interrupted run's steps are not this run's
     started = time.time()
     recipe = importlib.import_module(f"meddistill.jobs.{RECIPES[stage]}")
     with storage.stage_scope(store.uri) as scope:  # training helpers upload/checkpoint under this URI
