@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a finished run's artifact folder (distill/, quantize/)")
     parser.add_argument("--limit", type=int, default=40, help="PubMedQA test questions (0 = all 500)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gguf-type", default="Q4_K_M", choices=["Q4_K_M", "Q8_0"])
+    parser.add_argument("--gguf-type", default="Q4_K_M", choices=["Q4_K_M", "Q4_0", "Q8_0"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=8, help="as the quickstart's evaluation.maxNewTokens")
     parser.add_argument("--latency-questions", type=int, default=8)

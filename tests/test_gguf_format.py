@@ -64,7 +64,7 @@ def test_converted_model_computes_what_transformers_computes(f16_gguf, hf_logits
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_K_M", "Q4_0"])
 def test_quantized_file_is_smaller_and_close(f16_gguf, hf_logits, tmp_path, gguf_type):
     target = tmp_path / f"model-{gguf_type}.gguf"
     quantize_file(f16_gguf, target, gguf_type, threads=1)
