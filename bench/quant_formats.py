@@ -66,7 +66,8 @@ def throughput(engine: str, model_source: str, extra: dict, opts) -> float:
 
     c = opts.concurrency
     serving = Serving(max_batch_size=c, max_ongoing_requests=c, target_ongoing_requests=c,
-                      cpus_per_replica=opts.threads, min_replicas=1, max_replicas=1, engine=engine)
+                      cpus_per_replica=opts.threads, min_replicas=1, max_replicas=1, engine=engine,
+                      stream_interval=opts.stream_interval)
     args = {**serving_args(serving, model_source, engine=engine), **extra}
     url = start(args, port=opts.port, name=f"bench-{engine}")  # one Serve, one HTTP port for both engines
     questions = (QUESTIONS * (c // len(QUESTIONS) + 1))[:c]
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="serving.streamInterval of both engines (tokens per streamed chunk after the first)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/quant_formats"))
     parser.add_argument("--skip-serve", action="store_true", help="accuracy and batch-1 latency only")
     parser.add_argument("--serve-only", action="store_true", help="tokens/s through Serve only (no accuracy or latency rows)")

@@ -96,7 +96,7 @@ class MedDistillServer:
             model, self.tokenizer = load_model(path, dtype=dtype, device=device)
             self.engine = TransformersEngine(
                 model, self.tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                max_waiting=args.waiting_limit, num_threads=args.num_threads,
+                max_waiting=args.waiting_limit, num_threads=args.num_threads, stream_interval=args.stream_interval or 1,
             )
         self.metrics = ServeMetrics(self.model_name)
         threading.Thread(target=self._report_engine_metrics, daemon=True).start()

@@ -109,6 +109,7 @@ class ServeArgs(_Args):
     deployment: Deployment = Field(default_factory=Deployment)
     formats: list[Format] = Field(default_factory=lambda: ["nf4"])
     gguf_file: str | None = None  # where the llama.cpp engine finds the GGUF in the artifact
+    stream_interval: int | None = Field(None, ge=1)  # tokens per streamed chunk after the first (None: 1, not rendered)
     llm_config: LLMConfigArgs | None = None  # rendered when replicas may end up on vLLM
     max_waiting: int | None = Field(None, ge=1)  # the engine's waiting queue (None: 4 x max_batch_size); never rendered
 

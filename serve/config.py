@@ -186,6 +186,7 @@ def serving_args(serving: Any, model_uri: str, *, prompt_style: str = "plain", q
         deployment=deployment_options(serving, overrides),
         formats=formats,
         gguf_file=f"{GGUF_DIR}/{gguf_file_name(gguf_type)}" if "gguf" in formats else None,
+        stream_interval=serving.stream_interval if serving.stream_interval > 1 else None,  # 1: args as before
         llm_config=llm_config(serving, model_uri, quantization_method, formats) if may_vllm else None,
     ).rendered()
 

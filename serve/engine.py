@@ -74,12 +74,13 @@ class TransformersEngine:
     """Continuous batching for a transformers causal LM (SDPA attention, any dtype, CPU or GPU)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 16, max_model_len: int = 2048,
-                 max_waiting: int = 64, num_threads: int | None = None):
+                 max_waiting: int = 64, num_threads: int | None = None, stream_interval: int = 1):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.stream_interval = stream_interval  # tokens per streamed chunk after the first (serving.streamInterval)
         context = getattr(model.config, "max_position_embeddings", None) or max_model_len
         self.max_model_len = min(max_model_len, context)
         eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -125,11 +126,19 @@ class TransformersEngine:
                 raise EngineOverloaded(f"{len(self._waiting)} requests already wait for a batch slot")
             self._waiting.append(req)
             self._wake.notify()
+        sent = 0  # completion tokens already yielded; the first chunk goes out at once (time to first token)
         try:
             while True:
                 chunk = _coalesce(await req.queue.get(), req.queue)
                 if isinstance(chunk, BaseException):
                     raise chunk
+                while sent and chunk.finish_reason is None and chunk.completion_tokens - sent < self.stream_interval:
+                    more = _coalesce(await req.queue.get(), req.queue)
+                    if isinstance(more, BaseException):
+                        req.queue.put_nowait(more)  # raised on the next read, after the text gathered so far
+                        break
+                    chunk = _joined(chunk, more)
+                sent = chunk.completion_tokens
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
@@ -296,17 +305,19 @@ def _coalesce(first: Chunk | BaseException, queue: asyncio.Queue) -> Chunk | Bas
     text stays queued, so the text goes out first and the error on the next read."""
     if isinstance(first, BaseException):
         return first
-    parts, last = [first.text], first
-    while last.finish_reason is None and not queue.empty():
+    chunk = first
+    while chunk.finish_reason is None and not queue.empty():
         nxt = queue.get_nowait()
         if isinstance(nxt, BaseException):
             queue.put_nowait(nxt)  # the only item left: it is read next
             break
-        parts.append(nxt.text)
-        last = nxt
-    if last is first:
-        return first
-    return Chunk("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+        chunk = _joined(chunk, nxt)
+    return chunk
+
+
+def _joined(chunk: Chunk, later: Chunk) -> Chunk:
+    """Two consecutive chunks as one: both texts, the later one's counts and finish reason."""
+    return Chunk(chunk.text + later.text, later.prompt_tokens, later.completion_tokens, later.finish_reason)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Chunk]]) -> None:

@@ -32,12 +32,13 @@ class LlamaCppEngine(TransformersEngine):
     """Continuous batching over llama.cpp sequences (one KV stream per batch slot)."""
 
     def __init__(self, model: LlamaCppModel, tokenizer: Any, *, eos_ids: set[int], max_batch_size: int = 16,
-                 max_waiting: int = 64):
+                 max_waiting: int = 64, stream_interval: int = 1):
         # Not TransformersEngine.__init__: no torch model; the attributes its scheduler reads are set here.
         if model.n_seq_max < max_batch_size:
             raise ValueError(f"max_batch_size {max_batch_size} > the llama.cpp context's {model.n_seq_max} sequences")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.stream_interval = stream_interval
         self.max_model_len = model.n_ctx
         self.eos_ids = set(eos_ids)
         self._ids = itertools.count()
@@ -123,7 +124,7 @@ def load_llamacpp_engine(model_dir: Path, args: ServeArgs) -> tuple[LlamaCppEngi
     max_batch = args.max_batch_size
     model = LlamaCppModel(path, n_ctx=args.max_model_len, n_seq_max=max_batch, threads=args.num_threads)
     engine = LlamaCppEngine(model, tokenizer, eos_ids=stop_ids(path.parent, tokenizer), max_batch_size=max_batch,
-                            max_waiting=args.waiting_limit)
+                            max_waiting=args.waiting_limit, stream_interval=args.stream_interval or 1)
     log.info("engine llamacpp: %s (%d sequences x %d tokens)", path, max_batch, model.n_ctx)
     return engine, tokenizer
 

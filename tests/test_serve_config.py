@@ -136,3 +136,14 @@ def test_chats_without_a_system_message_get_the_template_the_student_was_trained
     assert with_system_prompt(own, trained) == own  # the client's own system message wins
     job.spec.serving.chat_system_prompt = ""
     assert config.app_args(job)["chat_system_prompt"] == "" and with_system_prompt(user, "") == user
+
+
+def test_stream_interval_reaches_the_app_args_only_when_set(job):
+    from meddistill.serve.args import ServeArgs
+
+    assert "stream_interval" not in config.app_args(job)  # the default leaves running apps' args as they were
+    job.spec.serving.stream_interval = 4
+    args = config.app_args(job)
+    assert args["stream_interval"] == 4 and ServeArgs.parse(args).stream_interval == 4
+    with pytest.raises(ValueError, match="stream_interval"):
+        ServeArgs.parse({**args, "stream_interval": 0})

@@ -145,3 +145,54 @@ def test_an_error_queued_behind_text_comes_after_that_text():
     merged, error, empty = asyncio.run(run())
     assert (merged.text, merged.completion_tokens, merged.finish_reason) == ("ab", 2, None)
     assert isinstance(error, RuntimeError) and empty
+
+
+def test_stream_interval_sends_the_first_token_alone_then_chunks_of_n(model_and_tokenizer):
+    """serving.streamInterval: after the first chunk (time to first token is unchanged) every chunk
+    but the last carries at least N tokens; a fast reader gets the same text and counts."""
+    model, tokenizer = model_and_tokenizer
+    ids = _prompt_ids(tokenizer, QUESTIONS[1])
+    params = GenerationParams(max_tokens=18, ignore_eos=True)
+    eng = TransformersEngine(model, tokenizer, max_batch_size=2, max_model_len=256, stream_interval=4)
+
+    async def read():
+        return [chunk async for chunk in eng.stream(ids, params)]
+
+    try:
+        chunks = asyncio.run(read())
+    finally:
+        eng.shutdown()
+    counts = [c.completion_tokens for c in chunks]
+    assert counts[0] == 1, counts
+    assert all(b - a >= 4 for a, b in zip(counts, counts[1:-1])), counts  # the last one may be shorter
+    assert counts[-1] == 18 and chunks[-1].finish_reason == "length"
+    assert len(chunks) <= 1 + -(-17 // 4), counts
+    assert "".join(c.text for c in chunks) == _alone(model, tokenizer, ids, 18)
+
+
+def test_stream_interval_sends_the_text_it_gathered_before_an_error(model_and_tokenizer):
+    from meddistill.serve.engine import Chunk, _Request
+
+    model, tokenizer = model_and_tokenizer
+    eng = TransformersEngine(model, tokenizer, max_batch_size=1, max_model_len=256, stream_interval=8)
+    eng.shutdown()  # no engine thread: this test plays it, through the request's queue
+
+    async def run():
+        stream = eng.stream([1, 2, 3], GenerationParams(max_tokens=20))
+        first_read = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        req: _Request = eng._waiting[0]
+        req.queue.put_nowait(Chunk("a", 3, 1))
+        first = await first_read
+        second_read = asyncio.ensure_future(stream.__anext__())
+        for item in (Chunk("b", 3, 2), Chunk("c", 3, 3), RuntimeError("generation failed")):
+            await asyncio.sleep(0)  # one step at a time: the reader is gathering towards 8 tokens
+            req.queue.put_nowait(item)
+        second = await second_read
+        with pytest.raises(RuntimeError, match="generation failed"):
+            await stream.__anext__()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert (first.text, first.completion_tokens) == ("a", 1)
+    assert (second.text, second.completion_tokens) == ("bc", 3)
