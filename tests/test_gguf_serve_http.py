@@ -33,14 +33,14 @@ PROMPTS = [f"Question {i}: is aspirin {'really ' * i}safe in pregnancy?" for i i
 
 @pytest.fixture(scope="module")
 def gguf_job(tiny_data_refs, tmp_path_factory, ray_local):
-    """(job, quantize artifact dir): SmolLM2-135M + a LoRA adapter, quantized to nf4 and gguf Q8_0, served with auth."""
+    """(job, quantize artifact dir): SmolLM2-135M + a LoRA adapter, quantized to nf4 and gguf Q8_0, served with auth, 3 tokens a streamed chunk."""
     from meddistill.jobs.stage import StageContext, run_stage
     from meddistill.modelsource import resolve_model_source
     from meddistill.spec.models import MedDistillJob
     from tests.pipeline_fixture import tiny_job_document, write_distill_artifact
 
     serving = {"enabled": True, "engine": "auto", "auth": {"secretName": "s"}, "maxModelLen": 512, "maxBatchSize": 4,
-               "minReplicas": 1, "maxReplicas": 1}
+               "minReplicas": 1, "maxReplicas": 1, "streamInterval": 3}
     model = resolve_model_source("builtin:smollm2-135m-instruct")  # offline: the GGUF the package ships, converted once
     doc = tiny_job_document(str(model), tiny_data_refs, str(tmp_path_factory.mktemp("runs")), name="gguf-http",
                             quantization={"formats": ["nf4", "gguf"], "ggufType": "Q8_0"}, serving=serving)
@@ -122,8 +122,9 @@ def test_concurrent_chats_equal_each_chat_alone_and_streaming_equals_whole(clien
     alone = [chat(p).choices[0].message.content for p in PROMPTS]
     assert together == alone and len(set(alone)) > 1  # different prompts, different answers: not one cached reply
     chunks = list(chat(PROMPTS[0], stream=True, stream_options={"include_usage": True}))
-    assert len([c for c in chunks if c.choices]) > 2  # really streamed, not one blob
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == alone[0]
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert 2 <= len(texts) <= 4, texts  # really streamed, 3 tokens a chunk after the first (streamInterval 3)
+    assert "".join(texts) == alone[0]
     assert chunks[-1].usage.completion_tokens == 10
 
 

@@ -51,7 +51,8 @@ def urls():
     os.environ[TOKEN_ENV] = TOKEN
     open_url = start_app("open", Serving(max_model_len=512))
     secure_url = start_app("secure", Serving(max_model_len=512, auth={"secretName": "s"}, log_prompts=True,
-                                             max_ongoing_requests=3, max_batch_size=1, target_ongoing_requests=1),
+                                             max_ongoing_requests=3, max_batch_size=1, target_ongoing_requests=1,
+                                             stream_interval=4),
                            max_waiting=1)
     yield {"open": open_url, "secure": secure_url}
     serve.delete("open")
@@ -203,3 +204,14 @@ def test_prompts_are_logged_only_when_log_prompts(urls, client):
             break
         time.sleep(0.5)
     assert loud in logs and quiet not in logs
+
+
+def test_stream_interval_reaches_the_replicas_engine(urls):
+    """serving.streamInterval 4 on the `secure` app: after the first token, text comes 4 tokens a chunk."""
+    c = OpenAI(base_url=urls["secure"], api_key=TOKEN, max_retries=0, timeout=120)
+    kw = {"model": NAME, "messages": ask("What is hypertension?"), "max_tokens": 13, "extra_body": {"ignore_eos": True}}
+    whole = c.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert "".join(texts) == whole and chunks[-1].usage.completion_tokens == 13
+    assert 2 <= len(texts) <= 4, texts  # 1 + 4 + 4 + 4 tokens; one chunk per token would be 13
