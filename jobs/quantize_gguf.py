@@ -52,7 +52,10 @@ def gguf_weight_bytes(path: Path) -> int:
 def build_gguf(merged_dir: Path, out: Path, gguf_type: str) -> dict:
     """Write <out>/model-<gguf_type>.gguf and the tokenizer files; returns the format's metrics."""
     from meddistill.jobs.hf_to_gguf import hf_to_gguf
+    from meddistill.llamacpp_check import require_llamacpp
 
+    # The GGUF is evaluated and served by llama.cpp: where it cannot run, stop here with the reason.
+    require_llamacpp("quantization.formats gguf")
     out.mkdir(parents=True, exist_ok=True)
     target = out / gguf_file_name(gguf_type)
     with tempfile.TemporaryDirectory(dir=merged_dir.parent, prefix=".gguf-f16-") as tmp:

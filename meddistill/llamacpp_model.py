@@ -11,6 +11,9 @@ running sequences costs one forward pass over 16 tokens. The serving engine
 Tokens are ids of the model's Hugging Face tokenizer, which the converter wrote into the GGUF
 (jobs/hf_to_gguf.py): llama.cpp's own tokenizer is not used.
 
+llama.cpp is checked first (meddistill/llamacpp_check.py: once per machine, in a child process), so a
+build that cannot run on this processor raises LlamaCppUnusable here instead of killing the process.
+
 Each sequence has its own KV stream of n_ctx tokens (llama.cpp's non-unified cache: a decode step
 attends only to its own sequence's cells, as llama-server's parallel slots do).
 """
@@ -45,7 +48,11 @@ class LlamaCppModel:
     """A loaded GGUF with one context of n_seq_max sequences of up to n_ctx tokens each."""
 
     def __init__(self, path: "str | os.PathLike", *, n_ctx: int = 2048, n_seq_max: int = 16, n_batch: int = 2048,
-                 threads: int | None = None):
+                 threads: int | None = None, checked: bool = False):
+        if not checked:  # a build this processor cannot run kills the process: refuse it with the reason instead
+            from meddistill.llamacpp_check import require_llamacpp
+
+            require_llamacpp(f"the GGUF model {path}")
         import llama_cpp as L
 
         self.L, self.path = L, Path(path)

@@ -44,10 +44,11 @@ DOWNSCALE_DELAY_S = 60.0
 
 
 def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool, formats: tuple[str, ...] = ("nf4",),
-                llamacpp_installed: bool = False) -> str:
+                llamacpp_installed: bool = False, llamacpp_problem: str = "") -> str:
     """'vllm', 'llamacpp' or 'transformers' for a replica. auto: vLLM where the replica has a GPU and
     vllm imports (it serves w4a16, else nf4); llama.cpp on CPU where the job made the gguf format and
-    llama_cpp imports; else our transformers engine (which serves nf4).
+    llama.cpp runs here (`llamacpp_installed`: meddistill.llamacpp_check's verdict, whose reason is
+    `llamacpp_problem`); else our transformers engine (which serves nf4).
 
     Decided where the app runs (`app.build_app`, on the cluster, with the serving image), never when
     the operator renders the config: the operator has neither the image's packages nor GPUs.
@@ -61,6 +62,9 @@ def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool, formats: tup
     if requested == "transformers" and "nf4" not in formats:
         raise ValueError(f"serving.engine transformers serves the nf4 format, but quantization.formats is {list(formats)}; "
                          f"add nf4 to quantization.formats or set serving.engine auto")
+    cannot = llamacpp_problem or "llama-cpp-python is not installed"
+    if requested == "llamacpp" and not llamacpp_installed:
+        raise ValueError(f"serving.engine llamacpp: {cannot}")
     if requested != "auto":
         return requested
     if gpu and vllm_installed and {"nf4", "w4a16"} & set(formats):
@@ -68,8 +72,11 @@ def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool, formats: tup
     if gpu and "nf4" not in formats and "w4a16" in formats:
         raise ValueError(f"quantization.formats {list(formats)}: w4a16 is served by vLLM, which this replica's image "
                          f"lacks; install vllm in spec.image or add nf4 to quantization.formats")
-    if not gpu and "gguf" in formats and (llamacpp_installed or "nf4" not in formats):
+    if not gpu and "gguf" in formats and llamacpp_installed:
         return "llamacpp"
+    if not gpu and "gguf" in formats and "nf4" not in formats:  # nothing else to serve: refuse with the reason
+        raise ValueError(f"quantization.formats {list(formats)}: the gguf format is served by llama.cpp, but {cannot}; "
+                         f"add nf4 to quantization.formats")
     return "transformers"
 
 

@@ -51,12 +51,23 @@ def test_gguf_alone_on_gpu_replicas_is_refused_with_the_reason():
     (("nf4",), False, True, "transformers"),
     (("nf4", "gguf"), False, True, "llamacpp"),
     (("nf4", "gguf"), False, False, "transformers"),  # the image has no llama_cpp: nf4 still serves
-    (("gguf",), False, False, "llamacpp"),  # nothing else to serve: fail loudly in the replica
     (("nf4", "gguf"), True, True, "transformers"),  # GPU without vllm: not llama.cpp's CPU build
 ])
 def test_auto_picks_llamacpp_for_gguf_on_cpu(formats, gpu, llamacpp, expected):
     assert config.pick_engine("auto", gpu=gpu, vllm_installed=False, formats=formats,
                               llamacpp_installed=llamacpp) == expected
+
+
+def test_gguf_alone_or_engine_llamacpp_where_llamacpp_cannot_run_is_refused_with_the_reason():
+    why = "llama.cpp (/x/lib) died with SIGILL decoding a small test model; rebuild it"
+    with pytest.raises(ValueError, match=r"gguf format is served by llama\.cpp, but llama\.cpp .* SIGILL.*add nf4"):
+        config.pick_engine("auto", gpu=False, vllm_installed=False, formats=("gguf",), llamacpp_problem=why)
+    with pytest.raises(ValueError, match=r"serving\.engine llamacpp: llama\.cpp .* SIGILL .* rebuild"):
+        config.pick_engine("llamacpp", gpu=False, vllm_installed=False, formats=("nf4", "gguf"), llamacpp_problem=why)
+    with pytest.raises(ValueError, match="serving.engine llamacpp: llama-cpp-python is not installed"):
+        config.pick_engine("llamacpp", gpu=False, vllm_installed=False, formats=("gguf",))
+    assert config.pick_engine("llamacpp", gpu=False, vllm_installed=False, formats=("gguf",),
+                              llamacpp_installed=True) == "llamacpp"
 
 
 def test_an_engine_without_its_format_is_refused():

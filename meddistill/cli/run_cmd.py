@@ -46,6 +46,22 @@ def _prepare(path: str):
     return StageContext(job, Path(path).resolve().parent)
 
 
+def _llamacpp_refusal(spec) -> str:
+    """Before any stage: a job that makes the gguf format (or serves with llama.cpp) on a machine whose
+    llama.cpp build cannot run here is refused now, with the reason, not after the quantize stage."""
+    from meddistill.llamacpp_check import llamacpp_verdict
+    from meddistill.quantized_formats import FormatError, resolve_formats
+
+    try:
+        formats = resolve_formats(spec)
+    except FormatError:
+        return ""  # the stages report it with the field's name
+    if "gguf" not in formats and spec.serving.engine != "llamacpp":
+        return ""
+    verdict = llamacpp_verdict()
+    return "" if verdict.ok else f"quantization.formats gguf needs llama.cpp, which cannot run here: {verdict.reason}"
+
+
 def run(args) -> int:
     from rich.console import Console
     from rich.traceback import Traceback
@@ -64,6 +80,10 @@ def run(args) -> int:
     except SpecValidationError as err:
         for e in err.errors:
             console.print(f"[red]error:[/] {e}")
+        return 1
+    refusal = _llamacpp_refusal(ctx.spec)
+    if refusal:
+        console.print(f"[red]error:[/] {refusal}", markup=True, highlight=False)
         return 1
     stages = pipeline_stages(ctx.spec)
     if args.stage:
