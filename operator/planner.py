@@ -15,6 +15,8 @@ Rules, in the order they apply:
 - A failed run gets a new attempt (`<job>-<stage>-a<n+1>`) while n <= runPolicy.backoffLimit,
   10 s * 2^(n-1) (at most 10 min) after attempt n failed (`retries.py`); then the job is Failed with
   the run's reason. Raising backoffLimit above the attempts used resumes a Failed job.
+- A run the backend refused as invalid (INVALID_RUN: KubeRay's ValidationFailed) is not retried: the
+  job is Failed with KubeRay's message at once, and an edit of the job (a new generation) retries it.
 - A local artifacts.uri the backend's pods cannot share (relative, or any path on KubeRay) is refused
   before anything starts: phase Failed with a condition naming the fix, until the spec changes.
 - `suspend: true` removes the running child and starts nothing; `suspend: false` re-creates the
@@ -51,6 +53,9 @@ from .serving_gate import decide as decide_serving
 from .serving_replacement import decide as decide_takeover
 from .serving_replacement import owns
 
+# A run its backend refused as invalid before anything started (KubeRay's ValidationFailed): the same
+# spec fails the same way every time, so it is not retried until the job's spec changes.
+INVALID_RUN = "InvalidRun"
 RunState = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Deleting"]  # Queued: held by Kueue
 _NEXT_ATTEMPT = "; next attempt "  # joins a failure to its backoff note in a stage's message
 ARTIFACT_GRACE_SECONDS = 300  # a run that succeeded but left no manifest this long counts as failed
@@ -277,10 +282,19 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
             failed_at = failure_time(_parse_time(latest.end_time), _parse_time(recorded_end), now, grace)
             st = st.model_copy(update={"end_time": rfc3339(failed_at)})  # later reconciles wait from the same time
             start_at = retry_at(latest.attempt, failed_at)
-            if latest.attempt > backoff:
+            invalid = latest.reason == INVALID_RUN
+            # An edit after the refusal (a new generation) may have fixed what KubeRay refused: retry at once.
+            edited = invalid and prev_st is not None and prev_st.state == "Failed" and prev_st.child == latest.name \
+                and prev.observed_generation != job_generation(job)
+            if edited:
+                start_at = now
+            if (latest.attempt > backoff or invalid) and not edited:
                 st = st.model_copy(update={"state": "Failed", "message": why})
                 failed = st
-                out.events.append(Event("Warning", "StageFailed", f"{why}; no retries left (backoffLimit {backoff})"))
+                if not (prev_st and prev_st.state == "Failed" and prev_st.child == latest.name):  # once
+                    out.events.append(Event("Warning", "StageFailed", f"{why}; not retried: the same RayJob would be "
+                                            "refused again (edit the job to try again)" if invalid else
+                                            f"{why}; no retries left (backoffLimit {backoff})"))
             else:
                 nxt = latest.attempt + 1
                 st = st.model_copy(update={"state": "Running" if not suspended else "Pending", "message": why})

@@ -127,3 +127,20 @@ def test_no_job_name_the_spec_accepts_overflows_kuberays_name_limit():
     doc["metadata"]["name"] = "a" * (NAME_MAX + 1)
     with pytest.raises(ValueError, match=f"at most {NAME_MAX} characters"):
         MedDistillJob.model_validate(doc)
+
+
+def test_a_run_kuberay_refused_as_invalid_fails_the_job_once_and_an_edit_retries_it():
+    job, _ = advance(make_job(runPolicy={"backoffLimit": 3}), Observed())
+    refused = run("teacher", 1, "Failed", reason="InvalidRun",
+                  message="KubeRay refused the RayJob: The RayJob spec is invalid: authOptions.mode is 'token' but ...")
+    job, p = advance(job, Observed(runs=(refused,)), now=at(1))
+    st = p.status["stages"][0]
+    assert p.create == [] and p.status["phase"] == "Failed" and st["state"] == "Failed"
+    assert "authOptions.mode is 'token'" in st["message"] and st["attempt"] == 1  # no retry used up
+    assert [e.reason for e in p.events if e.type == "Warning"] == ["StageFailed", "JobFailed"]
+    assert "not retried" in next(e.message for e in p.events if e.reason == "StageFailed")
+    job, p = advance(job, Observed(runs=(refused,)), now=at(700))  # no backoff ever ends it
+    assert p.create == [] and p.status["phase"] == "Failed" and not [e for e in p.events if e.type == "Warning"]
+    edited = job.model_copy(update={"metadata": job.metadata.model_copy(update={"generation": 2})})
+    _, p = advance(edited, Observed(runs=(refused,)), now=at(701))
+    assert p.create == [StartStage("teacher", 2, "quickstart-teacher-a2")]

@@ -9,6 +9,7 @@ The planner never sees a KubeRay field; kuberay.py is the backend that sends and
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 
 import yaml
 
@@ -17,7 +18,7 @@ from meddistill.serve.config import TOKEN_ENV, render_serve_config_v2
 from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
 
 from ..failures import redacted_failure
-from ..planner import Serve, ServingApp, ServingTarget, StageRun, StartStage
+from ..planner import INVALID_RUN, Serve, ServingApp, ServingTarget, StageRun, StartStage
 from ..sizing import entrypoint_resources, stage_resources
 from .common import ATTEMPT_KEY, JOB_KEY, STAGE_KEY, job_document, stage_entrypoint
 
@@ -50,6 +51,7 @@ AUTH_SECRET_KEY = "auth_token"
 RAY_PORTS, SERVE_PORT, DASHBOARD_PORT = (6379, 8265, 10001), 8000, 8265
 KUBERAY_OPERATOR_POD = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay chart's pod label
 # What KubeRay's default submitter pod gets (common/job.go), restated so it can carry the securityContext.
+INVALID_MESSAGE_CHARS = 600  # KubeRay's validation messages are one sentence about the spec
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
 
@@ -172,8 +174,21 @@ def head_network_policy(job: MedDistillJob, owner_uid: str, kuberay_namespaces: 
 
 
 def ray_start_resources(resources: dict[str, int]) -> str:
-    """rayStartParams.resources in the format KubeRay and Ray's autoscaler parse: '"{\\"NAME\\": N}"'."""
-    return '"' + json.dumps(resources).replace('"', '\\"') + '"'
+    """rayStartParams.resources as KubeRay writes it itself (common/pod.go): JSON in single quotes.
+    KubeRay trims the quotes and parses the JSON (to add accelerators); the quotes keep it one word in
+    the `ray start` shell command; Ray's autoscaler drops the first and last character and parses."""
+    return "'" + json.dumps(resources) + "'"
+
+
+def ray_version() -> str:
+    """rayClusterSpec.rayVersion: the Ray installed beside the operator. The operator and every stage
+    and serving pod run from the same image (Dockerfile), so this is the Ray the pods run. KubeRay
+    needs it for token auth (>= 2.52) and picks its health probes by it."""
+    try:
+        installed = version("ray")
+    except PackageNotFoundError as e:  # the operator's image always has Ray (a core dependency)
+        raise RuntimeError("ray is not installed beside the operator: install meddistill with its dependencies") from e
+    return installed.split("+")[0]
 
 
 def ray_cluster_spec(job: MedDistillJob, stage: str, res: Resources, group: str, min_replicas: int, max_replicas: int,
@@ -183,6 +198,7 @@ def ray_cluster_spec(job: MedDistillJob, stage: str, res: Resources, group: str,
                      {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
     worker = _container(job, "ray-worker", res.cpus_per_worker, res.memory, res.gpus_per_worker)
     return {
+        "rayVersion": ray_version(),
         "authOptions": {"mode": "token", "secretName": auth_secret_name(job)},
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": _pod(job, head, stage)},
         "workerGroupSpecs": [{
@@ -250,6 +266,10 @@ def rayservice(job: MedDistillJob, owner_uid: str, serve: Serve) -> dict:
     cluster = ray_cluster_spec(job, "serving", res, "serve", min_replicas=s.min_replicas, max_replicas=s.max_replicas,
                                replicas=replicas)
     cluster["enableInTreeAutoscaling"] = s.max_replicas > s.min_replicas
+    if cluster["enableInTreeAutoscaling"]:
+        # KubeRay adds an `autoscaler` container to the head; without this it has no securityContext
+        # and a namespace enforcing PodSecurity "restricted" refuses the head pod.
+        cluster["autoscalerOptions"] = {"securityContext": CONTAINER_SECURITY}
     for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
         pod["spec"]["containers"][0]["env"] += serving_token_env(job)
     return {
@@ -303,14 +323,19 @@ def stage_run(obj: dict) -> StageRun | None:
         state = "Pending"
     reason = status.get("reason", "") or (f"jobStatus {job_status}" if state == "Failed" and job_status else "")
     message = status.get("message", "")
+    invalid = deploy == "ValidationFailed"
     if state == "Queued":
         message = f"queued: waiting for Kueue to admit it (LocalQueue {queue})"
-    if state == "Failed":  # KubeRay copies Ray's message, which ends with the job's last log lines
+    if invalid:
+        # KubeRay refused the RayJob before creating anything (utils/validation.go): its message is
+        # about our spec, not the job's logs, and no submitter Job exists to read logs from.
+        message = f"KubeRay refused the RayJob: {message or 'invalid spec'}"[:INVALID_MESSAGE_CHARS]
+    elif state == "Failed":  # KubeRay copies Ray's message, which ends with the job's last log lines
         name = meta.get("name", "")
         message = redacted_failure(message, "", f"kubectl logs -n {meta.get('namespace', '')} job/{name}")
-    return StageRun(stage=stage, attempt=attempt, name=meta.get("name", ""), state=state, reason=reason,
-                    message=message, start_time=status.get("startTime", ""),
-                    end_time=status.get("endTime", ""))
+    return StageRun(stage=stage, attempt=attempt, name=meta.get("name", ""), state=state,
+                    reason=INVALID_RUN if invalid else reason, message=message,
+                    start_time=status.get("startTime", ""), end_time=status.get("endTime", ""))
 
 
 def serving_app(obj: dict) -> ServingApp:

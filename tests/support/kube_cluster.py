@@ -71,7 +71,7 @@ ADMIN_GROUPS = ("system:masters",)
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl", "etcd", "helm")
+BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl", "etcd", "helm", "kuberay-operator")
 
 
 class KubeClusterError(RuntimeError):
@@ -260,11 +260,13 @@ class KubeCluster:
         binaries: dict[str, Path] | None = None,
         *,
         install_kuberay_crds: bool = True,
+        kuberay_crds_dir: Path | None = None,
         keep_tmp: bool | None = None,
         progress: IO[str] | None = None,
     ) -> None:
         self._binaries = dict(binaries) if binaries else None
         self._install_kuberay_crds = install_kuberay_crds
+        self._kuberay_crds_dir = kuberay_crds_dir or KUBERAY_CRDS_DIR  # another release's, for its controller
         self._progress = progress
         self.keep_tmp = (
             keep_tmp if keep_tmp is not None else os.environ.get("MEDDISTILL_KUBE_KEEP_TMP") == "1"
@@ -296,7 +298,7 @@ class KubeCluster:
             self._start_etcd(timeout)
             self._start_apiserver(timeout)
             if self._install_kuberay_crds:
-                self.apply_crds(sorted(KUBERAY_CRDS_DIR.glob("*.yaml")))
+                self.apply_crds(sorted(self._kuberay_crds_dir.glob("*.yaml")))
             self._start_controller_manager(timeout)
         except BaseException:
             self.stop()
@@ -384,6 +386,23 @@ class KubeCluster:
                 timeout=timeout + 30,
             )
         return names
+
+    def start_kuberay(self, timeout: float = 120.0) -> None:
+        """KubeRay's real controller (tools/kube/build.sh builds it) against this control plane, out of
+        cluster: it reaches Ray heads through the API server's service proxy. Stopped with the cluster;
+        its log is ``self.logs("kuberay-operator")``."""
+        assert self.kubeconfig is not None, "cluster not started"
+        probe = free_port()
+        proc = self._spawn("kuberay-operator", [
+            str(self.bin("kuberay-operator")),
+            f"-kubeconfig={self.kubeconfig}",
+            "-enable-leader-election=false",
+            "-use-kubernetes-proxy",
+            "-metrics-addr=0",
+            f"-health-probe-bind-address=127.0.0.1:{probe}",
+            "-log-stdout-encoder=json",
+        ])
+        self._wait_http(proc, f"http://127.0.0.1:{probe}/readyz", timeout, ok_body=None)
 
     def write_kubeconfig(self, path: str | os.PathLike, token: str, user: str = "user") -> Path:
         """Write a kubeconfig for another bearer token (must be in the token file or a real SA token)."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the real Kubernetes binaries the tests need (kube-apiserver,
-# kube-controller-manager, kubectl, etcd, helm) from the Go module proxy, using
+# kube-controller-manager, kubectl, etcd, helm, and KubeRay's operator) from the Go module proxy, using
 # the wrapper modules next to this script. Only what is missing is built; each
 # binary lands in
 #     ${MEDDISTILL_CACHE:-$HOME/.cache/meddistill}/bin/<name>-<version>/<name>
@@ -34,7 +34,8 @@ modver() { # modver <wrapper-dir> <module-path>
 K8S_VERSION="$(modver kubernetes k8s.io/kubernetes)"
 ETCD_VERSION="$(modver etcd go.etcd.io/etcd/server/v3)"
 HELM_VERSION="$(modver helm helm.sh/helm/v3)"
-for v in K8S_VERSION ETCD_VERSION HELM_VERSION; do
+KUBERAY_VERSION="$(modver kuberay github.com/ray-project/kuberay/ray-operator)"
+for v in K8S_VERSION ETCD_VERSION HELM_VERSION KUBERAY_VERSION; do
   [[ -n "${!v}" ]] || { log "could not read $v from the wrapper go.mod files"; exit 2; }
 done
 
@@ -48,14 +49,16 @@ declare -A VERSION_OF=(
   [kubectl]="$K8S_VERSION"
   [etcd]="$ETCD_VERSION"
   [helm]="$HELM_VERSION"
+  [kuberay-operator]="$KUBERAY_VERSION"
 )
-ORDER=(kube-apiserver kube-controller-manager kubectl etcd helm)
+ORDER=(kube-apiserver kube-controller-manager kubectl etcd helm kuberay-operator)
 
 missing() { # prints the names whose binary is absent
   local n
   for n in "${ORDER[@]}"; do
     [[ -x "$(bin_path "$n" "${VERSION_OF[$n]}")" ]] || echo "$n"
   done
+  [[ -f "$(dirname "$(bin_path kuberay-operator "$KUBERAY_VERSION")")/crds/ray.io_rayjobs.yaml" ]] || echo "kuberay-crds"
 }
 
 print_paths() {
@@ -66,7 +69,7 @@ print_paths() {
 }
 
 if [[ -z "$(missing)" ]]; then
-  log "all binaries cached under $BIN_ROOT (kubernetes $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION)"
+  log "all binaries cached under $BIN_ROOT (kubernetes $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, kuberay $KUBERAY_VERSION)"
   print_paths
   exit 0
 fi
@@ -150,6 +153,17 @@ go_build kubernetes "$(k8s_ldflags)" \
 go_build etcd "-s -w" etcd:go.etcd.io/etcd/server/v3
 go_build helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
   helm:helm.sh/helm/v3/cmd/helm
+# KubeRay's controller, and beside it the CRDs of the same release (the tests install those, so the
+# controller runs against its own schema).
+go_build kuberay "-s -w" kuberay-operator:github.com/ray-project/kuberay/ray-operator
+kuberay_crds="$(dirname "$(bin_path kuberay-operator "$KUBERAY_VERSION")")/crds"
+if [[ ! -f "$kuberay_crds/ray.io_rayjobs.yaml" ]]; then
+  src="$(cd "$HERE/kuberay" && go list -m -f '{{.Dir}}' github.com/ray-project/kuberay/ray-operator)"
+  mkdir -p "$kuberay_crds.tmp"
+  cp "$src"/config/crd/bases/ray.io_{rayclusters,rayjobs,rayservices}.yaml "$kuberay_crds.tmp"/
+  chmod 644 "$kuberay_crds.tmp"/*.yaml
+  rm -rf "$kuberay_crds" && mv "$kuberay_crds.tmp" "$kuberay_crds"
+fi
 
 if [[ -n "$(missing)" ]]; then
   log "still missing after build: $(missing | tr '\n' ' ')"
