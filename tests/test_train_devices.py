@@ -61,7 +61,7 @@ def _examples(n: int = 4) -> list[dict]:
 
 
 def _fit_expecting_sentinel(loop, config: dict, resources, tmp_path) -> None:
-    import cloudpickle
+    from ray import cloudpickle  # what Ray pickles tasks with (its own copy of cloudpickle)
     from ray.train import FailureConfig, RunConfig
 
     from meddistill.jobs import train_common

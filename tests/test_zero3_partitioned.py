@@ -99,7 +99,7 @@ def _full_model_bytes(model_dir: Path, dtype: str) -> int:
     pytest.param("full", "bf16", marks=pytest.mark.slow),
 ])
 def test_zero3_loads_partitioned_and_saves_the_gathered_model(method, precision, tiny_job, tiny_model_dir, tmp_path):
-    import cloudpickle
+    from ray import cloudpickle  # what Ray pickles tasks with (its own copy of cloudpickle)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
