@@ -131,23 +131,42 @@ def ray_local(tmp_path_factory):
     """One local Ray for the in-process stage tests (2 CPUs, as CI has). Its workers get their own
     MEDDISTILL_CACHE (workers_cache), so an s3:// stage stages files in a temp folder, not in
     ~/.cache/meddistill/s3."""
+    import ray
+
+    if not ray.is_initialized():
+        _LOCAL_RAY["cache"] = workers_cache(tmp_path_factory.mktemp("ray-workers-cache"))
+        _start_local_ray(_LOCAL_RAY["cache"])
+    yield
+    _LOCAL_RAY.clear()
+    ray.shutdown()
+
+
+_LOCAL_RAY: dict = {}  # the session's ray_local settings, while it is in use
+
+
+def _start_local_ray(cache: Path) -> None:
     import os
 
     import ray
 
-    if not ray.is_initialized():
-        cache = workers_cache(tmp_path_factory.mktemp("ray-workers-cache"))
-        previous = os.environ.get("MEDDISTILL_CACHE")
-        os.environ["MEDDISTILL_CACHE"] = str(cache)  # the raylet started here passes it to every worker
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never attach to a running head
-        finally:  # the driver keeps its own cache (tests point it elsewhere with monkeypatch)
-            if previous is None:
-                del os.environ["MEDDISTILL_CACHE"]
-            else:
-                os.environ["MEDDISTILL_CACHE"] = previous
-    yield
-    ray.shutdown()
+    previous = os.environ.get("MEDDISTILL_CACHE")
+    os.environ["MEDDISTILL_CACHE"] = str(cache)  # the raylet started here passes it to every worker
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never attach to a running head
+    finally:  # the driver keeps its own cache (tests point it elsewhere with monkeypatch)
+        if previous is None:
+            del os.environ["MEDDISTILL_CACHE"]
+        else:
+            os.environ["MEDDISTILL_CACHE"] = previous
+
+
+def restore_local_ray() -> None:
+    """For a test that had to replace the session's Ray with its own cluster: start ray_local's again
+    (same settings), so later tests never run on an implicitly started or joined Ray."""
+    import ray
+
+    if _LOCAL_RAY and not ray.is_initialized():
+        _start_local_ray(_LOCAL_RAY["cache"])
 
 
 def workers_cache(folder: Path) -> Path:

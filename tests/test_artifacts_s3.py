@@ -15,7 +15,7 @@ from tests.support.kube_cluster import free_port
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+    import moto.server  # noqa: F401 - moto[server] is a dev dependency: missing is a failure, never a skip
     from tests.support.moto_s3 import moto_s3_server
 
     with moto_s3_server(free_port()) as endpoint:

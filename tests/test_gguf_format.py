@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: E402,F401 - a core dependency: missing is a failure, never a skip
 
 from meddistill.jobs.hf_to_gguf import ConversionError, hf_to_gguf  # noqa: E402
 from meddistill.jobs.quantize_gguf import gguf_weight_bytes, quantize_file  # noqa: E402

@@ -20,7 +20,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: E402,F401 - a core dependency: missing is a failure, never a skip
 pytestmark = pytest.mark.slow  # a 135M quantize stage on Ray and a Serve replica: minutes on 2 shared cores
 
 from meddistill.serve.config import TOKEN_ENV, app_args  # noqa: E402

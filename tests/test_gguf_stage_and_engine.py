@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: E402,F401 - a core dependency: missing is a failure, never a skip
 pytestmark = pytest.mark.slow  # one real quantize stage on Ray (about a minute on 2 shared cores), then fast tests
 
 from meddistill.artifacts import verify  # noqa: E402

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pipeline_fixture import restore_local_ray
 from tests.test_artifacts_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
 CRASH_STEP = 2
@@ -57,7 +58,7 @@ def _cluster(s3_endpoint, tmp_path, driver_cache: str, monkeypatch):  # noqa: F8
     bucket = f"mn-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
 
-    ray.shutdown()  # a session Ray (ray_local) would otherwise be joined instead
+    ray.shutdown()  # a session Ray (ray_local) would otherwise be joined instead; restored below
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     caches = [tmp_path / f"cache-node-{i}" for i in range(2)]
     for cache in caches:
@@ -69,6 +70,7 @@ def _cluster(s3_endpoint, tmp_path, driver_cache: str, monkeypatch):  # noqa: F8
     finally:
         ray.shutdown()
         cluster.shutdown()
+        restore_local_ray()  # later users of the session's ray_local get it back, not an implicit Ray
 
 
 def keys(bucket: str, prefix: str) -> list[str]:

@@ -313,7 +313,7 @@ def test_quickstart_pipeline_to_serving(kube, operator):
     assert sent["metadata"] == {"name": "quickstart", "namespace": kube.ns, "uid": job["metadata"]["uid"]}
     assert MedDistillJob.model_validate(sent).spec == MedDistillJob.model_validate({**job, "status": None}).spec
     assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
-    assert spec["ttlSecondsAfterFinished"] == 3600 and "suspend" not in spec
+    assert spec["ttlSecondsAfterFinished"] == 0 and "suspend" not in spec  # the stage's Ray cluster goes when it ends
     owner = first["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"], owner["blockOwnerDeletion"]) == (
         "MedDistillJob", job["metadata"]["uid"], True, True)

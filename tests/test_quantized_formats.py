@@ -92,7 +92,6 @@ def test_evaluation_rows_follow_the_formats_made():
 
 
 def test_build_app_gives_a_cpu_replica_of_a_gguf_job_the_llamacpp_engine():
-    pytest.importorskip("llama_cpp")
     from meddistill.serve.app import build_app
 
     args = config.app_args(job(["nf4", "gguf"]), "/m")

@@ -28,8 +28,8 @@ COMMANDS = [
 EPILOG = """\
 quickstart (2 CPU cores, ~15 min, no GPU, no hub):
   meddistill validate examples/quickstart.yaml
-  meddistill run examples/quickstart.yaml          # teacher -> distill -> quantize -> evaluate
-  meddistill serve examples/quickstart.yaml        # OpenAI-compatible endpoint
+  meddistill run examples/quickstart.yaml          # teacher -> distill -> quantize -> evaluate, then serves it
+  meddistill serve examples/quickstart.yaml        # serve a finished job again (run --no-serve skips serving)
 
 dataset references (FORMAT:PATH[#SPLIT]) work everywhere:
   pubmedqa:@samples/pubmedqa/ori_pqal.json#test   medqa:questions.jsonl   hf:NAME#split

@@ -12,7 +12,7 @@ def register(subparsers, summary: str) -> None:
         help=summary,
         description="Evaluate a model on a medical QA dataset with batched greedy generation and/or "
         "log-likelihood scoring of the options (lm-evaluation-harness's acc / acc_norm): accuracy "
-        "with a Wilson 95%% CI, per question type, unparsed-answer rate (counted wrong), token F1 "
+        "with a Wilson 95% CI, per question type, unparsed-answer rate (counted wrong), token F1 "
         "and ROUGE-L for open questions, repetition, keyword hits (records with meta.keywords), "
         "latency at the batch size and at batch 1, tokens/s and peak memory. Writes eval.json and "
         "eval.md to --out (with --scoring both, the log-likelihood report goes to --out/loglik).",

@@ -436,7 +436,10 @@ class RunPolicy(SpecModel):
 
     backoff_limit: int = Field(2, ge=0, le=BACKOFF_LIMIT_MAX, description="Retries of a failed stage before the job fails; attempt n+1 starts 10 s * 2^(n-1) (at most 10 min) after attempt n failed. Raising it resumes a Failed job.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of each stage's RayJob.")
-    ttl_seconds_after_finished: int = Field(3600, ge=0, description="How long a finished RayJob is kept.")
+    ttl_seconds_after_finished: int = Field(
+        0, ge=0, description="How long a finished stage's Ray cluster (its head and worker pods, GPUs included) is "
+        "kept, e.g. to read its dashboard; 0 deletes it when the stage ends. The RayJob object and its submitter "
+        "Job (`kubectl logs job/NAME`) stay until the MedDistillJob is deleted.")
 
 
 class Artifacts(SpecModel):
