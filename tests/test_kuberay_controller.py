@@ -161,6 +161,12 @@ def test_serving_rayservice_with_autoscaling_is_accepted_and_its_head_admitted_u
     containers = {c["name"]: c for c in head["spec"]["containers"]}
     assert "autoscaler" in containers, sorted(containers)  # admitted by the "restricted" namespace
     assert containers["autoscaler"]["securityContext"]["allowPrivilegeEscalation"] is False
+    # KubeRay probes by rayVersion: HTTP where Ray has one health endpoint, else commands the image must have.
+    probes = json.dumps([c.get("readinessProbe") for p in built["pods"] for c in p["spec"]["containers"]])
+    for tool in ("wget", "curl"):
+        if tool in probes:
+            assert re.search(rf"apt-get install [^\n]*\b{tool}\b", (REPO / "Dockerfile").read_text()), \
+                f"KubeRay's probes run {tool}, which the image lacks: {probes[:300]}"
     bad = refusals(kuberay_cluster, restricted_ns, [job.metadata.name])
     assert bad == [], "\n".join(bad)
 
