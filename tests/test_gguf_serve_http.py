@@ -29,6 +29,9 @@ from tests.test_serve_api import serve_port  # noqa: E402  one Serve HTTP port p
 NAME = "meddistill-student"
 TOKEN = "gguf-token-" + uuid.uuid4().hex[:8]
 PROMPTS = [f"Question {i}: is aspirin {'really ' * i}safe in pregnancy?" for i in range(4)]
+# Chats on different topics: a chat template around near-identical questions can give one same greedy
+# answer to all of them (seen with this student), which would not tell four answers from one cached reply.
+CHAT_PROMPTS = ["What is hypertension?", "What causes asthma?", "Is aspirin safe in pregnancy?", "How is diabetes treated?"]
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +120,11 @@ def test_concurrent_chats_equal_each_chat_alone_and_streaming_equals_whole(clien
         return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=10,
                                               extra_body={"ignore_eos": True}, **kw)
 
-    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = [r.choices[0].message.content for r in pool.map(chat, PROMPTS)]
-    alone = [chat(p).choices[0].message.content for p in PROMPTS]
+    with concurrent.futures.ThreadPoolExecutor(len(CHAT_PROMPTS)) as pool:
+        together = [r.choices[0].message.content for r in pool.map(chat, CHAT_PROMPTS)]
+    alone = [chat(p).choices[0].message.content for p in CHAT_PROMPTS]
     assert together == alone and len(set(alone)) > 1  # different prompts, different answers: not one cached reply
-    chunks = list(chat(PROMPTS[0], stream=True, stream_options={"include_usage": True}))
+    chunks = list(chat(CHAT_PROMPTS[0], stream=True, stream_options={"include_usage": True}))
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert 2 <= len(texts) <= 4, texts  # really streamed, 3 tokens a chunk after the first (streamInterval 3)
     assert "".join(texts) == alone[0]
