@@ -78,3 +78,21 @@ def test_job_secrets_are_listable_only_in_the_namespaces_served_unless_cluster_w
 def test_values_schema_refuses_bad_scope(kube_cluster):
     res = kube_cluster.helm("template", "x", str(CHART), "--set", "rbac.scope=everything", check=False)
     assert res.returncode != 0 and "/rbac/scope" in res.stderr and "'cluster', 'namespace'" in res.stderr, res.stderr
+
+
+def test_kuberay_namespaces_reach_the_operator_and_so_the_head_network_policy(kube_cluster):
+    """The chart's kuberayNamespaces become MEDDISTILL_KUBERAY_NAMESPACES, which the KubeRay backend puts in
+    each job's head NetworkPolicy; unset, the variable is absent (KubeRay's pods in any namespace)."""
+    import yaml
+
+    from meddistill.operator.backends.kuberay import KUBERAY_NAMESPACES_ENV
+
+    def env(*args):
+        rendered = kube_cluster.helm("template", "x", str(CHART), *args).stdout
+        deploy = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
+        return {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert KUBERAY_NAMESPACES_ENV not in env()
+    assert env("--set", "kuberayNamespaces={kuberay-system,ray}")[KUBERAY_NAMESPACES_ENV] == "kuberay-system,ray"
+    refused = kube_cluster.helm("template", "x", str(CHART), "--set", "kuberayNamespaces={Bad_NS}", check=False)
+    assert refused.returncode != 0 and "kuberayNamespaces" in refused.stderr
