@@ -249,18 +249,10 @@ def served_format(spec, formats: list[str]) -> tuple[str | None, str, str]:
     """(format, engine, "") that serving loads, or (None, "", why not): serve.config.pick_engine's choice
     for serving.engine with the packages of the image writing the card (the serving image decides
     `auto` the same way where the app runs)."""
-    from importlib.util import find_spec
+    from meddistill.serve.config import pick_engine_here
 
-    from meddistill.serve.config import pick_engine
-
-    from meddistill.llamacpp_check import llamacpp_verdict
-
-    gpu = spec.serving.gpus_per_replica > 0
-    llama = llamacpp_verdict() if "gguf" in formats and not gpu else None
     try:
-        engine = pick_engine(spec.serving.engine, gpu=gpu, vllm_installed=find_spec("vllm") is not None,
-                             formats=tuple(formats), llamacpp_installed=bool(llama and llama.ok),
-                             llamacpp_problem=llama.reason if llama else "")
+        engine = pick_engine_here(spec.serving.engine, gpu=spec.serving.gpus_per_replica > 0, formats=tuple(formats))
     except ValueError as err:
         return None, "", str(err)
     # vLLM serves w4a16 when it was made (its Marlin kernels), else nf4 (serve/config.llm_config).

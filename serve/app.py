@@ -28,8 +28,7 @@ from ray import serve
 
 from meddistill.serve import protocol as P
 from meddistill.serve.args import ServeArgs
-from meddistill.llamacpp_check import llamacpp_verdict
-from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV, pick_engine
+from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV, pick_engine_here
 
 # A child of Ray Serve's logger, so lines land in the replica log with the request id.
 log = logging.getLogger("ray.serve").getChild("meddistill")
@@ -295,9 +294,7 @@ def build_app(args: dict):
     args = ServeArgs.parse(args)
     gpu = args.deployment.gpus > 0
     vllm = importlib.util.find_spec("vllm") is not None
-    llama = llamacpp_verdict() if "gguf" in args.formats and not gpu else None  # a child process, once per machine
-    engine = pick_engine(args.engine, gpu=gpu, vllm_installed=vllm, formats=tuple(args.formats),
-                         llamacpp_installed=bool(llama and llama.ok), llamacpp_problem=llama.reason if llama else "")
+    engine = pick_engine_here(args.engine, gpu=gpu, formats=tuple(args.formats))
     log.info("engine %s (requested %s; replica GPU %s, vllm installed %s)", engine, args.engine, gpu, vllm)
     if engine == "vllm":
         from meddistill.serve.vllm_app import build_vllm_app

@@ -80,6 +80,19 @@ def pick_engine(requested: str, *, gpu: bool, vllm_installed: bool, formats: tup
     return "transformers"
 
 
+def pick_engine_here(requested: str, *, gpu: bool, formats: tuple[str, ...]) -> str:
+    """pick_engine with what this process's image has: whether vllm imports, and llama.cpp's verdict
+    (meddistill.llamacpp_check: a child process once per machine, asked only where it could be chosen)."""
+    import importlib.util
+
+    from meddistill.llamacpp_check import llamacpp_verdict
+
+    llama = llamacpp_verdict() if "gguf" in formats and not gpu else None
+    return pick_engine(requested, gpu=gpu, vllm_installed=importlib.util.find_spec("vllm") is not None,
+                       formats=tuple(formats), llamacpp_installed=bool(llama and llama.ok),
+                       llamacpp_problem=llama.reason if llama else "")
+
+
 def may_use_vllm(serving: Any) -> bool:
     """Whether replicas of these settings can end up on vLLM (so the LLMConfig must be rendered)."""
     return serving.engine == "vllm" or (serving.engine == "auto" and serving.gpus_per_replica > 0)

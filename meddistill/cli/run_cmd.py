@@ -49,17 +49,17 @@ def _prepare(path: str):
 def _llamacpp_refusal(spec) -> str:
     """Before any stage: a job that makes the gguf format (or serves with llama.cpp) on a machine whose
     llama.cpp build cannot run here is refused now, with the reason, not after the quantize stage."""
-    from meddistill.llamacpp_check import llamacpp_verdict
+    from meddistill.llamacpp_check import LlamaCppUnusable, require_llamacpp
     from meddistill.quantized_formats import FormatError, resolve_formats
 
     try:
-        formats = resolve_formats(spec)
+        if "gguf" in resolve_formats(spec) or spec.serving.engine == "llamacpp":
+            require_llamacpp("quantization.formats gguf")  # what the quantize stage would raise
     except FormatError:
         return ""  # the stages report it with the field's name
-    if "gguf" not in formats and spec.serving.engine != "llamacpp":
-        return ""
-    verdict = llamacpp_verdict()
-    return "" if verdict.ok else f"quantization.formats gguf needs llama.cpp, which cannot run here: {verdict.reason}"
+    except LlamaCppUnusable as err:
+        return str(err)
+    return ""
 
 
 def run(args) -> int:

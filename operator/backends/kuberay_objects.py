@@ -50,8 +50,8 @@ AUTH_SECRET_KEY = "auth_token"
 # operator (which polls the dashboard); Serve's 8000 stays open to the job's namespace.
 RAY_PORTS, SERVE_PORT, DASHBOARD_PORT = (6379, 8265, 10001), 8000, 8265
 KUBERAY_OPERATOR_POD = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay chart's pod label
-# What KubeRay's default submitter pod gets (common/job.go), restated so it can carry the securityContext.
 INVALID_MESSAGE_CHARS = 600  # KubeRay's validation messages are one sentence about the spec
+# What KubeRay's default submitter pod gets (common/job.go), restated so it can carry the securityContext.
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
 
