@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from meddistill import artifacts
+from meddistill.operator.backends.kuberay_objects import default_image
 from meddistill.spec.models import NAME_MAX, MedDistillJob, MedDistillJobStatus, ObjectMeta, Results
 from tests.support.kube_cluster import OPERATOR_NAMESPACE, REPO_ROOT, free_port
 
@@ -322,7 +323,7 @@ def test_quickstart_pipeline_to_serving(kube, operator):
     worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert worker["replicas"] == 1
     container = worker["template"]["spec"]["containers"][0]
-    assert container["image"] == job["spec"]["image"]
+    assert container["image"] == (job["spec"].get("image") or default_image())  # the operator's own image by default
     resources = job["spec"]["teacher"]["resources"]  # the quickstart's teacher workers, as applied
     assert container["resources"]["limits"] == {"cpu": str(resources["cpusPerWorker"]), "memory": resources["memory"]}
     assert "finalizers" not in job["metadata"]  # deleting never waits for the operator

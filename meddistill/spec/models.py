@@ -594,7 +594,7 @@ class MedDistillJobSpec(SpecModel):
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries and deadlines.")
     artifacts: Artifacts = Field(default_factory=Artifacts, description="Artifact store.")
     ray: RayTarget = Field(default_factory=RayTarget, description="Existing Ray cluster to use instead of KubeRay.")
-    image: str = Field("ghcr.io/meddistill/meddistill:0.1.0", min_length=1, description="Container image of the stage and serving pods.")
+    image: str = Field("", description="Container image of the stage and serving pods; empty: the operator's own image (the chart's image.repository:image.tag), so one chart value sets the image of every pod.")
     suspend: bool = Field(False, description="Stop before the next stage and remove the running child; set false to resume.")
     queue_name: str = Field("", description="Kueue LocalQueue for the stage RayJobs (sets the kueue.x-k8s.io/queue-name label).")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Node selection, tolerations, priority, pull secrets and ServiceAccount of the stage and serving pods (KubeRay backend).")

@@ -46,8 +46,6 @@ KIND_OF = {RAYJOBS: "RayJob", RAYSERVICES: "RayService"}
 # Namespaces of the KubeRay operator (comma-separated; the chart sets it): the only outside pods the
 # job's Ray heads admit on the dashboard port. Unset: a pod labelled as KubeRay's in any namespace.
 KUBERAY_NAMESPACES_ENV = "MEDDISTILL_KUBERAY_NAMESPACES"
-
-
 def owned_by(obj: dict, uid: str) -> bool:
     return any(o.get("uid") == uid for o in obj.get("metadata", {}).get("ownerReferences") or [])
 

@@ -9,6 +9,7 @@ The planner never sees a KubeRay field; kuberay.py is the backend that sends and
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import PackageNotFoundError, version
 
 import yaml
@@ -27,7 +28,9 @@ RAYJOBS, RAYSERVICES = "rayjobs", "rayservices"
 LABEL_JOB, LABEL_STAGE, LABEL_ATTEMPT = JOB_KEY, STAGE_KEY, ATTEMPT_KEY
 ANNOTATION_MODEL = "meddistill.io/model-uri"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-HEAD_RESOURCES = {"cpu": "1", "memory": "2Gi"}  # the head only schedules: workers do the work
+# The head only schedules (Ray sees 0 CPUs there): it asks for a quarter CPU and may burst to one, so a
+# small node fits a stage's head, submitter and a 1-CPU worker. Memory is not overcommitted.
+HEAD_RESOURCES = {"requests": {"cpu": "250m", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
 # A custom Ray resource only stage workers advertise: every stage driver asks for it, so Ray never
 # places a driver on the head (which has 0 CPUs for Ray and 2Gi), even a coordinating one that
 # reserves no CPU. The Ray-cluster backend cannot do this (it does not start that cluster's nodes).
@@ -51,8 +54,24 @@ AUTH_SECRET_KEY = "auth_token"
 RAY_PORTS, SERVE_PORT, DASHBOARD_PORT = (6379, 8265, 10001), 8000, 8265
 KUBERAY_OPERATOR_POD = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay chart's pod label
 INVALID_MESSAGE_CHARS = 600  # KubeRay's validation messages are one sentence about the spec
-# What KubeRay's default submitter pod gets (common/job.go), restated so it can carry the securityContext.
-SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+# The submitter pod only runs `ray job submit` and follows the logs: KubeRay's default limits
+# (common/job.go), a smaller CPU request; restated so it can carry the securityContext.
+SUBMITTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+# KubeRay's autoscaler container defaults to 500m/512Mi requested; it mostly sleeps between polls.
+AUTOSCALER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}}
+
+
+# The operator's own image (the chart sets it): stage and serving pods of jobs that name no spec.image
+# run it, so an air-gapped cluster sets its registry path once, in the chart.
+IMAGE_ENV = "MEDDISTILL_IMAGE"
+
+
+def default_image() -> str:
+    return os.environ.get(IMAGE_ENV) or f"ghcr.io/meddistill/meddistill:{version('meddistill')}"
+
+
+def pod_image(job: MedDistillJob) -> str:
+    return job.spec.image or default_image()
 
 
 def _labels(job: MedDistillJob, component: str) -> dict[str, str]:
@@ -83,12 +102,15 @@ def _storage(job: MedDistillJob) -> tuple[list[dict], list[dict], list[dict]]:
     return volumes, mounts, env_from
 
 
-def _container(job: MedDistillJob, name: str, cpus: int, memory: str, gpus: int) -> dict:
+def _container(job: MedDistillJob, name: str, cpus: int, memory: str, gpus: int, requested_cpus: str = "") -> dict:
+    """A Ray container; it requests what its limits say (KubeRay gives Ray the limits) unless
+    requested_cpus asks for less CPU."""
     _, mounts, env_from = _storage(job)
     limits = {"cpu": str(cpus), "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
-    c = {"name": name, "image": job.spec.image, "resources": {"requests": dict(limits), "limits": limits},
+    requests = {**limits, "cpu": requested_cpus or str(cpus)}
+    c = {"name": name, "image": pod_image(job), "resources": {"requests": requests, "limits": limits},
          "env": [{"name": PVC_ROOT_ENV, "value": PVC_ROOT}], "securityContext": CONTAINER_SECURITY,
          "volumeMounts": [{"name": SHM_VOLUME, "mountPath": SHM_PATH}, *mounts]}
     if env_from:
@@ -131,7 +153,7 @@ def _pod(job: MedDistillJob, container: dict, stage: str) -> dict:
 
 def _submitter_pod(job: MedDistillJob, stage: str) -> dict:
     """KubeRay's default submitter pod plus the restricted securityContext (KubeRay fills the command)."""
-    container = {"name": "ray-job-submitter", "image": job.spec.image, "resources": SUBMITTER_RESOURCES,
+    container = {"name": "ray-job-submitter", "image": pod_image(job), "resources": SUBMITTER_RESOURCES,
                  "securityContext": CONTAINER_SECURITY}
     return {"metadata": _pod_labels(job),
             "spec": {"containers": [container], "restartPolicy": "Never", **_placement(job, stage)}}
@@ -192,11 +214,13 @@ def ray_version() -> str:
 
 
 def ray_cluster_spec(job: MedDistillJob, stage: str, res: Resources, group: str, min_replicas: int, max_replicas: int,
-                     replicas: int, worker_resources: dict[str, int] | None = None) -> dict:
-    head = _container(job, "ray-head", int(HEAD_RESOURCES["cpu"]), HEAD_RESOURCES["memory"], 0)
+                     replicas: int, worker_resources: dict[str, int] | None = None, worker_requested_cpus: str = "") -> dict:
+    head = _container(job, "ray-head", int(HEAD_RESOURCES["limits"]["cpu"]), HEAD_RESOURCES["limits"]["memory"], 0,
+                      requested_cpus=HEAD_RESOURCES["requests"]["cpu"])
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                      {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
-    worker = _container(job, "ray-worker", res.cpus_per_worker, res.memory, res.gpus_per_worker)
+    worker = _container(job, "ray-worker", res.cpus_per_worker, res.memory, res.gpus_per_worker,
+                        requested_cpus=worker_requested_cpus)
     return {
         "rayVersion": ray_version(),
         "authOptions": {"mode": "token", "secretName": auth_secret_name(job)},
@@ -259,17 +283,19 @@ def serving_token_env(job: MedDistillJob) -> list[dict]:
 def rayservice(job: MedDistillJob, owner_uid: str, serve: Serve) -> dict:
     """The RayService: one worker group that fits max_replicas Serve replicas, the token from its Secret."""
     s = job.spec.serving
-    # A worker per replica, +1 CPU for the Serve proxy and metrics agent beside it.
+    # A worker per replica, +1 CPU for the Serve proxy and metrics agent beside it: Ray sees the limit
+    # (cpusPerReplica + 1) and places one replica per worker; the pod requests only cpusPerReplica,
+    # since the proxy mostly waits.
     res = Resources(workers=1, gpus_per_worker=s.gpus_per_replica, cpus_per_worker=s.cpus_per_replica + 1,
                     memory="16Gi" if s.gpus_per_replica else "4Gi")
     replicas = s.initial_replicas if s.initial_replicas is not None else s.min_replicas
     cluster = ray_cluster_spec(job, "serving", res, "serve", min_replicas=s.min_replicas, max_replicas=s.max_replicas,
-                               replicas=replicas)
+                               replicas=replicas, worker_requested_cpus=str(s.cpus_per_replica))
     cluster["enableInTreeAutoscaling"] = s.max_replicas > s.min_replicas
     if cluster["enableInTreeAutoscaling"]:
         # KubeRay adds an `autoscaler` container to the head; without this it has no securityContext
         # and a namespace enforcing PodSecurity "restricted" refuses the head pod.
-        cluster["autoscalerOptions"] = {"securityContext": CONTAINER_SECURITY}
+        cluster["autoscalerOptions"] = {"securityContext": CONTAINER_SECURITY, "resources": AUTOSCALER_RESOURCES}
     for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
         pod["spec"]["containers"][0]["env"] += serving_token_env(job)
     return {
