@@ -105,6 +105,8 @@ def train_loop(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, then the shared step loop, then the final save."""
     tc.worker_setup(config)  # config: out_dir + total_steps for the progress file
     import deepspeed
+
+    tc.deepspeed_without_a_compiler()
     import ray.train
     import ray.train.torch
     import torch

@@ -241,6 +241,22 @@ def worker_setup(config: dict | None = None) -> None:
         _progress = (Path(config["out_dir"]) / PROGRESS, int(config.get("total_steps") or 0))
 
 
+def deepspeed_without_a_compiler() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory allreduce op
+    (deepspeed_shm_comm) with c++ the first time it starts, and fails where there is no compiler: the
+    product image has none (`c++: not found` on the one-node cluster). Without one, mark the op
+    unusable so DeepSpeed takes the gloo allreduce it falls back to on other platforms."""
+    if shutil.which(os.environ.get("CXX", "c++")):
+        return
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    if deepspeed.ops.__compatible_ops__.get(ShareMemCommBuilder.NAME):
+        logging.getLogger("meddistill.jobs").info(
+            "no C++ compiler here: DeepSpeed's shared-memory allreduce op is off, gloo does the CPU allreduce")
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def append_progress(path: Path, total: int, metrics: dict) -> None:
     """One JSON line per optimizer step; best effort (a full or read-only disk must not fail training)."""
     if "step" not in metrics:
