@@ -11,6 +11,10 @@ Stores: a local path; `pvc://CLAIM/PATH` (a PersistentVolumeClaim mounted at
 `$MEDDISTILL_PVC_ROOT/CLAIM`, default `/mnt/pvc/CLAIM`, in every pod; the operator reads a job's at
 `$MEDDISTILL_PVC_ROOT/<namespace>/CLAIM`); `s3://BUCKET/PREFIX`
 (boto3; files are staged in a local cache). Torch-free: the operator imports this module.
+
+`pvc://CLAIM/PATH` is also how a model source or a dataset reference's PATH names files on a claim
+(air-gapped hospitals keep models and data there): `pvc_path` is the one resolution of the scheme,
+`pvc_input_problem` its validation and `pvc_not_found` the error when the file is not there.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,6 +36,12 @@ PROGRESS = "progress.jsonl"  # live training progress (train_common.report); scr
 # Where pods mount a pvc:// store's claim (PVC_ROOT/CLAIM): the operator mounts it there and sets
 # PVC_ROOT_ENV; stages and serving replicas resolve pvc:// URIs through local_path with the same value.
 PVC_ROOT, PVC_ROOT_ENV = "/mnt/pvc", "MEDDISTILL_PVC_ROOT"
+PVC_SCHEME = "pvc://"
+# A PersistentVolumeClaim name, a DNS-1123 subdomain. Python and RE2 read it alike: CRD patterns embed
+# it. Its 253-character limit is checked beside it, in Python only (RE2 cannot count within this form):
+# `validate` and the operator, which validates every job it reads, refuse a longer one.
+PVC_CLAIM_PATTERN = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+PVC_CLAIM_MAX = 253
 log = logging.getLogger(__name__)
 
 
@@ -66,14 +77,67 @@ def local_path(uri: str, base_dir: str | os.PathLike | None = None, namespace: s
     """
     if uri.startswith("s3://"):
         return None
-    if uri.startswith("pvc://"):
-        claim, _, rest = uri[len("pvc://"):].partition("/")
-        root = Path(os.environ.get(PVC_ROOT_ENV) or PVC_ROOT)
-        return (root / namespace if namespace else root) / claim / rest
+    if uri.startswith(PVC_SCHEME):
+        return pvc_path(uri, namespace)
     path = Path(uri).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
     return path.resolve()
+
+
+def pvc_root() -> Path:
+    return Path(os.environ.get(PVC_ROOT_ENV) or PVC_ROOT)
+
+
+def pvc_claim(uri: str) -> str:
+    return uri[len(PVC_SCHEME):].partition("/")[0]
+
+
+def pvc_path(uri: str, namespace: str | None = None) -> Path:
+    """Where `pvc://CLAIM/PATH` is on this machine: `$MEDDISTILL_PVC_ROOT/CLAIM/PATH` (see local_path
+    for namespace). Pods, `meddistill run` and serving replicas all resolve the scheme here."""
+    claim, _, rest = uri[len(PVC_SCHEME):].partition("/")
+    root = pvc_root()
+    return (root / namespace if namespace else root) / claim / rest
+
+
+def pvc_input_problem(uri: str) -> str:
+    """Why `uri` (stripped, starting with pvc://) cannot name a model or dataset; "" when it can.
+
+    An input names a file or folder inside a claim: a bare pvc://CLAIM is refused, so a forgotten path
+    shows at validation, not as a whole claim loaded as a model."""
+    claim, _, rest = uri[len(PVC_SCHEME):].partition("/")
+    if not re.fullmatch(PVC_CLAIM_PATTERN, claim) or len(claim) > PVC_CLAIM_MAX:
+        return (f"the claim {claim!r} is not a PersistentVolumeClaim name (lowercase letters, digits, '-' and '.', "
+                f"at most {PVC_CLAIM_MAX} characters, starting and ending with a letter or digit); write "
+                "pvc://CLAIM/PATH, e.g. pvc://models/llama-3-8b")
+    if not re.search(r"[^\s/]", rest):
+        return f"no path inside the claim {claim!r}; write pvc://CLAIM/PATH, e.g. pvc://{claim}/llama-3-8b"
+    return ""
+
+
+def pvc_not_found(what: str, uri: str) -> str:
+    """The error for an input pvc:// reference whose file is not on this machine, with the fix."""
+    claim, path, root = pvc_claim(uri), pvc_path(uri), pvc_root()
+    if (root / claim).is_dir():
+        return (f"{what}: {path} does not exist: the claim {claim!r} is mounted at {root / claim} but holds no "
+                f"{uri[len(PVC_SCHEME) + len(claim):].lstrip('/')!r}; copy it onto the claim or fix the path")
+    return (f"{what}: {path} does not exist on this machine: the claim {claim!r} must be mounted at {root / claim} "
+            f"(the operator mounts it in every stage and serving pod), or set {PVC_ROOT_ENV} to the folder the "
+            f"claims are mounted under on this machine (now {root})")
+
+
+def input_path_pattern(excluded: str = "") -> str:
+    """RE2 (read alike by Python) of a model or dataset path, leading blanks allowed: a well-formed
+    pvc://CLAIM/PATH, or any path not starting with pvc:// (there the resolver decides). CRD patterns
+    embed it so the API server refuses what pvc_input_problem refuses; RE2 has no lookahead, hence
+    "not pvc://" spelled as each prefix of it followed by a different character, or alone.
+    excluded: characters the path cannot hold (a dataset reference's '#' before its SPLIT)."""
+    char = f"[^{excluded}]" if excluded else r"[\s\S]"
+    s = PVC_SCHEME
+    starts = [rf"[^\s{s[0]}{excluded}]"] + [f"{s[:i]}[^{s[i]}{excluded}]" for i in range(1, len(s))]
+    return (rf"\s*(?:{s}{PVC_CLAIM_PATTERN}/{char}*[^\s/{excluded}]{char}*"
+            rf"|(?:{'|'.join(starts)}){char}*|{'|'.join(s[:i] for i in range(1, len(s)))})")
 
 
 class UnsafePathError(ValueError):

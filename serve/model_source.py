@@ -1,7 +1,8 @@
 """Where a serving replica finds its model: one function for both engines, called in the replica.
 
-    pvc://CLAIM/PATH   the claim's mount in the pod (artifacts.PVC_ROOT/CLAIM, or $MEDDISTILL_PVC_ROOT,
-                       which the operator sets); its manifest, when it has one, is checked
+    pvc://CLAIM/PATH   the claim's mount in the pod ($MEDDISTILL_PVC_ROOT/CLAIM, which the operator sets
+                       and mounts: the artifacts' claim and every claim the job's inputs name); its
+                       manifest, when it has one, is checked
     s3://BUCKET/PREFIX a published artifact: fetched (manifest + files) into the local cache and
                        checked against the manifest's sha256s; refused when it has no manifest or
                        a file does not match
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from meddistill.artifacts import ArtifactStore, local_path, read_manifest, verify
+from meddistill.artifacts import ArtifactStore, local_path, pvc_not_found, read_manifest, verify
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ def local_model_dir(source: str, *, gguf: bool = False) -> Path:
     """
     if source.startswith("pvc://"):
         path = local_path(source)
+        if not path.exists():
+            raise ModelArtifactError(pvc_not_found(f"model source {source}", source))
         if not path.is_dir():
-            raise ModelArtifactError(
-                f"model source {source}: {path} is not a directory in this pod; the claim must be mounted at "
-                f"{path.parent.parent} (the operator mounts spec.artifacts' claim there)")
+            raise ModelArtifactError(f"model source {source}: {path} is a file; name the model's directory")
         return _checked(path, source)
     if source.startswith("s3://"):
         fetched = ArtifactStore(source).fetch()

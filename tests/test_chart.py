@@ -21,7 +21,8 @@ def test_helm_lint_is_clean(kube_cluster):
                                          "artifactClaims[0].claim=models", "artifactClaims[0].operatorClaim=team-a-models",
                                          "artifactSecretName=s3-creds", "logLevel=debug",
                                          "rayClusters[0].name=shared", "rayClusters[0].address=https://ray-head.ray.svc:8265",
-                                         "rayClusters[0].tokenSecret.name=ray-token", "ray.defaultCluster=shared"]])
+                                         "rayClusters[0].tokenSecret.name=ray-token", "ray.defaultCluster=shared",
+                                         "imagePullSecrets[0].name=regcred"]])
 def test_template_passes_server_dry_run(kube_cluster, values):
     install_crd(kube_cluster)
     kube_cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
@@ -37,13 +38,16 @@ def test_template_passes_server_dry_run(kube_cluster, values):
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     role = next(d for d in docs if d["kind"] == want_role and d["metadata"]["name"] == "dry-meddistill-operator")
     reads = {"get", "list", "watch"}
-    assert not any("secrets" in r["resources"] and reads & set(r["verbs"]) for r in role["rules"])  # never read broadly
+    # The operator's own Secret rule: create each job's token Secret, get one by name (its metadata, on a 409,
+    # for the owner check); never list/watch: it cannot enumerate Secrets.
+    assert [r["verbs"] for r in role["rules"] if "secrets" in r["resources"]] == [["create", "get"]]
     secret_rules = {(d["metadata"].get("namespace"), tuple(r.get("resourceNames") or ()), tuple(r["verbs"]))
                     for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d["rules"]
                     if "secrets" in r["resources"] and reads & set(r["verbs"])}
     # Ray clusters listed: the token Secret by name in the operator's namespace, and listing (the operator
     # filters by the consent label) in the namespace it serves; nothing cluster-wide.
-    assert secret_rules == ({(OPERATOR_NAMESPACE, ("ray-token",), ("get",)), ("team-a", (), ("list",))} if values else set())
+    own = (role["metadata"].get("namespace"), (), ("create", "get"))
+    assert secret_rules == ({own, (OPERATOR_NAMESPACE, ("ray-token",), ("get",)), ("team-a", (), ("list",))} if values else {own})
     deploy = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
     pod = deploy["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -96,3 +100,21 @@ def test_kuberay_namespaces_reach_the_operator_and_so_the_head_network_policy(ku
     assert env("--set", "kuberayNamespaces={kuberay-system,ray}")[KUBERAY_NAMESPACES_ENV] == "kuberay-system,ray"
     refused = kube_cluster.helm("template", "x", str(CHART), "--set", "kuberayNamespaces={Bad_NS}", check=False)
     assert refused.returncode != 0 and "kuberayNamespaces" in refused.stderr
+
+
+def test_image_pull_secrets_reach_the_operator_for_the_pods_running_its_image(kube_cluster):
+    """The chart's imagePullSecrets go to the operator's pod and, as MEDDISTILL_IMAGE_PULL_SECRETS, to the
+    operator, which gives them to the stage and serving pods running its image (test_planner_kuberay.py)."""
+    from meddistill.operator.backends.kuberay_objects import IMAGE_PULL_SECRETS_ENV
+
+    def pod(*args):
+        rendered = kube_cluster.helm("template", "x", str(CHART), *args).stdout
+        return next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]
+
+    assert IMAGE_PULL_SECRETS_ENV not in {e["name"] for e in pod()["containers"][0]["env"]}
+    spec = pod("--set", "imagePullSecrets[0].name=regcred", "--set", "imagePullSecrets[1].name=mirror")
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env[IMAGE_PULL_SECRETS_ENV] == "regcred,mirror"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    refused = kube_cluster.helm("template", "x", str(CHART), "--set", "imagePullSecrets[0].name=a\\,b", check=False)
+    assert refused.returncode != 0 and "imagePullSecrets" in refused.stderr  # a comma would split the name

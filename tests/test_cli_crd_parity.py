@@ -76,7 +76,9 @@ def test_api_server_accepts_every_valid_example(kube_cluster, generated_crd_name
     """The other half of parity: the new patterns and CEL do not refuse what `validate` accepts."""
     edge = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
     edge["metadata"]["name"] = "edge-0"
-    edge["spec"]["evaluation"]["datasets"] = ["PubMedQA : @samples/pubmedqa/ori_pqal.json # test ", "jsonl:a#b.jsonl#dev"]
+    edge["spec"]["evaluation"]["datasets"] = ["PubMedQA : @samples/pubmedqa/ori_pqal.json # test ", "jsonl:a#b.jsonl#dev",
+                                              "pubmedqa: pvc://data.ward-3/pq#al.json#train", "hf:pvc://d/saved"]
+    edge["spec"]["teacher"]["model"] = " pvc://hospital-models/smollm2 "  # inputs on claims
     edge["spec"]["scheduling"] = {"nodeSelector": {"pool": "cpu"}, "stages": {"teacher": {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}}
     (tmp_path / "edge.yaml").write_text(yaml.safe_dump(edge))

@@ -60,6 +60,12 @@ def test_rayservice_autoscaling_and_in_place_model_patch():
     body = kuberay.rayservice(j, "uid", Serve("quickstart", "/runs/quickstart/quantize"))
     cluster = body["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
+    # The autoscaler container talks to the API server as KubeRay's autoscaler ServiceAccount; worker
+    # pods (Serve replicas) and stage pods never get a token.
+    assert cluster["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert cluster["workerGroupSpecs"][0]["template"]["spec"]["automountServiceAccountToken"] is False
+    fixed = kuberay.rayservice(job(serving={"minReplicas": 2, "maxReplicas": 2}), "uid", Serve("q", "/runs/q/quantize"))
+    assert fixed["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is False
     assert (cluster["workerGroupSpecs"][0]["minReplicas"], cluster["workerGroupSpecs"][0]["replicas"],
             cluster["workerGroupSpecs"][0]["maxReplicas"]) == (1, 2, 3)
     env = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
@@ -153,3 +159,26 @@ def test_scheduling_is_job_wide_with_per_stage_overrides():
     pod = serving["workerGroupSpecs"][0]["template"]["spec"]
     assert pod["serviceAccountName"] == "serve-sa" and pod["automountServiceAccountToken"] is True
     assert pod["nodeSelector"] == {"pool": "cpu"}
+
+
+def test_pods_running_the_operators_image_get_the_charts_pull_secrets(monkeypatch):
+    """MEDDISTILL_IMAGE_PULL_SECRETS (the chart's imagePullSecrets) reaches every pod of a job without
+    spec.image: head, worker, submitter, serving; a job naming its own pull Secrets or image does not get them."""
+    monkeypatch.setenv(kuberay.IMAGE_PULL_SECRETS_ENV, "regcred,mirror")
+
+    def pods(j):
+        stage = kuberay.rayjob(j, "uid", StartStage("teacher", 1, "quickstart-teacher-a1"))["spec"]
+        serving = kuberay.rayservice(j, "uid", Serve("quickstart", "/runs/q"))["spec"]["rayClusterConfig"]
+        return [c["headGroupSpec"]["template"]["spec"] for c in (stage["rayClusterSpec"], serving)] + \
+               [c["workerGroupSpecs"][0]["template"]["spec"] for c in (stage["rayClusterSpec"], serving)] + \
+               [stage["submitterPodTemplate"]["spec"]]
+
+    for pod in pods(job()):
+        assert pod["containers"][0]["image"] == kuberay.default_image()
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    for pod in pods(job(scheduling={"imagePullSecrets": ["own"]})):  # the job's own list wins
+        assert pod["imagePullSecrets"] == [{"name": "own"}]
+    for pod in pods(job(image="registry.example/custom:1")):  # another image: the chart's Secrets are not its
+        assert "imagePullSecrets" not in pod
+    monkeypatch.delenv(kuberay.IMAGE_PULL_SECRETS_ENV)
+    assert all("imagePullSecrets" not in pod for pod in pods(job()))

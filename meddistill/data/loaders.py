@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from meddistill.artifacts import PVC_SCHEME, pvc_not_found
 from meddistill.data.records import OPTION_LETTERS, QUESTION_TYPES, YES_NO_MAYBE, MedicalRecord
 from meddistill.data.refs import DatasetRef, parse_dataset_ref
 from meddistill.prompts.detect import detect_question_type
@@ -106,6 +107,8 @@ def load_dataset(
     """Load a dataset reference (`FORMAT:PATH[#SPLIT]`) into normalized records."""
     ref = parse_dataset_ref(ref)
     sink = _Sink(lenient=lenient, limit=limit)
+    if ref.path.startswith(PVC_SCHEME) and not ref.resolve_path().exists():  # hf: too: a saved dataset
+        raise FileNotFoundError(pvc_not_found(f"dataset {ref}", ref.path))
     if ref.format == "hf":
         _load_hf(ref, sink, base_dir)
     else:

@@ -7,16 +7,20 @@
     medquad:MedQuAD/                      instruction:chatdoctor5k.json
     jsonl:my.jsonl                        hf:org/name#validation   hf:/local/saved#test
     pubmedqa:@samples/pubmedqa/ori_pqal.json#test   (data shipped inside the package)
+    jsonl:pvc://data/medquad.jsonl                  (a file on the PersistentVolumeClaim `data`)
 
 A relative PATH is resolved against `base_dir` (the folder of the spec file that names it) or the
 current directory; `@samples/...` is resolved against `meddistill/samples/`, so examples work from
-a fresh clone and inside a container image alike.
+a fresh clone and inside a container image alike; `pvc://CLAIM/PATH` against the claim's mount,
+`$MEDDISTILL_PVC_ROOT/CLAIM/PATH` (artifacts.pvc_path; the operator mounts the claim in every pod).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from meddistill.artifacts import PVC_SCHEME, input_path_pattern, pvc_input_problem, pvc_path
 
 DATASET_FORMATS: dict[str, str] = {
     "pubmedqa": "PubMedQA PQA-L ori_pqal.json (splits: test = official 500, train = the other 500)",
@@ -31,9 +35,10 @@ DATASET_FORMATS: dict[str, str] = {
 
 # parse_dataset_ref as one regex (RE2 syntax, which Python's re reads alike): the CRD's schema
 # carries it, so the API server refuses what the parser refuses. tests/test_data_refs.py keeps the
-# two in step. PATH may hold '#': the SPLIT is after the last one.
-_NO_SPLIT = r"[^#]*[^\s#][^#]*"
-_SPLIT = r".*\S.*#"
+# two in step. PATH may hold '#': the SPLIT is after the last one. A pvc:// PATH must be well formed.
+_NO_SPLIT = r"[^#]*[^\s#][^#]*"  # a non-blank SPLIT
+_PATH = input_path_pattern("#")  # the PATH of a reference without SPLIT
+_SPLIT = input_path_pattern() + "#"  # the PATH before the last '#', and that '#'
 
 
 def _formats(names) -> str:
@@ -41,8 +46,8 @@ def _formats(names) -> str:
 
 
 DATASET_REF_PATTERN = (
-    r"^\s*(?:" + _formats(["pubmedqa"]) + f"(?:{_NO_SPLIT}|{_SPLIT}\\s*(?:test|train)\\s*)"
-    + "|" + _formats([f for f in DATASET_FORMATS if f != "pubmedqa"]) + f"(?:{_NO_SPLIT}|{_SPLIT}{_NO_SPLIT})" + ")$"
+    r"^\s*(?:" + _formats(["pubmedqa"]) + f"(?:{_PATH}|{_SPLIT}\\s*(?:test|train)\\s*)"
+    + "|" + _formats([f for f in DATASET_FORMATS if f != "pubmedqa"]) + f"(?:{_PATH}|{_SPLIT}{_NO_SPLIT})" + ")$"
 )
 
 SAMPLES_PREFIX = "@samples/"
@@ -66,13 +71,15 @@ class DatasetRef:
     def is_hub_name(self) -> bool:
         """An `hf:` reference that names a hub dataset rather than a local folder."""
         return self.format == "hf" and not (
-            self.path.startswith(("/", ".", "~", SAMPLES_PREFIX)) or os.path.exists(self.path)
+            self.path.startswith(("/", ".", "~", SAMPLES_PREFIX, PVC_SCHEME)) or os.path.exists(self.path)
         )
 
     def resolve_path(self, base_dir: str | os.PathLike | None = None) -> Path:
         """The local file or folder this reference points at (no existence check)."""
         if self.path.startswith(SAMPLES_PREFIX):
             return SAMPLES_DIR / self.path[len(SAMPLES_PREFIX):]
+        if self.path.startswith(PVC_SCHEME):
+            return pvc_path(self.path)
         path = Path(self.path).expanduser()
         if path.is_absolute():
             return path
@@ -105,6 +112,8 @@ def parse_dataset_ref(text: "str | DatasetRef") -> DatasetRef:
     path, split = path.strip(), split.strip()
     if not path:
         raise DatasetRefError(f"dataset reference {text!r}: the PATH after '{fmt}:' is empty")
+    if path.startswith(PVC_SCHEME) and (problem := pvc_input_problem(path)):
+        raise DatasetRefError(f"dataset reference {text!r}: {problem}")
     if hash_sep and not split:
         raise DatasetRefError(f"dataset reference {text!r}: the SPLIT after '#' is empty; drop the '#'")
     if fmt == "pubmedqa" and split and split not in ("test", "train"):

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from meddistill.data.refs import DATASET_REF_PATTERN
+from meddistill.artifacts import PVC_SCHEME, input_path_pattern, pvc_claim, pvc_input_problem
+from meddistill.data.refs import DATASET_REF_PATTERN, parse_dataset_ref
 
 API_GROUP = "meddistill.io"
 API_VERSION = "v1alpha1"
@@ -84,6 +85,18 @@ class SpecModel(BaseModel):
 # The CRD's schema carries the reference pattern, so the API server refuses what the parser refuses;
 # in Python the parser itself checks (its messages name the bad part and the fix).
 DatasetRefStr = Annotated[str, Field(json_schema_extra={"pattern": DATASET_REF_PATTERN})]
+
+
+# A model source: anything the resolver takes, but a pvc:// one must name a claim and a path in it (the
+# API server refuses what `_model_source` refuses; blank strings are left to the resolver as before).
+ModelSourceStr = Annotated[str, Field(json_schema_extra={"pattern": rf"^(?:{input_path_pattern()}|\s*)$"})]
+
+
+def _model_source(value: str | None) -> str | None:
+    text = (value or "").strip()
+    if text.startswith(PVC_SCHEME) and (problem := pvc_input_problem(text)):
+        raise ValueError(problem)
+    return value
 
 
 def _dataset_refs(value: list[str]) -> list[str]:
@@ -185,15 +198,15 @@ class Teacher(SpecModel):
     )
     model_config = ConfigDict(json_schema_extra=_cel(*RULES))
 
-    model: str = Field(
+    model: ModelSourceStr = Field(
         ...,
         min_length=1,
-        description="Model source: a Hugging Face id, a local/PVC directory, a .gguf file, s3://bucket/prefix, or builtin:smollm2-135m-instruct.",
+        description="Model source: a Hugging Face id, a local directory, a .gguf file, pvc://CLAIM/PATH (a directory or .gguf on a PersistentVolumeClaim of the job's namespace, mounted read-only into every stage and serving pod), s3://bucket/prefix, or builtin:smollm2-135m-instruct.",
     )
     datasets: list[DatasetRefStr] = Field(
         ...,
         min_length=1,
-        description="Training data as dataset references FORMAT:PATH[#SPLIT], e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#train.",
+        description="Training data as dataset references FORMAT:PATH[#SPLIT], e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#train or jsonl:pvc://data/medquad.jsonl (a file on the claim `data`, mounted read-only into every stage pod).",
     )
     method: Literal["full", "lora", "qlora"] = Field("full", description="Fine-tune method: full weights, LoRA adapters, or LoRA on a 4-bit base (QLoRA).")
     lora: Lora | None = Field(None, description="LoRA settings for method lora/qlora.")
@@ -206,6 +219,11 @@ class Teacher(SpecModel):
     @classmethod
     def _check_datasets(cls, v: list[str]) -> list[str]:
         return _dataset_refs(v)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str | None) -> str | None:
+        return _model_source(v)
 
 
 class DeriveStudent(SpecModel):
@@ -230,11 +248,16 @@ class Student(SpecModel):
     )
     model_config = ConfigDict(json_schema_extra=_cel(*RULES))
 
-    model: str | None = Field(None, min_length=1, description="Model source of the student (same forms as teacher.model).")
+    model: ModelSourceStr | None = Field(None, min_length=1, description="Model source of the student (same forms as teacher.model).")
     derive: DeriveStudent | None = Field(None, description="Derive the student from the fine-tuned teacher instead.")
     lora: Lora = Field(default_factory=Lora, description="LoRA on the student's attention projections.")
     resources: Resources = Field(default_factory=Resources, description="Workers and their resources.")
     training: Training = Field(default_factory=lambda: Training(learning_rate=2e-4), description="Hyperparameters.")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str | None) -> str | None:
+        return _model_source(v)
 
 
 class Distillation(SpecModel):
@@ -780,6 +803,14 @@ class MedDistillJob(BaseModel):
     metadata: ObjectMeta
     spec: MedDistillJobSpec
     status: MedDistillJobStatus | None = None
+
+
+def input_claims(spec: MedDistillJobSpec) -> list[str]:
+    """The PersistentVolumeClaims the job reads models and datasets from (its pvc:// inputs), sorted:
+    the KubeRay backend mounts each read-only into every stage and serving pod."""
+    paths = [spec.teacher.model.strip(), (spec.student.model or "").strip()]
+    paths += [parse_dataset_ref(r).path for r in (*spec.teacher.datasets, *spec.evaluation.datasets)]
+    return sorted({pvc_claim(p) for p in paths if p.startswith(PVC_SCHEME)})
 
 
 def pipeline_stages(spec: MedDistillJobSpec) -> list[str]:

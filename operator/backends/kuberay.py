@@ -2,8 +2,9 @@
 
 Children carry an owner reference to their MedDistillJob, so the garbage collector removes them
 with it (no garbage collection here) and a re-created job with the same name never adopts the old
-job's children. A create that finds its name taken (409) is checked the same way: a child this job
-owns is a restart finding its own work; anything else is a ChildConflict, never "Running".
+job's children. A create that finds its name taken (409) is checked the same way (RayJobs, RayServices,
+the token Secret, the head NetworkPolicy): a child this job owns is a restart finding its own work;
+anything else is a ChildConflict, never "Running".
 API errors become ReconcileBlocked with the cause and the fix, so they reach the job's conditions
 and events, not only the operator's log. Manifests are rendered in kuberay_objects.py.
 """
@@ -46,6 +47,13 @@ KIND_OF = {RAYJOBS: "RayJob", RAYSERVICES: "RayService"}
 # Namespaces of the KubeRay operator (comma-separated; the chart sets it): the only outside pods the
 # job's Ray heads admit on the dashboard port. Unset: a pod labelled as KubeRay's in any namespace.
 KUBERAY_NAMESPACES_ENV = "MEDDISTILL_KUBERAY_NAMESPACES"
+# A get that returns only metadata: enough for the owner check, and a Secret's data (another's
+# token, on a conflict) never reaches the operator.
+METADATA_ONLY = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
+# Phases with a Ray cluster running or about to be: the guard runs on their every reconcile.
+LIVE_PHASES = ("Running", "Serving")
+
+
 def owned_by(obj: dict, uid: str) -> bool:
     return any(o.get("uid") == uid for o in obj.get("metadata", {}).get("ownerReferences") or [])
 
@@ -74,6 +82,13 @@ def blocked(e: ApiException, verb: str, what: str, plural: str) -> ReconcileBloc
                else "fix the spec field it names (spec.scheduling, spec.queueName, spec.image)")
         return ReconcileBlocked(f"the API server refused {what} ({e.status}): {detail}; {fix}", CHILD_REFUSED)
     return None
+
+
+def not_owned(what: str, obj: dict, delete: str) -> ReconcileBlocked:
+    meta = obj.get("metadata") or {}
+    owners = ", ".join(f"{o.get('kind')}/{o.get('name')}" for o in meta.get("ownerReferences") or []) or "none"
+    return ReconcileBlocked(f"{what} exists and is not owned by this MedDistillJob (owners: {owners}): "
+                            f"delete it ({delete}) or rename this job", CHILD_CONFLICT)
 
 
 class KubeRayBackend:
@@ -115,33 +130,47 @@ class KubeRayBackend:
         found = api.list_namespaced_custom_object(RAY_GROUP, RAY_VERSION, ns, plural,
                                                   field_selector=f"metadata.name={name}")["items"]
         if found and not owned_by(found[0], uid):  # ours (or gone since): a restart found its own child; else not ours
-            owners = [f"{o.get('kind')}/{o.get('name')}" for o in found[0]["metadata"].get("ownerReferences") or []]
-            raise ReconcileBlocked(
-                f"{what} exists and is not owned by this MedDistillJob (owners: {', '.join(owners) or 'none'}): "
-                f"delete it (kubectl delete {plural}.{RAY_GROUP} -n {ns} {name}) or rename this job", CHILD_CONFLICT)
+            raise not_owned(what, found[0], f"kubectl delete {plural}.{RAY_GROUP} -n {ns} {name}")
 
     def _guard(self, job: MedDistillJob, uid: str) -> None:
         """The job's Ray token Secret and its heads' NetworkPolicy, before any Ray cluster that needs them.
 
-        Create only, never read: the operator holds no get on Secrets. A 409 is a restart finding its
-        own (the names are the job's; a foreign Secret there could only weaken the job's own cluster)."""
+        Created, and on a 409 read (metadata only) for the owner check: a Secret of that name that is
+        not the job's would hand its Ray clusters someone else's token (or a deleted job's, about to
+        be garbage-collected), a foreign policy would not be the one closing its heads."""
         ns, name = job.metadata.namespace, job.metadata.name
         kuberay_ns = tuple(n for n in os.environ.get(KUBERAY_NAMESPACES_ENV, "").split(",") if n)
-        for what, create in (
-            (f"Secret {ns}/{name}-ray-auth", lambda: kube_api.core().create_namespaced_secret(
-                ns, ray_auth_secret(job, uid, secrets.token_urlsafe(32)))),
-            (f"NetworkPolicy {ns}/{name}-ray-head", lambda: kube_api.networking().create_namespaced_network_policy(
-                ns, head_network_policy(job, uid, kuberay_ns))),
+        core, net, meta_only = kube_api.core(), kube_api.networking(), {"_headers": METADATA_ONLY, "_preload_content": False}
+        for kind, plural, obj, create, read in (
+            ("Secret", "secrets", f"{name}-ray-auth",
+             lambda: core.create_namespaced_secret(ns, ray_auth_secret(job, uid, secrets.token_urlsafe(32))),
+             lambda: core.read_namespaced_secret(f"{name}-ray-auth", ns, **meta_only)),
+            ("NetworkPolicy", "networkpolicies", f"{name}-ray-head",
+             lambda: net.create_namespaced_network_policy(ns, head_network_policy(job, uid, kuberay_ns)),
+             lambda: net.read_namespaced_network_policy(f"{name}-ray-head", ns, **meta_only)),
         ):
+            what = f"{kind} {ns}/{obj}"
             try:
                 create()
+                continue
             except ApiException as e:
                 if e.status != 409:
-                    raise blocked(e, "create", what, what.split()[0].lower() + "s") or e from None
+                    raise blocked(e, "create", what, plural) or e from None
+            try:
+                found = json.loads(read().data)
+            except ApiException as e:
+                if e.status == 404:  # deleted since the 409: the next reconcile creates it
+                    continue
+                raise blocked(e, "get", what, plural) or e from None
+            if not owned_by(found, uid):
+                raise not_owned(what, found, f"kubectl delete {plural} -n {ns} {obj}")
 
     def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
         api, ns = self._api(), job.metadata.namespace
-        if p.create:
+        # Not only before a create: a Secret or policy deleted while a cluster runs comes back (an owned
+        # one costs a create (409) and a metadata get). A re-created Secret holds a new token (the old
+        # one was never read back): pods already running keep theirs, later pods and clusters use it.
+        if p.create or p.status.get("phase") in LIVE_PHASES:
             self._guard(job, uid)
         for item in p.create:
             if isinstance(item, StartStage):

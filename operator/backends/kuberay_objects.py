@@ -8,15 +8,16 @@ The planner never sees a KubeRay field; kuberay.py is the backend that sends and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
 
 import yaml
 
-from meddistill.artifacts import PVC_ROOT, PVC_ROOT_ENV
+from meddistill.artifacts import PVC_ROOT, PVC_ROOT_ENV, PVC_SCHEME, pvc_claim
 from meddistill.serve.config import TOKEN_ENV, render_serve_config_v2
-from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources
+from meddistill.spec.models import API_GROUP, API_VERSION, KIND, MedDistillJob, Resources, input_claims
 
 from ..failures import redacted_failure
 from ..planner import INVALID_RUN, Serve, ServingApp, ServingTarget, StageRun, StartStage
@@ -64,6 +65,9 @@ AUTOSCALER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits"
 # The operator's own image (the chart sets it): stage and serving pods of jobs that name no spec.image
 # run it, so an air-gapped cluster sets its registry path once, in the chart.
 IMAGE_ENV = "MEDDISTILL_IMAGE"
+# The pull Secrets of that image (comma-separated names; the chart's imagePullSecrets): given to the
+# pods that run it. A Secret is namespaced: one of each name must exist in every job namespace.
+IMAGE_PULL_SECRETS_ENV = "MEDDISTILL_IMAGE_PULL_SECRETS"
 
 
 def default_image() -> str:
@@ -90,13 +94,32 @@ def _owner(job: MedDistillJob, owner_uid: str) -> list[dict]:
              "uid": owner_uid, "controller": True, "blockOwnerDeletion": True}]
 
 
+def _input_volume(claim: str) -> str:
+    """A volume name (a DNS label, at most 63 characters) for an input claim (a DNS subdomain: may hold
+    '.' and run to 253): `input-<claim>`, or a cut of it plus a hash of the claim, so names stay unique."""
+    name = f"input-{claim}"
+    if len(name) <= 63 and "." not in claim:
+        return name
+    cut = name[:54].replace(".", "-").rstrip("-")
+    return f"{cut}-{hashlib.sha256(claim.encode()).hexdigest()[:8]}"
+
+
 def _storage(job: MedDistillJob) -> tuple[list[dict], list[dict], list[dict]]:
-    """(volumes, volumeMounts, envFrom) giving pods the artifact store."""
+    """(volumes, volumeMounts, envFrom) giving pods the artifact store and the job's inputs.
+
+    Every claim is mounted at PVC_ROOT/CLAIM, where pvc:// resolves (artifacts.pvc_path): the artifact
+    claim read-write, each claim a model or dataset is read from (input_claims) read-only, so a stage
+    cannot change a hospital's source data; a claim that is both is mounted once, read-write."""
     uri, volumes, mounts, env_from = job.spec.artifacts.uri, [], [], []
-    if uri.startswith("pvc://"):
-        claim = uri[len("pvc://"):].partition("/")[0]
-        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": "artifacts", "mountPath": f"{PVC_ROOT}/{claim}"})
+    store = pvc_claim(uri) if uri.startswith(PVC_SCHEME) else None
+    if store:
+        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": store}})
+        mounts.append({"name": "artifacts", "mountPath": f"{PVC_ROOT}/{store}"})
+    for claim in input_claims(job.spec):
+        if claim != store:
+            name = _input_volume(claim)
+            volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+            mounts.append({"name": name, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
     if job.spec.artifacts.secret_name:
         env_from.append({"secretRef": {"name": job.spec.artifacts.secret_name}})
     return volumes, mounts, env_from
@@ -130,8 +153,11 @@ def _placement(job: MedDistillJob, stage: str) -> dict:
                               for t in s.tolerations]
     if s.priority_class_name:
         out["priorityClassName"] = s.priority_class_name
-    if s.image_pull_secrets:
-        out["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
+    # The job's own list (even empty) wins; else pods running the operator's image get its pull Secrets.
+    pull = s.image_pull_secrets if s.image_pull_secrets is not None else (
+        [] if job.spec.image else [n for n in os.environ.get(IMAGE_PULL_SECRETS_ENV, "").split(",") if n])
+    if pull:
+        out["imagePullSecrets"] = [{"name": n} for n in pull]
     if s.service_account_name:
         out["serviceAccountName"] = s.service_account_name
     return out
@@ -296,6 +322,10 @@ def rayservice(job: MedDistillJob, owner_uid: str, serve: Serve) -> dict:
         # KubeRay adds an `autoscaler` container to the head; without this it has no securityContext
         # and a namespace enforcing PodSecurity "restricted" refuses the head pod.
         cluster["autoscalerOptions"] = {"securityContext": CONTAINER_SECURITY, "resources": AUTOSCALER_RESOURCES}
+        # The autoscaler reads and patches its RayCluster through the API, as the ServiceAccount KubeRay
+        # makes for it (a Role on this cluster only): the head needs that token, which stage pods never
+        # get. Without it the autoscaler container dies at start ("no such file .../serviceaccount/token").
+        cluster["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] = True
     for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
         pod["spec"]["containers"][0]["env"] += serving_token_env(job)
     return {

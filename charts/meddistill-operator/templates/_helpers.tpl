@@ -15,6 +15,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if eq .Values.rbac.scope "namespace" -}}{{ .Values.watchNamespace | default .Release.Namespace }}{{- end -}}
 {{- end }}
 
+{{/* imagePullSecrets' names, comma-separated (MEDDISTILL_IMAGE_PULL_SECRETS); called with the list. */}}
+{{- define "meddistill.pullSecretNames" -}}
+{{- $names := list }}{{ range . }}{{ $names = append $names .name }}{{ end }}{{ join "," $names }}
+{{- end }}
+
 {{/* Exactly what the operator calls; tests/test_chart_rbac.py drops rules one by one. */}}
 {{- define "meddistill.rules" -}}
 - apiGroups: ["meddistill.io"]
@@ -41,13 +46,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings", "kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
-{{- /* KubeRay children: each job's Ray token Secret (created, never read back) and the NetworkPolicy
-     closing its Ray heads' ports. */}}
+{{- /* KubeRay children: each job's Ray token Secret and the NetworkPolicy closing its Ray heads' ports.
+     get: when the create finds the name taken (409), the operator reads the object's metadata
+     (PartialObjectMetadata: a Secret's data never comes back) to check it is the job's own, not a
+     foreign one handing the job's Ray clusters another token. RBAC cannot narrow get to metadata or to
+     per-job names; no list/watch: the operator cannot enumerate Secrets. */}}
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create"]
+  verbs: ["create", "get"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["create"]
+  verbs: ["create", "get"]
 {{- end }}
 

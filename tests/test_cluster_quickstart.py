@@ -1,0 +1,226 @@
+"""The product's main use, for real: `helm install` the chart and `kubectl apply` a job on a one-node
+Kubernetes cluster where the kubelet runs the pods (tests/support/node_cluster.py).
+
+Nothing here plays KubeRay or writes a controller's status: the operator runs as a pod from the
+image built from this checkout (tools/image/build.sh, the Dockerfile's steps), KubeRay's real
+controller turns each stage's RayJob into head, worker and submitter pods, and the quickstart (made
+small enough for 2 CPUs: tests/fixtures/cluster/quickstart-on-a-node.yaml) runs stage by stage in a
+namespace that enforces PodSecurity "restricted", its artifacts on a claim. The served student is
+asked through its Service with the endpoint's token.
+
+Marked `cluster`: needs root and containerd (apt); `pytest -m "not cluster"` leaves it out.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.kube_cluster import REPO_ROOT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+NS, RELEASE_NS, JOB = "ward", "meddistill-system", "quickstart"
+JOB_FILE = REPO_ROOT / "tests" / "fixtures" / "cluster" / "quickstart-on-a-node.yaml"
+CHART = REPO_ROOT / "charts" / "meddistill-operator"
+PIPELINE_TIMEOUT_S = 30 * 60
+GONE_WITHIN_S = 60
+
+
+@dataclass
+class Timeline:
+    """What the watcher saw, every few seconds, while the job ran."""
+
+    rayjobs: dict[str, dict] = field(default_factory=dict)  # name -> last status
+    succeeded_at: dict[str, float] = field(default_factory=dict)  # RayJob -> when it first read SUCCEEDED
+    pods_seen: dict[str, dict] = field(default_factory=dict)  # pod name -> {cluster, first, last}
+    pods_during_distill: str = ""
+    stage_log: str = ""
+    phases: list[str] = field(default_factory=list)
+
+
+def _objects(cluster, kind: str, ns: str = NS) -> list[dict]:
+    out = cluster.kubectl("get", kind, "-n", ns, "-o", "json", check=False)
+    return json.loads(out.stdout).get("items", []) if out.returncode == 0 else []
+
+
+def _job(cluster) -> dict:
+    return json.loads(cluster.kubectl("get", "meddistilljob", JOB, "-n", NS, "-o", "json").stdout)
+
+
+def _install(cluster) -> None:
+    """What a platform team does: claims for artifacts (the job's, and the operator's view of the same
+    storage), the endpoint's token, a restricted namespace, then the chart with the local image."""
+    # The model and a dataset on a claim of their own (what the job's pvc://models/... names).
+    models = cluster.add_pv("ward-models")
+    from meddistill.modelsource import builtin_gguf_path
+
+    for src, dest in ((builtin_gguf_path("smollm2-135m-instruct"), models / "smollm2"),
+                      (REPO_ROOT / "meddistill/samples/medquad_qa/medquad.train600.jsonl", models / "data")):
+        dest.mkdir(exist_ok=True)
+        shutil.copy(src, dest / Path(src).name)
+    folder = cluster.add_pv("ward-artifacts")
+    cluster.add_pv("operator-artifacts", path=folder)  # the same storage, seen from the release namespace
+    for ns in (NS, RELEASE_NS):
+        cluster.kubectl("create", "namespace", ns)
+    cluster.kubectl("label", "namespace", NS, "pod-security.kubernetes.io/enforce=restricted")
+    claims = [("artifacts", NS, "ward-artifacts"), ("ward-artifacts", RELEASE_NS, "operator-artifacts"),
+              ("models", NS, "ward-models")]
+    for name, ns, pv in claims:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": ns},
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "local", "volumeName": pv,
+                     "resources": {"requests": {"storage": "20Gi"}}}}))
+    cluster.token = secrets.token_urlsafe(24)
+    cluster.kubectl("create", "secret", "generic", "quickstart-endpoint", "-n", NS, f"--from-literal=token={cluster.token}")
+    repo, tag = cluster.image.rsplit(":", 1)
+    cluster.helm("install", "meddistill", str(CHART), "-n", RELEASE_NS, "--wait", "--timeout", "5m",
+                 "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+                 "--set", f"artifactClaims[0].namespace={NS}", "--set", "artifactClaims[0].claim=artifacts",
+                 "--set", "artifactClaims[0].operatorClaim=ward-artifacts", timeout=400)
+
+
+def _watch(cluster, timeline: Timeline, stop: threading.Event) -> None:
+    while not stop.is_set():
+        now = time.monotonic()
+        for rj in _objects(cluster, "rayjobs.ray.io"):
+            name, status = rj["metadata"]["name"], rj.get("status") or {}
+            timeline.rayjobs[name] = status
+            if status.get("jobStatus") == "SUCCEEDED":
+                timeline.succeeded_at.setdefault(name, now)
+            if "-distill-a" in name and status.get("jobDeploymentStatus") == "Running" and not timeline.pods_during_distill:
+                timeline.pods_during_distill = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+        for pod in _objects(cluster, "pods"):
+            name = pod["metadata"]["name"]
+            seen = timeline.pods_seen.setdefault(name, {"cluster": pod["metadata"].get("labels", {}).get("ray.io/cluster", ""),
+                                                        "first": now, "containers": [c["name"] for c in pod["spec"]["containers"]]})
+            seen["last"] = now
+        if not timeline.stage_log:
+            log = cluster.kubectl("logs", "-n", NS, f"job/{JOB}-teacher-a1", "--tail=400", check=False)
+            if "Dataset" in log.stdout or "step" in log.stdout:
+                timeline.stage_log = log.stdout
+        try:
+            phase = _job(cluster).get("status", {}).get("phase", "")
+        except Exception:  # noqa: BLE001 - keep watching through a slow API server
+            phase = ""
+        if phase and (not timeline.phases or timeline.phases[-1] != phase):
+            timeline.phases.append(phase)
+        stop.wait(3)
+
+
+@dataclass
+class QuickstartOnNode:
+    cluster: object
+    timeline: Timeline
+    status: dict
+    wall_s: float
+
+
+@pytest.fixture(scope="module")
+def quickstart_on_node(node_cluster) -> QuickstartOnNode:
+    cluster = node_cluster
+    _install(cluster)
+    cluster.kubectl("apply", "-f", str(JOB_FILE))
+    timeline, stop = Timeline(), threading.Event()
+    watcher = threading.Thread(target=_watch, args=(cluster, timeline, stop), daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    status: dict = {}
+    try:
+        while time.monotonic() - started < PIPELINE_TIMEOUT_S:
+            status = _job(cluster).get("status", {})
+            if status.get("phase") in ("Serving", "Succeeded", "Failed"):
+                break
+            time.sleep(5)
+        # A finished stage's pods must go: watch a little longer than the limit after the last stage.
+        time.sleep(GONE_WITHIN_S + 5 if status.get("phase") == "Serving" else 0)
+    finally:
+        stop.set()
+        watcher.join(30)
+    wall = time.monotonic() - started
+    sys.stderr.write(f"\n[cluster quickstart] {status.get('phase')} after {wall:.0f}s; phases {timeline.phases}\n"
+                     f"kubectl get pods -A during distill:\n{timeline.pods_during_distill}\n")
+    if status.get("phase") != "Serving":
+        pods = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
+        events = cluster.kubectl("get", "events", "-n", NS, "--sort-by=.lastTimestamp", check=False).stdout[-6000:]
+        logs = cluster.kubectl("logs", "-n", RELEASE_NS, "-l", "app.kubernetes.io/name=meddistill-operator",
+                               "--tail=80", check=False).stdout
+        pytest.fail(f"the job did not reach Serving in {wall:.0f}s: {json.dumps(status, indent=1)[:4000]}\n"
+                    f"{pods}\n{events}\n{logs}")
+    return QuickstartOnNode(cluster, timeline, status, wall)
+
+
+def test_stage_pods_are_made_by_the_kubelet_and_log(quickstart_on_node):
+    t = quickstart_on_node.timeline
+    assert {name.rsplit("-a", 1)[0].removeprefix(f"{JOB}-") for name in t.rayjobs} >= {
+        "teacher", "distill", "quantize", "evaluate"}, t.rayjobs.keys()
+    heads = [p for p, seen in t.pods_seen.items() if "-head-" in p]
+    workers = [p for p, seen in t.pods_seen.items() if "-worker-" in p]
+    assert heads and workers, t.pods_seen.keys()
+    # The teacher stage's submitter pod followed the Ray job: Ray Data and Train's own lines.
+    assert "Dataset" in t.stage_log or "step" in t.stage_log, t.stage_log[-2000:]
+    assert "distill" in t.pods_during_distill and "Running" in t.pods_during_distill, t.pods_during_distill
+
+
+def test_a_finished_stage_leaves_no_pods_after_a_minute(quickstart_on_node):
+    t = quickstart_on_node.timeline
+    assert t.succeeded_at, t.rayjobs
+    late = {}
+    for rayjob, done_at in t.succeeded_at.items():
+        cluster_name = t.rayjobs[rayjob].get("rayClusterName", "")
+        last_seen = max((seen["last"] for seen in t.pods_seen.values() if seen["cluster"] == cluster_name), default=0)
+        if last_seen - done_at > GONE_WITHIN_S:
+            late[rayjob] = round(last_seen - done_at)
+    assert late == {}, f"pods of finished stages still there after {GONE_WITHIN_S}s: {late}"
+
+
+def test_serving_head_with_its_autoscaler_is_admitted_under_restricted(quickstart_on_node):
+    cluster = quickstart_on_node.cluster
+    ns = json.loads(cluster.kubectl("get", "namespace", NS, "-o", "json").stdout)
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    heads = [p for p in _objects(cluster, "pods") if p["metadata"]["labels"].get("ray.io/node-type") == "head"
+             and p["metadata"]["labels"].get("ray.io/is-ray-node") == "yes"]
+    serving = [p for p in heads if "autoscaler" in [c["name"] for c in p["spec"]["containers"]]]
+    assert serving, [p["metadata"]["name"] for p in heads]
+    assert serving[0]["status"]["phase"] == "Running"
+
+
+def test_the_served_student_answers_through_its_service(quickstart_on_node):
+    from openai import OpenAI
+
+    cluster = quickstart_on_node.cluster
+    svc = json.loads(cluster.kubectl("get", "service", f"{JOB}-serve-svc", "-n", NS, "-o", "json").stdout)
+    # The node routes Service addresses (kube-proxy's rules), as a pod's traffic would be.
+    base = f"http://{svc['spec']['clusterIP']}:8000/v1"
+    client = OpenAI(base_url=base, api_key=cluster.token, timeout=180)
+    reply = client.chat.completions.create(model="meddistill-student", max_tokens=64, temperature=0,
+                                           messages=[{"role": "user", "content": "What is hypertension?"}])
+    text = reply.choices[0].message.content
+    sys.stderr.write(f"\n[cluster quickstart] What is hypertension? -> {text!r}\n")
+    assert re.search(r"blood|pressure|heart|arter", text.lower()), text
+    with pytest.raises(Exception, match="401|Unauthorized|auth"):
+        OpenAI(base_url=base, api_key="wrong-token", timeout=60).chat.completions.create(
+            model="meddistill-student", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_zz_deleting_the_job_leaves_nothing_behind(quickstart_on_node):
+    cluster = quickstart_on_node.cluster
+    cluster.kubectl("delete", "meddistilljob", JOB, "-n", NS, "--wait=true", timeout=300)
+    kinds = ("pods", "services", "networkpolicies", "rayclusters.ray.io", "rayjobs.ray.io", "rayservices.ray.io")
+    deadline, left = time.monotonic() + 180, {}
+    while time.monotonic() < deadline:
+        left = {k: [o["metadata"]["name"] for o in _objects(cluster, k)] for k in kinds}
+        left["secrets"] = [o["metadata"]["name"] for o in _objects(cluster, "secrets")
+                           if o["metadata"]["name"] != "quickstart-endpoint"]
+        if not any(left.values()):
+            break
+        time.sleep(3)
+    assert not any(left.values()), left
