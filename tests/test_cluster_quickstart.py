@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.kube_cluster import REPO_ROOT
+from tests.support.node_cluster import cache_dir
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -124,8 +125,20 @@ class QuickstartOnNode:
     wall_s: float
 
 
+def _say(request, text: str) -> None:
+    """What the run did, for people: to the terminal past pytest's capture, and appended to
+    ~/.cache/meddistill/evidence/cluster-quickstart.log (an xdist worker's terminal is not shown)."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        sys.stderr.write(text)
+    log = cache_dir() / "evidence" / "cluster-quickstart.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text.lstrip("\n") + "\n")
+
+
 @pytest.fixture(scope="module")
-def quickstart_on_node(node_cluster) -> QuickstartOnNode:
+def quickstart_on_node(request, node_cluster) -> QuickstartOnNode:
     cluster = node_cluster
     _install(cluster)
     cluster.kubectl("apply", "-f", str(JOB_FILE))
@@ -140,14 +153,19 @@ def quickstart_on_node(node_cluster) -> QuickstartOnNode:
             if status.get("phase") in ("Serving", "Succeeded", "Failed"):
                 break
             time.sleep(5)
-        # A finished stage's pods must go: watch a little longer than the limit after the last stage.
-        time.sleep(GONE_WITHIN_S + 5 if status.get("phase") == "Serving" else 0)
+        # A finished stage's pods must go: keep watching until the last stage's are gone (or the limit passed).
+        deadline = time.monotonic() + GONE_WITHIN_S + 5
+        while status.get("phase") == "Serving" and time.monotonic() < deadline and any(
+                "-evaluate-a" in p["metadata"]["name"] and p["metadata"]["labels"].get("ray.io/cluster")
+                for p in _objects(cluster, "pods")):
+            time.sleep(3)
     finally:
         stop.set()
         watcher.join(30)
     wall = time.monotonic() - started
-    sys.stderr.write(f"\n[cluster quickstart] {status.get('phase')} after {wall:.0f}s; phases {timeline.phases}\n"
-                     f"kubectl get pods -A during distill:\n{timeline.pods_during_distill}\n")
+    _say(request, f"\n[cluster quickstart] {status.get('phase')} after {wall:.0f}s; phases {timeline.phases}; stages "
+         + ", ".join(f"{n}: {s.get('startTime', '')[11:19]}-{s.get('endTime', '')[11:19]}" for n, s in sorted(timeline.rayjobs.items()))
+         + f"\nkubectl get pods -A during distill:\n{timeline.pods_during_distill}\n")
     if status.get("phase") != "Serving":
         pods = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout
         events = cluster.kubectl("get", "events", "-n", NS, "--sort-by=.lastTimestamp", check=False).stdout[-6000:]
@@ -193,7 +211,7 @@ def test_serving_head_with_its_autoscaler_is_admitted_under_restricted(quickstar
     assert serving[0]["status"]["phase"] == "Running"
 
 
-def test_the_served_student_answers_through_its_service(quickstart_on_node):
+def test_the_served_student_answers_through_its_service(request, quickstart_on_node):
     from openai import OpenAI
 
     cluster = quickstart_on_node.cluster
@@ -204,7 +222,7 @@ def test_the_served_student_answers_through_its_service(quickstart_on_node):
     reply = client.chat.completions.create(model="meddistill-student", max_tokens=64, temperature=0,
                                            messages=[{"role": "user", "content": "What is hypertension?"}])
     text = reply.choices[0].message.content
-    sys.stderr.write(f"\n[cluster quickstart] What is hypertension? -> {text!r}\n")
+    _say(request, f"\n[cluster quickstart] What is hypertension? -> {text!r}\n")
     assert re.search(r"blood|pressure|heart|arter", text.lower()), text
     with pytest.raises(Exception, match="401|Unauthorized|auth"):
         OpenAI(base_url=base, api_key="wrong-token", timeout=60).chat.completions.create(

@@ -39,10 +39,11 @@ def kube_binaries(request: pytest.FixtureRequest):
         return ensure_binaries(sys.stderr)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def node_cluster(request: pytest.FixtureRequest, kube_binaries):
-    """A one-node cluster where pods run (tests/support/node_cluster.py), for tests marked ``cluster``.
-    A machine that cannot run it fails these tests with what is missing and how to deselect them."""
+    """A one-node cluster where pods run (tests/support/node_cluster.py), for tests marked ``cluster``;
+    per module, so its kubelet and pods are gone before the rest of the suite runs. A machine that
+    cannot run it fails these tests with what is missing and how to deselect them."""
     from tests.support.node_cluster import NodeCluster, install_prerequisites
 
     capman = request.config.pluginmanager.getplugin("capturemanager")
