@@ -47,8 +47,7 @@ KIND_OF = {RAYJOBS: "RayJob", RAYSERVICES: "RayService"}
 # Namespaces of the KubeRay operator (comma-separated; the chart sets it): the only outside pods the
 # job's Ray heads admit on the dashboard port. Unset: a pod labelled as KubeRay's in any namespace.
 KUBERAY_NAMESPACES_ENV = "MEDDISTILL_KUBERAY_NAMESPACES"
-# A get that returns only metadata: enough for the owner check, and a Secret's data (another's
-# token, on a conflict) never reaches the operator.
+# A get that returns only metadata: all the owner check needs.
 METADATA_ONLY = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
 # Phases with a Ray cluster running or about to be: the guard runs on their every reconcile.
 LIVE_PHASES = ("Running", "Serving")
@@ -135,35 +134,36 @@ class KubeRayBackend:
     def _guard(self, job: MedDistillJob, uid: str) -> None:
         """The job's Ray token Secret and its heads' NetworkPolicy, before any Ray cluster that needs them.
 
-        Created, and on a 409 read (metadata only) for the owner check: a Secret of that name that is
-        not the job's would hand its Ray clusters someone else's token (or a deleted job's, about to
-        be garbage-collected), a foreign policy would not be the one closing its heads."""
+        The Secret is created, never read: the operator holds no get on Secrets (RBAC cannot narrow a
+        get to metadata or to these names), so a 409 there is taken as the job's own, created by an
+        earlier reconcile. The policy holds nothing secret: on a 409 its metadata is read for the owner
+        check, and a foreign one (not closing this job's heads) blocks the job."""
         ns, name = job.metadata.namespace, job.metadata.name
         kuberay_ns = tuple(n for n in os.environ.get(KUBERAY_NAMESPACES_ENV, "").split(",") if n)
-        core, net, meta_only = kube_api.core(), kube_api.networking(), {"_headers": METADATA_ONLY, "_preload_content": False}
-        for kind, plural, obj, create, read in (
-            ("Secret", "secrets", f"{name}-ray-auth",
-             lambda: core.create_namespaced_secret(ns, ray_auth_secret(job, uid, secrets.token_urlsafe(32))),
-             lambda: core.read_namespaced_secret(f"{name}-ray-auth", ns, **meta_only)),
-            ("NetworkPolicy", "networkpolicies", f"{name}-ray-head",
-             lambda: net.create_namespaced_network_policy(ns, head_network_policy(job, uid, kuberay_ns)),
-             lambda: net.read_namespaced_network_policy(f"{name}-ray-head", ns, **meta_only)),
-        ):
-            what = f"{kind} {ns}/{obj}"
-            try:
-                create()
-                continue
-            except ApiException as e:
-                if e.status != 409:
-                    raise blocked(e, "create", what, plural) or e from None
-            try:
-                found = json.loads(read().data)
-            except ApiException as e:
-                if e.status == 404:  # deleted since the 409: the next reconcile creates it
-                    continue
-                raise blocked(e, "get", what, plural) or e from None
-            if not owned_by(found, uid):
-                raise not_owned(what, found, f"kubectl delete {plural} -n {ns} {obj}")
+        core, net = kube_api.core(), kube_api.networking()
+        secret = f"Secret {ns}/{name}-ray-auth"
+        try:
+            core.create_namespaced_secret(ns, ray_auth_secret(job, uid, secrets.token_urlsafe(32)))
+        except ApiException as e:
+            if e.status != 409:
+                raise blocked(e, "create", secret, "secrets") or e from None
+        policy, plural = f"{name}-ray-head", "networkpolicies"
+        what = f"NetworkPolicy {ns}/{policy}"
+        try:
+            net.create_namespaced_network_policy(ns, head_network_policy(job, uid, kuberay_ns))
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise blocked(e, "create", what, plural) or e from None
+        try:
+            found = json.loads(net.read_namespaced_network_policy(policy, ns, _headers=METADATA_ONLY,
+                                                                  _preload_content=False).data)
+        except ApiException as e:
+            if e.status == 404:  # deleted since the 409: the next reconcile creates it
+                return
+            raise blocked(e, "get", what, plural) or e from None
+        if not owned_by(found, uid):
+            raise not_owned(what, found, f"kubectl delete {plural} -n {ns} {policy}")
 
     def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
         api, ns = self._api(), job.metadata.namespace

@@ -46,14 +46,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings", "kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
-{{- /* KubeRay children: each job's Ray token Secret and the NetworkPolicy closing its Ray heads' ports.
-     get: when the create finds the name taken (409), the operator reads the object's metadata
-     (PartialObjectMetadata: a Secret's data never comes back) to check it is the job's own, not a
-     foreign one handing the job's Ray clusters another token. RBAC cannot narrow get to metadata or to
-     per-job names; no list/watch: the operator cannot enumerate Secrets. */}}
+{{- /* KubeRay children: each job's Ray token Secret (create only: the operator never reads a Secret
+     it did not list in rayClusters; RBAC cannot narrow get to metadata or to per-job names, so a get
+     here would let it read every Secret in every namespace) and the NetworkPolicy closing its Ray
+     heads' ports (get: on a 409 it checks the policy is the job's own). */}}
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create", "get"]
+  verbs: ["create"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "get"]
