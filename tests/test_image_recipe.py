@@ -12,8 +12,19 @@ from pathlib import Path
 from meddistill.operator.backends.kuberay_objects import POD_UID
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "image"))
-import dockerfile_config  # noqa: E402
+
+
+def _tool(name: str):
+    """A script of tools/image as a module (they are not a package the project installs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "image" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dockerfile_config = _tool("dockerfile_config")
 
 
 def _last_stage() -> list[str]:
