@@ -58,8 +58,7 @@ WHEEL="$(bash "$ROOT/tools/llama/build_wheel.sh")"
 # A copy of what the Dockerfile COPYs into /src (never the working tree itself: pip writes build/ there).
 stage_src() { # stage_src DIR
   mkdir -p "$1"
-  (cd "$ROOT" && cp -r pyproject.toml setup.py README.md NOTICE meddistill operator jobs serve tools "$1"/ 2>/dev/null || \
-   cp -r pyproject.toml setup.py README.md meddistill operator jobs serve tools "$1"/)
+  (cd "$ROOT" && cp -r pyproject.toml setup.py README.md NOTICE meddistill operator jobs serve tools "$1"/)
   find "$1" -name __pycache__ -prune -exec rm -rf {} +
 }
 
