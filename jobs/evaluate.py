@@ -97,7 +97,7 @@ def evaluate_model(kind: str, source: str, datasets: dict[str, list], settings: 
             result = evaluate(
                 model, tokenizer, records, style=settings["prompt_style"], batch_size=settings["batch_size"],
                 max_new_tokens=settings["max_new_tokens"], scoring=scoring, progress=False, model_name=kind,
-                dataset_name=name,
+                dataset_name=name, latency_questions=settings["latency_questions"],
             )
             write_report(result, Path(out_dir) / kind / re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_"))
             summary = result.to_dict(include_questions=False)
@@ -192,7 +192,8 @@ def run(ctx: StageContext, out: Path) -> StageOutput:
     }
     resources = spec.teacher.resources  # the largest model decides what a worker needs
     settings = {"batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "prompt_style": ev.prompt_style,
-                "quantization": spec.quantization.method, "scoring": ev.scoring, "gpus": resources.gpus_per_worker}
+                "quantization": spec.quantization.method, "scoring": ev.scoring, "gpus": resources.gpus_per_worker,
+                "latency_questions": ev.latency_questions}
     datasets, excluded = evaluation_records(ctx)
     task = storage.node_task(evaluate_on_node, out, num_cpus=resources.cpus_per_worker,
                              num_gpus=resources.gpus_per_worker, max_calls=1)

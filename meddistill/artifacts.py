@@ -42,7 +42,22 @@ PVC_SCHEME = "pvc://"
 # `validate` and the operator, which validates every job it reads, refuse a longer one.
 PVC_CLAIM_PATTERN = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
 PVC_CLAIM_MAX = 253
+# A `..` segment (at the start or after '/' or a dataset FORMAT's ':'; before '/', a SPLIT's '#' or the
+# end). Refused in every model, dataset and artifact reference, by `validate`, the operator and (as CEL)
+# the API server: a reference names a place inside its folder, claim or bucket, never one above it.
+# Python's re and RE2 read it alike.
+PARENT_SEGMENT = r"(^\s*|[/:])\.\.(/|#|\s*$)"
+PARENT_SEGMENT_CEL = "!self.matches('" + PARENT_SEGMENT.replace("\\", "\\\\") + "')"
 log = logging.getLogger(__name__)
+
+
+def parent_segment_problem(value: str) -> str:
+    """Why `value` (a model, dataset or artifact reference) is refused for a `..` segment; "" if not."""
+    if not isinstance(value, str) or not re.search(PARENT_SEGMENT, value):
+        return ""
+    return (f"{value!r} has a '..' path segment, which is refused in models, datasets and artifact stores (on a "
+            "shared cluster it would climb out of the claim or folder it names): name the place directly, "
+            "e.g. an absolute path or pvc://CLAIM/PATH without '..'")
 
 
 def _cache_root() -> Path:

@@ -198,3 +198,4 @@ async def _resync_forever() -> None:
         for ns, name in jobs:
             await loop.run_in_executor(None, reconcile, ns, name)
         await loop.run_in_executor(None, garbage.collect_garbage, Config.ray_address, Config.namespace)
+        metrics.RESYNCS.inc()

@@ -21,11 +21,11 @@ from pathlib import Path
 from meddistill import artifacts
 from meddistill.artifacts import MANIFEST, sha256_file
 from meddistill.lineage import CARD_STAGE, verify_job
-from meddistill.spec.models import MedDistillJob
+from meddistill.spec.models import STAGES, MedDistillJob
 
 from .planner import Observed
 from .serving_gate import ServedLineage
-from .stage_artifacts import operator_dir
+from .stage_artifacts import confined, operator_dir
 
 SERVED = ("quantize", "evaluate")  # the weights served and the stage that evaluated them
 CARD_MD = "README.md"  # jobs/model_card.py (not imported: it pulls the data loaders)
@@ -44,6 +44,8 @@ def check(job: MedDistillJob, observed: Observed) -> ServedLineage | None:
     job_dir = operator_dir(job, root_uri)
     if job_dir is None:
         return _check_object_store(job, card)
+    for s in STAGES:  # a stage folder or manifest that is a link out of the job's folder blocks
+        confined(job_dir, job_dir / s / MANIFEST, root_uri)
     if not (job_dir / CARD_STAGE / MANIFEST).is_file():
         return None
     signature = _signature(job_dir)

@@ -7,6 +7,9 @@ planner's grace period, re-run a stage that succeeded.
 
 A pvc:// store is read through the job's own namespace's claim (operator_dir): the operator serves
 many namespaces, and a same-named claim of another one is other storage than the job's pods write.
+Every claim is mounted under one folder in the operator's pod, so a symlink a tenant plants in its
+own claim (a stage folder, or manifest.json itself) could point at another tenant's files: what the
+operator reads must resolve inside the job's claim (`confined`), or the job is blocked.
 """
 
 from __future__ import annotations
@@ -42,7 +45,19 @@ def operator_dir(job: MedDistillJob, uri: str) -> Path | None:
                 f"fix: add {{namespace: {namespace}, claim: {claim}, operatorClaim: <a claim in the operator's "
                 "namespace bound to the same storage>} to the operator chart's artifactClaims",
                 ARTIFACT_STORE_UNAVAILABLE)
+        path = artifacts.local_path(uri, namespace=namespace)
+        confined(mount, path, uri)
+        return path
     return artifacts.local_path(uri, namespace=namespace)
+
+
+def confined(root: Path, path: Path, uri: str) -> None:
+    """Block the job unless `path` (under root) resolves inside root, symlinks followed; the message
+    does not say where the link points."""
+    if not Path(path).resolve().is_relative_to(Path(root).resolve()):
+        raise ReconcileBlocked(
+            f"{uri}: a symlink on the claim leads out of it (at {Path(path).relative_to(root)}); the operator reads "
+            "only the job's own claim: replace the link with the folder or file itself", ARTIFACT_STORE_UNAVAILABLE)
 
 
 def read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
@@ -53,6 +68,9 @@ def read_artifact(job: MedDistillJob, stage: str) -> ArtifactRecord | None:
     directory = store.fetch(only={"results.json"} if stage == "evaluate" else set())
     if directory is None:
         return None
+    if local is not None:  # the files read, not only their folder, stay inside it
+        for name in (artifacts.MANIFEST, "results.json") if stage == "evaluate" else (artifacts.MANIFEST,):
+            confined(Path(directory), Path(directory) / name, uri)
     manifest = artifacts.read_manifest(directory)
     if manifest is None:
         return None

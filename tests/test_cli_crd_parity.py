@@ -65,6 +65,12 @@ def test_cli_and_api_server_refuse_every_invalid_spec(kube_cluster, generated_cr
     ("name-with-dot.yaml", "metadata.name must be lowercase letters, digits and '-'"),
     ("name-overflows-child-names.yaml", f"metadata.name must be at most {NAME_MAX} characters"),
     ("ray-client-address.yaml", "spec.ray.address: Invalid value"),
+    # `..` climbs out of the claim or folder a reference names (another tenant's, on a shared cluster).
+    ("parent-segment-model.yaml", "spec.teacher.model: Invalid value: \"pvc://models/../../other-namespace/models/llama\": a '..' path segment is refused"),
+    ("parent-segment-dataset.yaml", "spec.teacher.datasets[1]: Invalid value: \"jsonl:pvc://data/../../../etc/records.jsonl\": a '..' path segment is refused"),
+    ("parent-segment-eval-dataset.yaml", "spec.evaluation.datasets[1]: Invalid value: \"medqa:../secret/test.jsonl#test\": a '..' path segment"),
+    ("parent-segment-artifacts.yaml", "spec.artifacts.uri: Invalid value: \"pvc://artifacts/..\": a '..' path segment is refused"),
+    ("parent-segment-student-model.yaml", "spec.student.model: Invalid value: \"/models/../root/x\": a '..' path segment"),
 ])
 def test_api_server_names_the_field_of_the_new_rules(kube_cluster, generated_crd_namespace, name, message):
     res = kube_cluster.kubectl("create", "--dry-run=server", "-n", generated_crd_namespace,
@@ -77,7 +83,8 @@ def test_api_server_accepts_every_valid_example(kube_cluster, generated_crd_name
     edge = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
     edge["metadata"]["name"] = "edge-0"
     edge["spec"]["evaluation"]["datasets"] = ["PubMedQA : @samples/pubmedqa/ori_pqal.json # test ", "jsonl:a#b.jsonl#dev",
-                                              "pubmedqa: pvc://data.ward-3/pq#al.json#train", "hf:pvc://d/saved"]
+                                              "pubmedqa: pvc://data.ward-3/pq#al.json#train", "hf:pvc://d/saved",
+                                              "jsonl:pvc://data/runs..old/.../x..jsonl"]  # dots, never a ".." segment
     edge["spec"]["teacher"]["model"] = " pvc://hospital-models/smollm2 "  # inputs on claims
     edge["spec"]["scheduling"] = {"nodeSelector": {"pool": "cpu"}, "stages": {"teacher": {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}}

@@ -5,8 +5,12 @@ Nothing here plays KubeRay or writes a controller's status: the operator runs as
 image built from this checkout (tools/image/build.sh, the Dockerfile's steps), KubeRay's real
 controller turns each stage's RayJob into head, worker and submitter pods, and the quickstart (made
 small enough for 2 CPUs: tests/fixtures/cluster/quickstart-on-a-node.yaml) runs stage by stage in a
-namespace that enforces PodSecurity "restricted", its artifacts on a claim. The served student is
-asked through its Service with the endpoint's token.
+namespace that enforces PodSecurity "restricted", its artifacts on a claim. While it runs, what
+happens on real clusters is done to it: a worker pod is deleted while the distill stage trains (Ray
+Train restarts its worker group on the pod KubeRay re-creates, or the operator retries the stage),
+and the job is suspended while the quantize stage runs (its pods go) and resumed (the stage runs
+again and the job finishes). The served student is asked through its Service with the endpoint's
+token.
 
 Marked `cluster`: needs root and containerd (apt); `pytest -m "not cluster"` leaves it out.
 """
@@ -48,6 +52,22 @@ class Timeline:
     phases: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Disruptions:
+    """What the test did to the running job, and what it saw right after."""
+
+    killed_pod: str = ""
+    killed_at: float = 0.0
+    killed_at_step: int = 0  # the distill stage's last reported step when its worker pod was deleted
+    kill_missed: str = ""  # why no worker was deleted mid-training (the test then fails)
+    distill_steps: list[int] = field(default_factory=list)  # every step distill reported, in order, across restarts
+    suspended_at: float = 0.0
+    suspended_stage_pods: list[str] = field(default_factory=list)  # the quantize stage's pods when suspended
+    pods_gone_after_s: float | None = None  # suspension -> none of those pods left
+    phase_while_suspended: str = ""
+    resumed_at: float = 0.0
+
+
 def _objects(cluster, kind: str, ns: str = NS) -> list[dict]:
     out = cluster.kubectl("get", kind, "-n", ns, "-o", "json", check=False)
     return json.loads(out.stdout).get("items", []) if out.returncode == 0 else []
@@ -69,6 +89,7 @@ def _install(cluster) -> None:
         dest.mkdir(exist_ok=True)
         shutil.copy(src, dest / Path(src).name)
     folder = cluster.add_pv("ward-artifacts")
+    cluster.artifacts_dir = folder
     cluster.add_pv("operator-artifacts", path=folder)  # the same storage, seen from the release namespace
     for ns in (NS, RELEASE_NS):
         cluster.kubectl("create", "namespace", ns)
@@ -117,10 +138,87 @@ def _watch(cluster, timeline: Timeline, stop: threading.Event) -> None:
         stop.wait(3)
 
 
+def _distill_progress(cluster) -> list[dict]:
+    """What the distill stage's rank 0 reported so far: its progress.jsonl on the claim's folder (a
+    restarted or retried run appends from its resume step; the file goes when the stage's manifest
+    is written)."""
+    lines = []
+    for path in cluster.artifacts_dir.glob("**/distill/progress.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                pass  # a line being written
+    return lines
+
+
+def _kill_a_worker_mid_distill(cluster, d: Disruptions, stop: threading.Event) -> None:
+    """Delete the distill stage's Ray worker pod once its training has reported a step and before the
+    last one; then keep what the stage reports until its progress file goes."""
+    worker = ""
+    while not stop.is_set() and not d.killed_pod:
+        if not worker:
+            worker = next((p["metadata"]["name"] for p in _objects(cluster, "pods")
+                           if "-distill-a" in p["metadata"]["name"] and "-worker-" in p["metadata"]["name"]
+                           and p["status"].get("phase") == "Running"), "")
+        progress = _distill_progress(cluster)
+        if progress and worker:
+            last, total = progress[-1]["step"], progress[0]["total"]
+            if last >= total:
+                d.kill_missed = f"training finished (step {last} of {total}) before the worker could be deleted"
+                return
+            d.killed_at_step, d.killed_at, d.killed_pod = last, time.monotonic(), worker
+            # At once, as a node that dies or an OOM-kill takes it: a graceful delete gives the pod 30 s,
+            # which this short stage outlives (its training finished while the pod was terminating).
+            cluster.kubectl("delete", "pod", worker, "-n", NS, "--grace-period=0", "--force", "--wait=false")
+            break
+        stop.wait(0.5)
+    # The file grows while one run trains; a retried attempt starts it anew: keep every step seen, in order.
+    # A line is (step, time): a new attempt's step 1 is not the old one's.
+    file_lines: list[tuple] = []
+    while not stop.is_set():
+        lines = [(p["step"], p.get("time")) for p in _distill_progress(cluster)]
+        if lines and lines != file_lines:
+            new = lines[len(file_lines):] if lines[:len(file_lines)] == file_lines else lines
+            d.distill_steps += [step for step, _ in new]
+            file_lines = lines
+        stop.wait(0.5)
+
+
+def _set_suspend(cluster, suspend: bool) -> float:
+    cluster.kubectl("patch", "meddistilljob", JOB, "-n", NS, "--type=merge", "-p", json.dumps({"spec": {"suspend": suspend}}))
+    return time.monotonic()
+
+
+def _suspend_during_quantize(cluster, d: Disruptions) -> None:
+    """Suspend the job once the quantize stage's submitter runs; resume when its pods are gone."""
+    if d.resumed_at:
+        return
+    if not d.suspended_at:
+        rayjob = next((rj for rj in _objects(cluster, "rayjobs.ray.io") if "-quantize-a" in rj["metadata"]["name"]
+                       and (rj.get("status") or {}).get("jobDeploymentStatus") == "Running"), None)
+        if rayjob is None:
+            return
+        d.suspended_stage_pods = [p["metadata"]["name"] for p in _objects(cluster, "pods")
+                                  if p["metadata"]["name"].startswith(rayjob["metadata"]["name"])]
+        d.suspended_at = _set_suspend(cluster, True)
+        return
+    left = [p["metadata"]["name"] for p in _objects(cluster, "pods") if p["metadata"]["name"] in d.suspended_stage_pods]
+    phase = _job(cluster).get("status", {}).get("phase", "")
+    if phase == "Suspended":
+        d.phase_while_suspended = phase
+    if not left and d.pods_gone_after_s is None:
+        d.pods_gone_after_s = time.monotonic() - d.suspended_at
+    # Resume once both were seen, or after 3 minutes (the test then fails on them; the job still finishes).
+    if (d.pods_gone_after_s is not None and d.phase_while_suspended) or time.monotonic() - d.suspended_at > 180:
+        d.resumed_at = _set_suspend(cluster, False)
+
+
 @dataclass
 class QuickstartOnNode:
     cluster: object
     timeline: Timeline
+    disruptions: Disruptions
     status: dict
     wall_s: float
 
@@ -142,9 +240,11 @@ def quickstart_on_node(request, node_cluster) -> QuickstartOnNode:
     cluster = node_cluster
     _install(cluster)
     cluster.kubectl("apply", "-f", str(JOB_FILE))
-    timeline, stop = Timeline(), threading.Event()
+    timeline, disruptions, stop = Timeline(), Disruptions(), threading.Event()
     watcher = threading.Thread(target=_watch, args=(cluster, timeline, stop), daemon=True)
     watcher.start()
+    killer = threading.Thread(target=_kill_a_worker_mid_distill, args=(cluster, disruptions, stop), daemon=True)
+    killer.start()
     started = time.monotonic()
     status: dict = {}
     try:
@@ -152,7 +252,8 @@ def quickstart_on_node(request, node_cluster) -> QuickstartOnNode:
             status = _job(cluster).get("status", {})
             if status.get("phase") in ("Serving", "Succeeded", "Failed"):
                 break
-            time.sleep(5)
+            _suspend_during_quantize(cluster, disruptions)
+            time.sleep(3)
         # A finished stage's pods must go: keep watching until the last stage's are gone (or the limit passed).
         deadline = time.monotonic() + GONE_WITHIN_S + 5
         while status.get("phase") == "Serving" and time.monotonic() < deadline and any(
@@ -162,7 +263,14 @@ def quickstart_on_node(request, node_cluster) -> QuickstartOnNode:
     finally:
         stop.set()
         watcher.join(30)
+        killer.join(30)
     wall = time.monotonic() - started
+    d = disruptions
+    _say(request, f"\n[cluster quickstart] deleted {d.killed_pod or 'no worker'} at distill step {d.killed_at_step} "
+         f"{d.kill_missed}; distill steps reported {d.distill_steps}; suspended during quantize "
+         f"(pods {d.suspended_stage_pods} gone after {d.pods_gone_after_s}s, phase {d.phase_while_suspended!r}), "
+         f"resumed {d.resumed_at - d.suspended_at:.0f}s later; stage records "
+         + json.dumps([{k: s.get(k) for k in ("name", "state", "attempt", "message")} for s in status.get("stages", [])]))
     _say(request, f"\n[cluster quickstart] {status.get('phase')} after {wall:.0f}s; phases {timeline.phases}; stages "
          + ", ".join(f"{n}: {s.get('startTime', '')[11:19]}-{s.get('endTime', '')[11:19]}" for n, s in sorted(timeline.rayjobs.items()))
          + f"\nkubectl get pods -A during distill:\n{timeline.pods_during_distill}\n")
@@ -173,7 +281,7 @@ def quickstart_on_node(request, node_cluster) -> QuickstartOnNode:
                                "--tail=80", check=False).stdout
         pytest.fail(f"the job did not reach Serving in {wall:.0f}s: {json.dumps(status, indent=1)[:4000]}\n"
                     f"{pods}\n{events}\n{logs}")
-    return QuickstartOnNode(cluster, timeline, status, wall)
+    return QuickstartOnNode(cluster, timeline, disruptions, status, wall)
 
 
 def test_stage_pods_are_made_by_the_kubelet_and_log(quickstart_on_node):
@@ -198,6 +306,35 @@ def test_a_finished_stage_leaves_no_pods_after_a_minute(quickstart_on_node):
         if last_seen - done_at > GONE_WITHIN_S:
             late[rayjob] = round(last_seen - done_at)
     assert late == {}, f"pods of finished stages still there after {GONE_WITHIN_S}s: {late}"
+
+
+def test_a_worker_killed_mid_distill_is_replaced_and_the_stage_still_succeeds(quickstart_on_node):
+    q = quickstart_on_node
+    d, t = q.disruptions, q.timeline
+    assert d.killed_pod and not d.kill_missed, d.kill_missed or "the distill stage's worker pod never ran"
+    # KubeRay re-created the worker: another worker pod of a distill cluster appeared after the kill.
+    later = [p for p, seen in t.pods_seen.items() if "-distill-a" in p and "-worker-" in p and p != d.killed_pod
+             and seen["first"] > d.killed_at]
+    assert later, {p: round(seen["first"] - d.killed_at) for p, seen in t.pods_seen.items() if "-distill-a" in p}
+    # The training ran again from its last checkpoint (none before the last step here: from step 0),
+    # either in the same RayJob (Ray Train's FailureConfig) or in the operator's next attempt.
+    steps = d.distill_steps
+    assert d.killed_at_step in steps and any(steps[i] <= steps[i - 1] for i in range(1, len(steps))), steps
+    distill = next(s for s in q.status["stages"] if s["name"] == "distill")
+    assert distill["state"] == "Succeeded", distill
+
+
+def test_suspend_removes_the_running_pods_and_resume_finishes_the_job(quickstart_on_node):
+    q = quickstart_on_node
+    d = q.disruptions
+    assert d.suspended_at and d.suspended_stage_pods, "the quantize stage never ran to be suspended"
+    assert d.phase_while_suspended == "Suspended"
+    assert d.pods_gone_after_s is not None and d.pods_gone_after_s <= GONE_WITHIN_S, d
+    assert d.resumed_at
+    quantize = next(s for s in q.status["stages"] if s["name"] == "quantize")
+    # A suspension is not a failure: the same attempt ran again after the resume.
+    assert quantize["state"] == "Succeeded" and quantize["attempt"] == 1, quantize
+    assert q.status["phase"] == "Serving"
 
 
 def test_serving_head_with_its_autoscaler_is_admitted_under_restricted(quickstart_on_node):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter
 
 import pytest
@@ -34,7 +33,7 @@ def our_ray_jobs(ray, namespace: str, name: str) -> dict[str, dict]:
     return {j["submission_id"]: j for j in ray.jobs() if (j.get("metadata") or {}).get("meddistill.io/job") == f"{namespace}/{name}"}
 
 
-def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace, ray_head, tmp_path):
+def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace, ray_head, ray_operator, tmp_path):
     kube, name = e2e_namespace, "broken"
     doc = quickstart(name, str(tmp_path / "runs"), ray={"cluster": RAY_CLUSTER}, runPolicy={"backoffLimit": 1})
     doc["spec"]["teacher"]["datasets"] = ["pubmedqa:/nonexistent/ori_pqal.json"]
@@ -51,7 +50,7 @@ def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace
     assert "/nonexistent/ori_pqal.json" not in msg and "Traceback" not in msg, msg
     assert st["stages"][0]["state"] == "Failed" and st["stages"][0]["attempt"] == 2
     assert [s["state"] for s in st["stages"][1:]] == ["Pending"] * 4
-    time.sleep(6)  # a few resyncs later: no third attempt
+    ray_operator.wait_resyncs()  # the operator looked again: no third attempt
     jobs = our_ray_jobs(ray_head, kube.ns, name)
     assert sorted(jobs) == [f"{kube.ns}_{name}_teacher_a1", f"{kube.ns}_{name}_teacher_a2"]
     assert {j["status"] for j in jobs.values()} == {"FAILED"}
@@ -59,7 +58,7 @@ def test_failed_stage_ends_failed_with_the_ray_error_after_retries(e2e_namespace
     assert {"StageStarted", "StageRetrying", "JobFailed"} <= set(events)
 
 
-def test_a_missing_secret_is_an_event_then_the_stage_gets_its_keys(e2e_namespace, ray_head, tmp_path):
+def test_a_missing_secret_is_an_event_then_the_stage_gets_its_keys(e2e_namespace, ray_head, ray_operator, tmp_path):
     kube, name = e2e_namespace, "secrets"
     doc = quickstart(name, str(tmp_path / "runs"), ray={"cluster": RAY_CLUSTER}, runPolicy={"backoffLimit": 0})
     doc["spec"]["artifacts"]["secretName"] = "stage-env"
@@ -71,7 +70,7 @@ def test_a_missing_secret_is_an_event_then_the_stage_gets_its_keys(e2e_namespace
     kube.cluster.kubectl("-n", kube.ns, "create", "secret", "generic", "stage-env", "--from-literal=MEDDISTILL_TEST_MARKER=m4rk")
     # Without its owner's consent label the Secret is not read: still no submission (the event names the label).
     assert "meddistill.io/inject" in str(kube.core.list_namespaced_event(kube.ns).items)
-    time.sleep(5)  # a few resyncs
+    ray_operator.wait_resyncs()  # the operator looked again with the unlabelled Secret there
     assert not our_ray_jobs(ray_head, kube.ns, name)
     kube.cluster.kubectl("-n", kube.ns, "label", "secret", "stage-env", "meddistill.io/inject=true")
     sid = f"{kube.ns}_{name}_teacher_a1"

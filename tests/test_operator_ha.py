@@ -8,7 +8,6 @@ peering entry expires, reconciles and starts exactly one retry."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -44,16 +43,17 @@ def test_the_standby_takes_over_when_the_active_replica_dies_mid_pipeline(kube_c
         kube.apply(quickstart("ha", pvc_store(ns), runPolicy={"backoffLimit": 2}))
         kube.wait_rayjob("ha-teacher-a1", timeout=20)
         kube.kuberay_runs("ha-teacher-a1")
-        time.sleep(3)  # several resyncs: only the active replica writes
+        active.wait_resyncs()  # the active replica looked again; the standby has no resyncs at all
         assert "created RayJob" in active.log() and "created RayJob" not in standby.log()
         assert "meddistill_operator_reconciles_total{" not in standby.metrics()  # not even its resync reconciles
+        assert standby.resyncs() == 0
 
         active.stop(kill=True)  # SIGKILL: no goodbye in the peering object
         kube.kuberay_fails("ha-teacher-a1", "AppFailed", "Job entrypoint command failed with exit code 1")
         # The standby resumes once the dead entry expires, and starts the retry after its backoff.
         kube.wait_rayjob("ha-teacher-a2", timeout=LIFETIME_S + 40)
         wait_for(lambda: kube.job("ha")["status"]["stages"][0]["attempt"] == 2, 15, "status attempt 2")
-        time.sleep(3)
+        standby.wait_resyncs()
         assert sorted(kube.rayjobs("ha")) == ["ha-teacher-a1", "ha-teacher-a2"]  # no duplicate children
         assert "created RayJob" in standby.log()
     finally:

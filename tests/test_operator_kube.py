@@ -12,6 +12,7 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,16 @@ class OperatorProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def resyncs(self) -> float:
+        found = re.search(r"^meddistill_operator_resyncs_total (\S+)$", self.metrics(), re.M)
+        return float(found.group(1)) if found else 0.0
+
+    def wait_resyncs(self, passes: int = 2, timeout: float = 60) -> None:
+        """Wait until `passes` full resync passes (every job reconciled) began after this call: proof
+        that the operator looked again, where a sleep proves only that time went by."""
+        start = self.resyncs()  # a pass under way may have seen the job before the event: hence start + passes
+        wait_for(lambda: self.resyncs() >= start + passes, timeout, f"{passes} resync passes of the operator", interval=0.2)
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
@@ -363,7 +374,7 @@ def test_quickstart_pipeline_to_serving(kube, operator):
     assert conds["Ready"]["status"] == "True" and conds["Failed"]["status"] == "False"
     assert st["observedGeneration"] == kube.job("quickstart")["metadata"]["generation"]
 
-    time.sleep(3)  # later reconciles (events, resyncs) leave it as it is
+    operator.wait_resyncs()  # later reconciles (events, resyncs) leave it as it is
     assert kube.job("quickstart")["status"] == st
     table = kube.cluster.kubectl("get", "mdj", "-n", kube.ns).stdout
     assert table.split("\n")[0].split() == ["NAME", "PHASE", "STAGE", "ACCURACY", "AGE"]
@@ -375,7 +386,7 @@ def test_quickstart_pipeline_to_serving(kube, operator):
     assert 'meddistill_operator_children_created_total{resource="rayjobs"}' in operator.metrics()
 
 
-def test_failure_retries_then_fails_with_reason(kube):
+def test_failure_retries_then_fails_with_reason(kube, operator):
     kube.apply(quickstart("flaky", pvc_store(kube.ns), runPolicy={"backoffLimit": 1}))
     kube.wait_rayjob("flaky-teacher-a1")
     kube.kuberay_fails("flaky-teacher-a1", "DeadlineExceeded", "the RayJob has passed the activeDeadlineSeconds")
@@ -386,7 +397,7 @@ def test_failure_retries_then_fails_with_reason(kube):
     st = wait_for(lambda: (s := kube.job("flaky").get("status", {})).get("phase") == "Failed" and s, 20, "phase Failed")
     failed = next(c for c in st["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and "AppFailed" in failed["message"] and "exit code 1" in failed["message"]
-    time.sleep(3)  # a few resyncs later: nothing new is started
+    operator.wait_resyncs()  # the operator looked again: nothing new is started
     assert sorted(kube.rayjobs("flaky")) == ["flaky-teacher-a1", "flaky-teacher-a2"]
     assert "JobFailed" in wait_for(lambda: kube.events("flaky"), 10, "events")
 
@@ -403,13 +414,13 @@ def test_operator_restart_mid_pipeline_no_duplicates(kube, operator):
     kube.kuberay_succeeds("restart-distill-data-a1")
     operator.start()
     kube.wait_rayjob("restart-distill-a1")
-    time.sleep(3)
+    operator.wait_resyncs()  # the restarted operator looked again: no duplicate
     assert sorted(kube.rayjobs("restart")) == ["restart-distill-a1", "restart-distill-data-a1", "restart-teacher-a1"]
     st = kube.job("restart")["status"]
     assert [s["state"] for s in st["stages"]] == ["Succeeded", "Succeeded", "Running", "Pending", "Pending"]
 
 
-def test_suspend_resume_and_delete(kube):
+def test_suspend_resume_and_delete(kube, operator):
     uri = pvc_store(kube.ns)
     kube.apply(quickstart("pause", uri))
     kube.wait_rayjob("pause-teacher-a1")
@@ -417,7 +428,7 @@ def test_suspend_resume_and_delete(kube):
     wait_for(lambda: not kube.rayjobs("pause"), 20, "the running RayJob to be removed")
     st = wait_for(lambda: (s := kube.job("pause").get("status", {})).get("phase") == "Suspended" and s, 20, "Suspended")
     assert next(c for c in st["conditions"] if c["type"] == "Suspended")["status"] == "True"
-    time.sleep(3)
+    operator.wait_resyncs()
     assert not kube.rayjobs("pause")  # nothing starts while suspended
 
     kube.apply(quickstart("pause", uri, suspend=False))

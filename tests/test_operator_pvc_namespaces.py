@@ -87,3 +87,48 @@ def test_the_served_lineage_is_checked_on_the_jobs_own_claim(pvc_root):
     assert served_lineage.check(job_in("team-b", evaluated=True), Observed()) is None  # nothing of team-b's yet
     with pytest.raises(ReconcileBlocked):  # unmounted for team-c: blocked, never another namespace's verdict
         served_lineage.check(job_in("team-c", evaluated=True), Observed())
+
+
+def evaluated_in(job: MedDistillJob) -> None:
+    quantized = write_stage(job, "quantize")
+    d = operator_dir(job, artifacts.stage_uri(STORE, artifacts.job_dir(job.metadata), "evaluate"))
+    d.mkdir(parents=True)
+    (d / "results.json").write_text('{"rows": [{"model": "quantized", "accuracy": 0.9}]}')
+    artifacts.write_manifest(d, stage="evaluate", config={}, inputs={"quantize": quantized})
+
+
+@pytest.mark.parametrize("planted", ["stage folder", "manifest file", "job folder", "namespace folder"])
+def test_a_symlink_planted_in_a_tenants_own_claim_does_not_read_another_namespaces_artifacts(pvc_root, planted):
+    """The attack: team-b cannot mount team-a's claim, but the operator mounts both under one folder, so
+    team-b writes a link into its own claim that points at where the operator sees team-a's results."""
+    for ns in ("team-a", "team-b"):
+        (pvc_root / ns / "models").mkdir(parents=True)
+    a, b = job_in("team-a", evaluated=True), job_in("team-b", evaluated=True)
+    evaluated_in(a)
+    stage_dir = lambda job, stage: operator_dir(job, artifacts.stage_uri(STORE, artifacts.job_dir(job.metadata), stage))  # noqa: E731
+    a_evaluate, b_evaluate = stage_dir(a, "evaluate"), stage_dir(b, "evaluate")
+    link, target = {
+        "stage folder": (b_evaluate, a_evaluate),
+        "manifest file": (b_evaluate / artifacts.MANIFEST, a_evaluate / artifacts.MANIFEST),
+        "job folder": (b_evaluate.parent, a_evaluate.parent),
+        "namespace folder": (b_evaluate.parent.parent, a_evaluate.parent.parent),
+    }[planted]
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    assert (b_evaluate / "results.json").exists() or planted == "manifest file"  # the link does lead there
+
+    for read in (lambda: read_artifact(b, "evaluate"), lambda: served_lineage.check(b, Observed()),
+                 lambda: with_artifacts(job_in("team-b"), Observed(runs=(StageRun("evaluate", 1, "quickstart-evaluate-a1", "Succeeded"),)))):
+        with pytest.raises(ReconcileBlocked) as blocked:
+            read()
+        assert blocked.value.reason == ARTIFACT_STORE_UNAVAILABLE
+        assert "symlink" in str(blocked.value) and "team-a" not in str(blocked.value), str(blocked.value)
+    assert read_artifact(a, "evaluate").results["rows"][0]["accuracy"] == 0.9  # team-a's own reads are untouched
+
+
+def test_a_symlink_that_stays_inside_the_claim_is_followed(pvc_root):
+    (pvc_root / "team-a" / "models" / "elsewhere").mkdir(parents=True)
+    a = job_in("team-a")
+    (pvc_root / "team-a" / "models" / "runs").symlink_to(pvc_root / "team-a" / "models" / "elsewhere")
+    digest = write_stage(a, "teacher")
+    assert read_artifact(a, "teacher").digest == digest

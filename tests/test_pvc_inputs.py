@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from meddistill import artifacts
+from meddistill.artifacts import PARENT_SEGMENT, PARENT_SEGMENT_CEL
 from meddistill.data.loaders import load_dataset
 from meddistill.data.refs import DATASET_REF_PATTERN, SAMPLES_DIR, DatasetRefError, parse_dataset_ref
 from meddistill.modelsource import ModelSourceError, load_model, resolve_model_source
@@ -130,8 +131,11 @@ def test_the_crd_patterns_refuse_exactly_the_pvc_references_validate_refuses():
     tails = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 5))) for _ in range(4000)]
     models = [rng.choice(["", " ", "pvc://", "pvc://models"]) + t for t in tails]
     refs = [rng.choice(["jsonl:", "pubmedqa:", "hf: "]) + rng.choice(["", "pvc://"]) + t for t in tails]
-    assert [m for m in models if _model_accepted(m) != bool(m and re.fullmatch(model_pattern, m))] == []  # minLength 1
-    assert [r for r in refs if _ref_accepted(r) != bool(re.fullmatch(DATASET_REF_PATTERN, r))] == []
+    # The CRD's CEL rule beside each pattern refuses a '..' segment (artifacts.PARENT_SEGMENT_CEL).
+    assert PARENT_SEGMENT_CEL == "!self.matches('" + PARENT_SEGMENT.replace("\\", "\\\\") + "')"
+    no_parent = lambda v: not re.search(PARENT_SEGMENT, v)  # noqa: E731
+    assert [m for m in models if _model_accepted(m) != bool(m and re.fullmatch(model_pattern, m) and no_parent(m))] == []  # minLength 1
+    assert [r for r in refs if _ref_accepted(r) != bool(re.fullmatch(DATASET_REF_PATTERN, r) and no_parent(r))] == []
     assert 500 < sum(map(_ref_accepted, refs)) < 3500 and 500 < sum(map(_model_accepted, models)) < 3500
 
 

@@ -147,3 +147,5 @@ def test_spec_reference_doc_is_generated_from_the_models():
         "docs/spec-reference.md drifted: run `meddistill crd --reference > docs/spec-reference.md`"
     )
     assert "| `targetModules` |" in doc.read_text()
+    # Constrained strings read as their type, not as pydantic's repr of the constraint (the CRD carries those).
+    assert "annotation=" not in doc.read_text() and "| `datasets` | list[str] | required |" in doc.read_text()

@@ -43,8 +43,9 @@ def test_the_w4a16_row_loads_it_decompressed_and_answers(quantized, tiny_data_re
     _, folder, _ = quantized
     records = load_dataset(tiny_data_refs["eval"]).records[:4]
     settings = {"batch_size": 4, "max_new_tokens": 4, "prompt_style": "plain", "quantization": "nf4",
-                "scoring": ["generative", "loglik"], "gpus": 0}
+                "scoring": ["generative", "loglik"], "gpus": 0, "latency_questions": 2}
     rows = evaluate_model("w4a16", str(folder / "w4a16"), {tiny_data_refs["eval"]: records}, settings, str(tmp_path))
     assert [r["n"] for r in rows] == [4, 4]
+    assert [r["latency_questions"] for r in rows] == [2, 0]  # evaluation.latencyQuestions; loglik has no batch-1 pass
     assert rows[0]["dtype"].startswith("w4a16 (decompressed on CPU, ")
     assert (tmp_path / "w4a16").is_dir()  # its detail reports

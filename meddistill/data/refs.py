@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from meddistill.artifacts import PVC_SCHEME, input_path_pattern, pvc_input_problem, pvc_path
+from meddistill.artifacts import PVC_SCHEME, input_path_pattern, parent_segment_problem, pvc_input_problem, pvc_path
 
 DATASET_FORMATS: dict[str, str] = {
     "pubmedqa": "PubMedQA PQA-L ori_pqal.json (splits: test = official 500, train = the other 500)",
@@ -112,6 +112,8 @@ def parse_dataset_ref(text: "str | DatasetRef") -> DatasetRef:
     path, split = path.strip(), split.strip()
     if not path:
         raise DatasetRefError(f"dataset reference {text!r}: the PATH after '{fmt}:' is empty")
+    if problem := parent_segment_problem(text):
+        raise DatasetRefError(f"dataset reference: {problem}")
     if path.startswith(PVC_SCHEME) and (problem := pvc_input_problem(path)):
         raise DatasetRefError(f"dataset reference {text!r}: {problem}")
     if hash_sep and not split:

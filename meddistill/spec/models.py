@@ -13,11 +13,18 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from meddistill.artifacts import PVC_SCHEME, input_path_pattern, pvc_claim, pvc_input_problem
+from meddistill.artifacts import (
+    PARENT_SEGMENT_CEL,
+    PVC_SCHEME,
+    input_path_pattern,
+    parent_segment_problem,
+    pvc_claim,
+    pvc_input_problem,
+)
 from meddistill.data.refs import DATASET_REF_PATTERN, parse_dataset_ref
 
 API_GROUP = "meddistill.io"
@@ -84,15 +91,32 @@ class SpecModel(BaseModel):
 
 # The CRD's schema carries the reference pattern, so the API server refuses what the parser refuses;
 # in Python the parser itself checks (its messages name the bad part and the fix).
-DatasetRefStr = Annotated[str, Field(json_schema_extra={"pattern": DATASET_REF_PATTERN})]
+# `..` is refused in every path and reference (artifacts.PARENT_SEGMENT), by CEL on the API server.
+NO_PARENT_SEGMENT = {"x-kubernetes-validations": [{
+    "rule": PARENT_SEGMENT_CEL,
+    "message": "a '..' path segment is refused (it would climb out of the claim or folder named): name the place directly"}]}
+PATH_MAX = 4096  # bounds the CEL check's cost on the API server
+DatasetRefStr = Annotated[str, Field(max_length=PATH_MAX, json_schema_extra={"pattern": DATASET_REF_PATTERN, **NO_PARENT_SEGMENT})]
 
 
 # A model source: anything the resolver takes, but a pvc:// one must name a claim and a path in it (the
 # API server refuses what `_model_source` refuses; blank strings are left to the resolver as before).
-ModelSourceStr = Annotated[str, Field(json_schema_extra={"pattern": rf"^(?:{input_path_pattern()}|\s*)$"})]
+ModelSourceStr = Annotated[str, Field(max_length=PATH_MAX, json_schema_extra={
+    "pattern": rf"^(?:{input_path_pattern()}|\s*)$", **NO_PARENT_SEGMENT})]
+
+
+def _no_parent_segment(value: str | None) -> str | None:
+    if value and (problem := parent_segment_problem(value)):
+        raise ValueError(problem)
+    return value
+
+
+# A plain path or URI field (artifacts.uri, nvmePath): `..` refused here and on the API server.
+PathStr = Annotated[str, Field(max_length=PATH_MAX, json_schema_extra=NO_PARENT_SEGMENT), AfterValidator(_no_parent_segment)]
 
 
 def _model_source(value: str | None) -> str | None:
+    _no_parent_segment(value)
     text = (value or "").strip()
     if text.startswith(PVC_SCHEME) and (problem := pvc_input_problem(text)):
         raise ValueError(problem)
@@ -177,7 +201,7 @@ class DeepSpeed(SpecModel):
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage: 3 partitions parameters, gradients and optimizer state.")
     offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Where optimizer state lives.")
     offload_params: Literal["none", "cpu", "nvme"] = Field("none", description="Where parameters live between uses (ZeRO-3 only).")
-    nvme_path: str = Field("", description="Local NVMe path for nvme offload.")
+    nvme_path: PathStr = Field("", description="Local NVMe path for nvme offload.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +230,7 @@ class Teacher(SpecModel):
     datasets: list[DatasetRefStr] = Field(
         ...,
         min_length=1,
+        max_length=64,
         description="Training data as dataset references FORMAT:PATH[#SPLIT], e.g. pubmedqa:@samples/pubmedqa/ori_pqal.json#train or jsonl:pvc://data/medquad.jsonl (a file on the claim `data`, mounted read-only into every stage pod).",
     )
     method: Literal["full", "lora", "qlora"] = Field("full", description="Fine-tune method: full weights, LoRA adapters, or LoRA on a 4-bit base (QLoRA).")
@@ -344,6 +369,12 @@ class Evaluation(SpecModel):
         min_length=1,
         description="generative: greedy answer, final answer parsed from the text; loglik: the option with the highest log-likelihood (lm-evaluation-harness acc), for multiple-choice and yes/no questions. Both are reported, labelled.",
     )
+    latency_questions: int = Field(
+        8, ge=0, le=1024,
+        description="Questions per dataset answered again one at a time for the batch-1 latency columns (seconds per "
+        "question, ms per token), the same ones for every model; 0 skips that pass and leaves the columns empty. "
+        "On CPU this pass costs most for the slowest model: 8 open questions of 96 tokens each.",
+    )
     models: list[Literal["base", "teacher", "student", "quantized"]] = Field(
         default=["base", "teacher", "student", "quantized"],
         min_length=1,
@@ -468,7 +499,7 @@ class RunPolicy(SpecModel):
 class Artifacts(SpecModel):
     """Where models, caches and reports go."""
 
-    uri: str = Field(
+    uri: PathStr = Field(
         "./runs",
         min_length=1,
         pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|[^:]+)$",

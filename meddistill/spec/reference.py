@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -11,6 +11,8 @@ from .models import MedDistillJobSpec, SpecModel
 
 
 def _type_name(ann: Any) -> str:
+    if get_origin(ann) is Annotated:  # DatasetRefStr, PathStr...: the type itself; patterns are in the CRD
+        return _type_name(get_args(ann)[0])
     args = [a for a in get_args(ann) if a is not type(None)]
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return "object"

@@ -393,6 +393,14 @@ state = "{d / 'containerd-state'}"
             f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", f"--root-dir={d / 'kubelet'}",
             f"--cert-dir={d / 'kubelet-pki'}", "--v=1"])
         self._wait_http(proc, f"http://127.0.0.1:{healthz}/healthz", timeout, ok_body=None)
+        # Healthy is not registered: on a cold containerd store the Node object came seconds later, and
+        # `kubectl wait` on an object that does not exist yet fails at once (NotFound).
+        deadline = time.monotonic() + timeout
+        while self.kubectl("get", "node", NODE_NAME, check=False).returncode != 0:
+            if not proc.alive() or time.monotonic() > deadline:
+                raise KubeClusterError(f"the kubelet did not register node {NODE_NAME} in {timeout:.0f}s "
+                                       f"(running: {proc.alive()}):\n{proc.log_tail()}")
+            time.sleep(1)
         self.kubectl("wait", "--for=condition=Ready", f"node/{NODE_NAME}", f"--timeout={int(timeout)}s",
                      timeout=timeout + 30)
 

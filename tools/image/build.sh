@@ -118,7 +118,7 @@ if [[ ! -f "$DEPS/layer.digest" ]]; then
 fi
 
 # --- app: keyed by the package's sources
-APP_KEY="$( (cd "$ROOT" && find pyproject.toml setup.py README.md NOTICE meddistill operator jobs serve tools/image -type f \
+APP_KEY="$( (cd "$ROOT" && find Dockerfile pyproject.toml setup.py README.md NOTICE meddistill operator jobs serve tools/image -type f \
   ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum) | cat - "$DEPS/layer.digest" | sha256sum | cut -c1-12)"
 APP="$OUT/app-$APP_KEY"
 if [[ ! -f "$APP/layer.digest" ]]; then
