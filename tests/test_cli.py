@@ -29,3 +29,17 @@ def test_top_level_help_shows_the_quickstart():
     out = subprocess.run([sys.executable, "-m", "meddistill.cli", "--help"], capture_output=True, text=True)
     assert "meddistill run examples/quickstart.yaml" in out.stdout
     assert "95% CI" in out.stdout
+
+
+@pytest.mark.parametrize("given, expected", [(None, "10000"), ("250", "250")])
+def test_the_cli_sets_a_short_openmp_spin_before_torch_loads_unless_the_user_set_one(given, expected):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    code = ("import os, sys; import meddistill.cli; assert 'torch' not in sys.modules; "
+            "print(os.environ['GOMP_SPINCOUNT'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
