@@ -41,7 +41,7 @@ import yaml
 from tests.support.kube_cluster import OPERATOR_NAMESPACE, REPO_ROOT, free_port
 from tests.test_operator_kube import Kube, OperatorProcess, install_operator_prereqs, quickstart
 
-PIPELINE_TIMEOUT_S = 35 * 60  # the whole quickstart (~10-20 min on 2 cores), with headroom for a busy machine
+PIPELINE_TIMEOUT_S = 50 * 60  # the whole quickstart (~20 min alone on 2 cores; CI runs it beside the rest of the suite)
 
 
 class RayHead:

@@ -24,7 +24,7 @@ from tests.test_operator_kube import quickstart, wait_for
 pytest_plugins = ["tests.support.kube_fixtures", "tests.e2e_fixture"]
 # The first test to use quickstart_e2e also pays for the whole pipeline (the fixture's own wait
 # fails first, after e2e_fixture.PIPELINE_TIMEOUT_S, with the job's status).
-pytestmark = [pytest.mark.slow, pytest.mark.kube, pytest.mark.timeout(45 * 60)]
+pytestmark = [pytest.mark.slow, pytest.mark.kube, pytest.mark.e2e, pytest.mark.timeout(60 * 60)]
 
 STAGES = ["teacher", "distill-data", "distill", "quantize", "evaluate"]
 

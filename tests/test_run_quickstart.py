@@ -9,7 +9,7 @@ import pytest
 from meddistill.artifacts import verify
 from meddistill.spec.models import Results
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(45 * 60)]  # may pay for the pipeline run
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(60 * 60)]  # may pay for the pipeline run
 
 
 def test_quickstart_produces_every_stage_and_the_paper_table(quickstart_run):

@@ -18,7 +18,7 @@ def test_meddistill_serve_model_prints_url_answers_and_stops_on_ctrl_c():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own local Ray, never one running on this machine
     proc = subprocess.Popen(
         [sys.executable, "-m", "meddistill.cli", "serve", "--model", "builtin:smollm2-135m-instruct",
          "--port", str(port)],

@@ -3,8 +3,8 @@
 # by hand can make a run green), the project installed into it with tools/install.sh --dev, the
 # Kubernetes/KubeRay binaries (tools/kube/build.sh, cached), then pytest with any arguments given.
 #
-#   tools/test.sh                      the whole suite (what CI runs): the real-cluster tests
-#                                      (-m cluster) in a second pytest beside the rest, see below
+#   tools/test.sh                      the whole suite (what CI runs): the real-cluster tests (-m cluster)
+#                                      and the end-to-end quickstart (-m e2e) beside the rest, see below
 #   tools/test.sh tests/test_spec.py   some of it
 #   MEDDISTILL_TEST_VENV=DIR           where the environment goes (default: .venv-test, made anew)
 #   MEDDISTILL_REUSE_VENV=1            keep an existing environment (quick local re-runs)
@@ -35,21 +35,32 @@ echo "[test] binaries ready at $((SECONDS - start))s" >&2
 export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
 [[ $# -gt 0 ]] && exec pytest "$@"
 
-# The whole suite. The real-cluster module shares no fixture with the rest (its own node cluster, its Ray
-# inside pods), so it runs in a second pytest beside the main one instead of after it (measured: 28 min
-# beside the main suite's 67, which it no longer adds to; CPU was 93 % busy while both ran). Its lines carry a
-# "[cluster] " prefix; per-test durations of both go to .test-reports/*.xml (junit) as well as the
-# slowest-25 lists each pytest prints.
+# The whole suite, as three pytest processes side by side (each its own kube-apiserver and Ray; lines
+# prefixed, per-test durations in .test-reports/*.xml and in the slowest-25 list each prints):
+#   [cluster]  -m cluster: the quickstart on real pods (its own node cluster, its Ray inside pods)
+#   [e2e]      -m e2e: the quickstart through the operator on a Ray head (the session's one full pipeline)
+#   (no prefix) everything else
+# Each end-to-end run is mostly one Ray Train worker or one evaluation at a time, so alone they leave a core
+# idle; side by side with the rest they fill it (measured: see docs/results.md, CI time).
+# RAY_ADDRESS=local for the rest: a `ray.init()` without an address would otherwise look for a running
+# Ray on this machine and find the e2e head or a pod's (Ray refuses to pick between two, or joins one).
 mkdir -p .test-reports
+pids=()
 pytest -m cluster --junitxml=.test-reports/cluster.xml > >(sed -u 's/^/[cluster] /') 2>&1 &
-cluster_pid=$!
-trap 'kill -INT "$cluster_pid" 2>/dev/null || true' EXIT  # interrupted: the cluster tests tear down too
+pids+=($!)
+pytest -m "e2e and not cluster" --junitxml=.test-reports/e2e.xml > >(sed -u 's/^/[e2e] /') 2>&1 &
+pids+=($!)
+trap 'kill -INT "${pids[@]}" 2>/dev/null || true' EXIT  # interrupted: the side runs tear down too
 main_rc=0
-pytest -m "not cluster" --junitxml=.test-reports/main.xml || main_rc=$?
-cluster_rc=0
-wait "$cluster_pid" || cluster_rc=$?
+RAY_ADDRESS=local pytest -m "not cluster and not e2e" --junitxml=.test-reports/main.xml || main_rc=$?
+side_rc=()
+for pid in "${pids[@]}"; do
+  rc=0
+  wait "$pid" || rc=$?
+  # pytest's 5 is "no tests collected": not a failure of a side run when every one of its tests was deselected.
+  side_rc+=($(( rc == 5 ? 0 : rc )))
+done
 trap - EXIT
-echo "[test] main suite exit $main_rc, cluster suite exit $cluster_rc, $((SECONDS - start))s in all" >&2
-# pytest's 5 is "no tests collected": not a failure of the cluster half when every test was deselected.
-[[ $cluster_rc -eq 5 ]] && cluster_rc=0
-exit $(( main_rc != 0 ? main_rc : cluster_rc ))
+echo "[test] exit codes: main $main_rc, cluster ${side_rc[0]}, e2e ${side_rc[1]}; $((SECONDS - start))s in all" >&2
+for rc in "$main_rc" "${side_rc[@]}"; do [[ $rc -ne 0 ]] && exit "$rc"; done
+exit 0
