@@ -17,6 +17,8 @@ import pytest
 from tests.pipeline_fixture import restore_local_ray
 from tests.test_artifacts_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 
+pytestmark = pytest.mark.own_ray  # a 3-node Ray cluster of its own (ray.cluster_utils)
+
 CRASH_STEP = 2
 PRIVATE_FD = 900  # above anything this process opens; Ray's processes never inherit it (close_fds)
 

@@ -16,6 +16,8 @@ import pytest
 from tests.test_artifacts_s3 import s3_endpoint  # noqa: F401 - the moto server fixture
 from tests.test_multinode_s3 import keys, multinode  # noqa: F401 - the 3-node cluster fixture
 
+pytestmark = pytest.mark.own_ray  # a 3-node Ray cluster of its own (ray.cluster_utils)
+
 
 @pytest.mark.slow
 def test_every_stage_publishes_when_its_ray_tasks_run_on_other_nodes(

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(20 * 60)]
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray, pytest.mark.timeout(20 * 60)]
 
 
 def _free_port() -> int:

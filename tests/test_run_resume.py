@@ -8,9 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from meddistill.artifacts import read_manifest, verify
+
+pytestmark = pytest.mark.own_ray  # a private Ray per `meddistill run`
 
 
 def _meddistill(args: list[str], cwd: Path, **kwargs):

@@ -37,22 +37,24 @@ export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
 
 # The whole suite, as three pytest processes side by side (each its own kube-apiserver and Ray; lines
 # prefixed, per-test durations in .test-reports/*.xml and in the slowest-25 list each prints):
-#   [cluster]  -m cluster: the quickstart on real pods (its own node cluster, its Ray inside pods)
+#   [cluster]  -m cluster: the quickstart on real pods (its own node cluster, its Ray inside pods), then
+#              -m own_ray: the tests that start a Ray of their own (multi-node, `meddistill run`), so that
+#              the three pytests end near each other
 #   [e2e]      -m e2e: the quickstart through the operator on a Ray head (the session's one full pipeline)
 #   (no prefix) everything else
-# Each end-to-end run is mostly one Ray Train worker or one evaluation at a time, so alone they leave a core
-# idle; side by side with the rest they fill it (measured: see docs/results.md, CI time).
-# RAY_ADDRESS=local for the rest: a `ray.init()` without an address would otherwise look for a running
-# Ray on this machine and find the e2e head or a pod's (Ray refuses to pick between two, or joins one).
+# An end-to-end run is mostly one Ray Train worker or one evaluation at a time, so alone it leaves a core
+# idle; side by side with the rest it fills it.
+# RAY_ADDRESS=local: a `ray.init()` without an address would otherwise look for a running Ray on this
+# machine and find the e2e head or a pod's (Ray refuses to pick between two, or joins one).
 mkdir -p .test-reports
 pids=()
-pytest -m cluster --junitxml=.test-reports/cluster.xml > >(sed -u 's/^/[cluster] /') 2>&1 &
+RAY_ADDRESS=local pytest -m "cluster or own_ray" --junitxml=.test-reports/cluster.xml > >(sed -u 's/^/[cluster] /') 2>&1 &
 pids+=($!)
-pytest -m "e2e and not cluster" --junitxml=.test-reports/e2e.xml > >(sed -u 's/^/[e2e] /') 2>&1 &
+pytest -m "e2e and not cluster and not own_ray" --junitxml=.test-reports/e2e.xml > >(sed -u 's/^/[e2e] /') 2>&1 &
 pids+=($!)
 trap 'kill -INT "${pids[@]}" 2>/dev/null || true' EXIT  # interrupted: the side runs tear down too
 main_rc=0
-RAY_ADDRESS=local pytest -m "not cluster and not e2e" --junitxml=.test-reports/main.xml || main_rc=$?
+RAY_ADDRESS=local pytest -m "not cluster and not e2e and not own_ray" --junitxml=.test-reports/main.xml || main_rc=$?
 side_rc=()
 for pid in "${pids[@]}"; do
   rc=0
