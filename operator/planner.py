@@ -33,6 +33,8 @@ Rules, in the order they apply:
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -376,7 +378,7 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
         accuracy=_accuracy(results),
         conditions=conditions,
         stages=stages,
-        results=results,
+        results=status_results(results),
         serving=serving_status,
         gate=serving.gate,
         model_card=serving.model_card,
@@ -469,6 +471,23 @@ def _plan_serving(job: MedDistillJob, observed: Observed, stages: list[StageStat
         out.events.append(Event("Normal", "ServingUpdated", f"{app.name}: model {app.model_uri} -> {model_uri}"))
         return status, False
     return status.model_copy(update={"ready": app.ready}), app.ready
+
+
+# Record ids of excluded evaluation questions may identify patients (a hospital's own eval set keys
+# records by MRN or accession number), and status is readable by anyone who may `get` the job: there it
+# shows at most this many per dataset, each as a hash prefix (results.json on the job's own artifact
+# store keeps them whole, for the model card). Idempotent: a status carried over is not hashed again.
+STATUS_EXCLUDED_IDS = 20
+_HASHED_ID = re.compile(r"^sha256:[0-9a-f]{12}$")
+
+
+def status_results(results: Results | None) -> Results | None:
+    if results is None or not results.excluded:
+        return results
+    def hashed(i: str) -> str:
+        return i if _HASHED_ID.match(i) else "sha256:" + hashlib.sha256(i.encode()).hexdigest()[:12]
+    excluded = [e.model_copy(update={"ids": [hashed(i) for i in e.ids[:STATUS_EXCLUDED_IDS]]}) for e in results.excluded]
+    return results.model_copy(update={"excluded": excluded})
 
 
 def _accuracy(results: Results | None) -> str:

@@ -193,3 +193,23 @@ def test_model_change_updates_serving_in_place():
     assert p.update == [Serve("quickstart", "/a/quickstart/quantize")]
     assert p.create == [] and p.delete == []
     assert p.status["phase"] == "Running"
+
+
+def test_status_shows_excluded_record_ids_capped_and_hashed_never_verbatim():
+    """Eval record ids can be patient identifiers; status is readable by whoever may `get` the job."""
+    ids = [f"MRN-00{n:05d}" for n in range(30)]
+    results = {**RESULTS, "excluded": [{"dataset": "jsonl:/data/ward.jsonl", "count": 30, "ids": ids}]}
+    observed = Observed(runs=tuple(
+        run(s, 1, "Succeeded", end_time="2026-01-01T11:59:00Z", artifact=ArtifactRecord(
+            uri=f"/a/quickstart/{s}", digest=f"{s}-digest", results=results if s == "evaluate" else None))
+        for s in STAGES))
+    job, p = advance(make_job(), observed)
+    shown = p.status["results"]["excluded"][0]
+    assert shown["count"] == 30 and len(shown["ids"]) == 20
+    assert all(i.startswith("sha256:") and len(i) == len("sha256:") + 12 for i in shown["ids"])
+    assert not [i for i in shown["ids"] if "MRN" in i]
+    import hashlib
+    assert shown["ids"][0] == "sha256:" + hashlib.sha256(ids[0].encode()).hexdigest()[:12]  # the same id, the same hash
+    # Planned again from the written status (the stage children gone): carried over, not hashed twice.
+    _, again = advance(job, Observed())
+    assert again.status["results"]["excluded"][0]["ids"] == shown["ids"]

@@ -745,7 +745,7 @@ class ExcludedQuestions(SpecModel):
 
     dataset: str = Field(..., description="Evaluation set.")
     count: int = Field(0, description="How many sampled questions were excluded.")
-    ids: list[str] = Field(default_factory=list, description="Their record ids.")
+    ids: list[str] = Field(default_factory=list, description="Their record ids (in the job's status: at most 20, each as sha256:<12 hex> of the id, since ids may identify patients; results.json keeps them whole).")
 
 
 class Results(SpecModel):
