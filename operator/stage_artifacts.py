@@ -48,7 +48,15 @@ def operator_dir(job: MedDistillJob, uri: str) -> Path | None:
         path = artifacts.local_path(uri, namespace=namespace)
         confined(mount, path, uri)
         return path
-    return artifacts.local_path(uri, namespace=namespace)
+    path = artifacts.local_path(uri, namespace=namespace)
+    # A plain path (the Ray-cluster backend's shared folder) that lands among the claims the operator
+    # mounts for every namespace would read another tenant's artifacts by name: only pvc:// goes there.
+    if path is not None and path.resolve().is_relative_to(artifacts.pvc_root().resolve()):
+        raise ReconcileBlocked(
+            f"spec.artifacts.uri {job.spec.artifacts.uri}: a plain path under {artifacts.pvc_root()} (where the "
+            "operator mounts the claims of every namespace) is refused; name the job's own claim instead: "
+            "pvc://CLAIM/PATH", ARTIFACT_STORE_UNAVAILABLE)
+    return path
 
 
 def confined(root: Path, path: Path, uri: str) -> None:

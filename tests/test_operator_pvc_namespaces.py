@@ -132,3 +132,21 @@ def test_a_symlink_that_stays_inside_the_claim_is_followed(pvc_root):
     (pvc_root / "team-a" / "models" / "runs").symlink_to(pvc_root / "team-a" / "models" / "elsewhere")
     digest = write_stage(a, "teacher")
     assert read_artifact(a, "teacher").digest == digest
+
+
+@pytest.mark.parametrize("uri", ["{root}/team-a/models/runs", "{root}/team-a/models/../models/runs", "{root}"])
+def test_a_plain_path_into_the_operators_claim_mounts_is_refused(pvc_root, uri):
+    """The Ray-cluster backend takes plain paths; one that names another namespace's mounted claim
+    directly would skip the namespace check pvc:// gets."""
+    (pvc_root / "team-a" / "models").mkdir(parents=True)
+    a = job_in("team-a", evaluated=True)
+    evaluated_in(a)
+    b = job_in("team-b")
+    with pytest.raises(ReconcileBlocked) as blocked:
+        operator_dir(b, uri.format(root=pvc_root))
+    assert blocked.value.reason == ARTIFACT_STORE_UNAVAILABLE and "pvc://CLAIM/PATH" in str(blocked.value)
+
+
+def test_a_plain_path_elsewhere_is_read_as_before(pvc_root, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("shared-runs")
+    assert operator_dir(job_in("team-b"), str(elsewhere / "runs")) == (elsewhere / "runs").resolve()
