@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from meddistill.artifacts import (
     PARENT_SEGMENT_CEL,
+    PVC_CLAIM_PATTERN,
     PVC_SCHEME,
     input_path_pattern,
     parent_segment_problem,
@@ -103,6 +104,21 @@ DatasetRefStr = Annotated[str, Field(max_length=PATH_MAX, json_schema_extra={"pa
 # API server refuses what `_model_source` refuses; blank strings are left to the resolver as before).
 ModelSourceStr = Annotated[str, Field(max_length=PATH_MAX, json_schema_extra={
     "pattern": rf"^(?:{input_path_pattern()}|\s*)$", **NO_PARENT_SEGMENT})]
+
+
+# Names of the Kubernetes objects a job refers to (Secrets, ServiceAccounts, PriorityClasses, a Kueue
+# LocalQueue) and its image: refused when the job is applied (here and by the API server), not when a
+# child is created from them, which for serving is hours into a run. Names are DNS-1123 subdomains.
+K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=rf"^{PVC_CLAIM_PATTERN}$")]
+# A queue name is also a label value (kueue.x-k8s.io/queue-name): 63 characters at most.
+QueueName = Annotated[str, Field(max_length=63, pattern=rf"^(?:{PVC_CLAIM_PATTERN})?$")]
+# An OCI image reference, [REGISTRY[:PORT]/]PATH[:TAG][@DIGEST] (the distribution/reference grammar,
+# without IPv6 registries); "" where the field is optional.
+_REGISTRY = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (rf"^(?:(?:{_REGISTRY}/)?{_PATH_PART}(?:/{_PATH_PART})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+                 r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?)?$")
+ImageRef = Annotated[str, Field(max_length=1024, pattern=IMAGE_PATTERN)]
 
 
 def _no_parent_segment(value: str | None) -> str | None:
@@ -418,7 +434,7 @@ class EvaluationGate(SpecModel):
 class ServingAuth(SpecModel):
     """Bearer-token auth for the endpoint, the token read from a Secret."""
 
-    secret_name: str = Field(..., min_length=1, description="Secret in the job's namespace holding the token.")
+    secret_name: K8sName = Field(..., description="Secret in the job's namespace holding the token (a Secret name: lowercase letters, digits, '-' and '.').")
     key: str = Field("token", min_length=1, description="Key in the Secret.")
 
 
@@ -505,7 +521,8 @@ class Artifacts(SpecModel):
         pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|[^:]+)$",
         description="Artifact store: a local path, pvc://CLAIM/PATH (mounted into every pod), or s3://BUCKET/PREFIX. The job's artifacts go under <uri>/<job name>/ with `meddistill run`, and under <uri>/<namespace>/<job name>-<first 8 characters of its uid>/ when the operator runs it (jobs of two namespaces, or a re-created job, never share artifacts). A local path works for `meddistill run` and, absolute, on a Ray cluster whose nodes and operator all mount it; the operator refuses it on KubeRay (each pod's filesystem is its own).",
     )
-    secret_name: str = Field("", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) for s3://.")
+    secret_name: Annotated[str, Field(max_length=253, pattern=rf"^(?:{PVC_CLAIM_PATTERN})?$")] = Field(
+        "", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL) for s3:// (a Secret name: lowercase letters, digits, '-' and '.').")
 
 
 class RayTarget(SpecModel):
@@ -551,9 +568,9 @@ class PodScheduling(SpecModel):
 
     node_selector: dict[str, str] | None = Field(None, description="Node labels the pods require, e.g. a GPU pool.")
     tolerations: list[Toleration] | None = Field(None, description="Taints the pods tolerate.")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
-    image_pull_secrets: list[str] | None = Field(None, description="Secrets for pulling spec.image from a private registry.")
-    service_account_name: str | None = Field(None, description="ServiceAccount of the pods (default: the namespace's default).")
+    priority_class_name: K8sName | None = Field(None, description="PriorityClass of the pods (its name: lowercase letters, digits, '-' and '.').")
+    image_pull_secrets: list[K8sName] | None = Field(None, description="Secrets for pulling spec.image from a private registry (Secret names).")
+    service_account_name: K8sName | None = Field(None, description="ServiceAccount of the pods (default: the namespace's default; its name: lowercase letters, digits, '-' and '.').")
     automount_service_account_token: bool | None = Field(
         None, description="Mount the ServiceAccount's API token into the pods (default false: stage code never calls the Kubernetes API).")
 
@@ -648,9 +665,9 @@ class MedDistillJobSpec(SpecModel):
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries and deadlines.")
     artifacts: Artifacts = Field(default_factory=Artifacts, description="Artifact store.")
     ray: RayTarget = Field(default_factory=RayTarget, description="Existing Ray cluster to use instead of KubeRay.")
-    image: str = Field("", description="Container image of the stage and serving pods; empty: the operator's own image (the chart's image.repository:image.tag), so one chart value sets the image of every pod.")
+    image: ImageRef = Field("", description="Container image of the stage and serving pods, [REGISTRY[:PORT]/]PATH[:TAG][@sha256:DIGEST] (e.g. registry.hospital.local:5000/meddistill:0.1.0); empty: the operator's own image (the chart's image.repository:image.tag), so one chart value sets the image of every pod.")
     suspend: bool = Field(False, description="Stop before the next stage and remove the running child; set false to resume.")
-    queue_name: str = Field("", description="Kueue LocalQueue for the stage RayJobs (sets the kueue.x-k8s.io/queue-name label).")
+    queue_name: QueueName = Field("", description="Kueue LocalQueue for the stage RayJobs (sets the kueue.x-k8s.io/queue-name label; a LocalQueue name of at most 63 characters).")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Node selection, tolerations, priority, pull secrets and ServiceAccount of the stage and serving pods (KubeRay backend).")
 
 
