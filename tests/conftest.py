@@ -10,8 +10,7 @@ pytest_plugins = [
 def pytest_collection_modifyitems(config, items):
     """Run the tests on the session's Ray head last: it lives until the session ends, and Ray's own
     helpers refuse to pick between two local Ray instances, so in one pytest it must not overlap the
-    tests that start a private local Ray. (tools/test.sh runs the e2e ones in a pytest of their own,
-    beside one that sets RAY_ADDRESS=local so that no helper there goes looking.)"""
+    tests that start a private local Ray."""
     def key(item):
         uses_ray_head = "ray_head" in getattr(item, "fixturenames", ())
         return (uses_ray_head, uses_ray_head and "test_zz_" in item.name)  # the delete test ends the run

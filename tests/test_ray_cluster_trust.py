@@ -9,6 +9,8 @@ ServiceAccount (as tests/test_operator_blocked.py); the Ray head itself is in te
 
 from __future__ import annotations
 
+import os
+
 import socket
 import threading
 import uuid
@@ -97,15 +99,22 @@ def test_a_token_over_plain_http_is_refused_unless_the_entry_allows_it(tmp_path)
         ray_clusters.load(path, "ops")
 
 
-def test_each_cluster_gets_its_own_token_never_the_operators_environment(listener, monkeypatch):
+@pytest.mark.parametrize("env_address", [None, "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"])
+def test_each_cluster_gets_its_own_token_never_the_operators_environment(listener, monkeypatch, env_address):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "operator-env-token")
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    if env_address:  # Ray's client would take this over the listed address, token and all
+        monkeypatch.setenv(env_address, "http://127.0.0.1:9")
     c = raycluster.RayCluster(AllowedCluster(name="a", address=listener.address, allow_insecure=True,
                                              token_secret=TokenSecret(name="t", namespace="ops")), token="cluster-a-token")
     with pytest.raises(ReconcileBlocked, match="Ray cluster 'a'"):
         c.jobs()
     sent = b"".join(listener.requests).decode(errors="replace")
     assert "Authorization: Bearer cluster-a-token" in sent and "operator-env-token" not in sent
+    if env_address:
+        assert os.environ[env_address] == "http://127.0.0.1:9"  # left as it was
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 # Kubernetes/KubeRay binaries (tools/kube/build.sh, cached), then pytest with any arguments given.
 #
 #   tools/test.sh                      the whole suite (what CI runs): the real-cluster tests (-m cluster)
-#                                      and the end-to-end quickstart (-m e2e) beside the rest, see below
+#                                      and those with a Ray of their own (-m own_ray) beside the rest
 #   tools/test.sh tests/test_spec.py   some of it
 #   MEDDISTILL_TEST_VENV=DIR           where the environment goes (default: .venv-test, made anew)
 #   MEDDISTILL_REUSE_VENV=1            keep an existing environment (quick local re-runs)
@@ -35,34 +35,26 @@ echo "[test] binaries ready at $((SECONDS - start))s" >&2
 export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
 [[ $# -gt 0 ]] && exec pytest "$@"
 
-# The whole suite, as three pytest processes side by side (each its own kube-apiserver and Ray; lines
-# prefixed, per-test durations in .test-reports/*.xml and in the slowest-25 list each prints):
+# The whole suite, as two pytest processes side by side (each its own kube-apiserver and Ray; per-test
+# durations in .test-reports/*.xml and in the slowest-25 list each prints):
 #   [cluster]  -m cluster: the quickstart on real pods (its own node cluster, its Ray inside pods), then
-#              -m own_ray: the tests that start a Ray of their own (multi-node, `meddistill run`), so that
-#              the three pytests end near each other
-#   [e2e]      -m e2e: the quickstart through the operator on a Ray head (the session's one full pipeline)
-#   (no prefix) everything else
-# An end-to-end run is mostly one Ray Train worker or one evaluation at a time, so alone it leaves a core
-# idle; side by side with the rest it fills it.
+#              -m own_ray: the tests that start a Ray of their own (multi-node, `meddistill run`, the README's
+#              main command), so that both end near each other
+#   (no prefix) everything else, the end-to-end quickstart through the operator on a Ray head last
+# Measured (docs/results.md, CI time): a third pytest for the end-to-end quickstart made nothing faster; the
+# machine's 2 cores were 99 % busy and every pipeline ran 2-3x slower.
 # RAY_ADDRESS=local: a `ray.init()` without an address would otherwise look for a running Ray on this
-# machine and find the e2e head or a pod's (Ray refuses to pick between two, or joins one).
+# machine and find the other pytest's or a pod's (Ray refuses to pick between two, or joins one).
 mkdir -p .test-reports
-pids=()
 RAY_ADDRESS=local pytest -m "cluster or own_ray" --junitxml=.test-reports/cluster.xml > >(sed -u 's/^/[cluster] /') 2>&1 &
-pids+=($!)
-pytest -m "e2e and not cluster and not own_ray" --junitxml=.test-reports/e2e.xml > >(sed -u 's/^/[e2e] /') 2>&1 &
-pids+=($!)
-trap 'kill -INT "${pids[@]}" 2>/dev/null || true' EXIT  # interrupted: the side runs tear down too
+side_pid=$!
+trap 'kill -INT "$side_pid" 2>/dev/null || true' EXIT  # interrupted: the side run tears down too
 main_rc=0
-RAY_ADDRESS=local pytest -m "not cluster and not e2e and not own_ray" --junitxml=.test-reports/main.xml || main_rc=$?
-side_rc=()
-for pid in "${pids[@]}"; do
-  rc=0
-  wait "$pid" || rc=$?
-  # pytest's 5 is "no tests collected": not a failure of a side run when every one of its tests was deselected.
-  side_rc+=($(( rc == 5 ? 0 : rc )))
-done
+RAY_ADDRESS=local pytest -m "not cluster and not own_ray" --junitxml=.test-reports/main.xml || main_rc=$?
+side_rc=0
+wait "$side_pid" || side_rc=$?
 trap - EXIT
-echo "[test] exit codes: main $main_rc, cluster ${side_rc[0]}, e2e ${side_rc[1]}; $((SECONDS - start))s in all" >&2
-for rc in "$main_rc" "${side_rc[@]}"; do [[ $rc -ne 0 ]] && exit "$rc"; done
-exit 0
+echo "[test] exit codes: main $main_rc, cluster $side_rc; $((SECONDS - start))s in all" >&2
+# pytest's 5 is "no tests collected": not a failure of the side run when every one of its tests was deselected.
+[[ $side_rc -eq 5 ]] && side_rc=0
+exit $(( main_rc != 0 ? main_rc : side_rc ))

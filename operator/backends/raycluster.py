@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -73,6 +74,24 @@ class Snapshot:
     apps: dict[str, dict]
 
 
+
+# Ray's JobSubmissionClient replaces the address it is given with $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS
+# when either is set ("always overridden", ray.dashboard.utils.get_address_for_submission_client): an
+# operator (or a test process) with RAY_ADDRESS in its environment would send a listed cluster's token to
+# whatever that names. The address is resolved once, in the constructor, so they are hidden while it runs.
+_ENV_ADDRESSES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+_env_lock = threading.Lock()
+
+
+class _address_from_environment_ignored:
+    def __enter__(self):
+        _env_lock.acquire()
+        self.saved = {k: os.environ.pop(k) for k in _ENV_ADDRESSES if k in os.environ}
+
+    def __exit__(self, *exc):
+        os.environ.update(self.saved)
+        _env_lock.release()
+
 class RayCluster:
     """One Ray cluster's Jobs API and Serve REST API."""
 
@@ -98,7 +117,8 @@ class RayCluster:
 
             headers = self.headers()
             try:
-                self._client = JobSubmissionClient(self.address, headers=headers)
+                with _address_from_environment_ignored():
+                    self._client = JobSubmissionClient(self.address, headers=headers)
             except Exception as e:  # noqa: BLE001 - connection, HTTP and ray's AuthenticationError alike
                 raise RayBackendError(f"Ray cluster {self.allowed.name!r} ({self.address}, spec.ray): the Ray Jobs API "
                                       f"does not answer ({e}); check that its dashboard runs and, with token auth, "
