@@ -65,7 +65,10 @@ def install_operator_prereqs(cluster, values: list[str] | None = None) -> str:
     """The generated CRD, the operator namespace and the chart's RBAC/Deployment (admin applies)."""
     install_crd(cluster)
     cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    # Without the gate-override admission policy: it is cluster-wide, and the tests' admin user writes
+    # overrides in other people's names (tests/test_chart_gate_override_policy.py tests the policy).
     rendered = cluster.helm("template", "meddistill", str(CHART), "--namespace", OPERATOR_NAMESPACE,
+                            "--set", "gateOverridePolicy.enabled=false",
                             *sum((["--set", v] for v in values or []), [])).stdout
     cluster.kubectl("apply", "-f", "-", input=rendered)
     return rendered
