@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from meddistill.artifacts import verify
+from tests.support.kube_cluster import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray, pytest.mark.timeout(40 * 60)]
 
@@ -49,19 +49,13 @@ def smaller_quickstart(folder: Path) -> None:
     (folder / "examples" / "quickstart.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_readme_main_command_trains_prints_the_table_and_serves_an_answer(tmp_path):
     from openai import OpenAI
 
     argv = readme_main_command().split()
     smaller_quickstart(tmp_path)
     console_script = Path(sys.executable).parent / argv[0]  # the entry point pip installed, as typed
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.Popen([str(console_script), *argv[1:], "--port", str(port)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
