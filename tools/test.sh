@@ -46,7 +46,10 @@ export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
 # RAY_ADDRESS=local: a `ray.init()` without an address would otherwise look for a running Ray on this
 # machine and find the other pytest's or a pod's (Ray refuses to pick between two, or joins one).
 mkdir -p .test-reports
-RAY_ADDRESS=local pytest -m "cluster or own_ray" --junitxml=.test-reports/cluster.xml > >(sed -u 's/^/[cluster] /') 2>&1 &
+# The side run's output also goes to .test-reports/cluster.log: interleaved with the main run's, its failures
+# would scroll out of sight (a CI shows the end of the output), so they are repeated after both end.
+RAY_ADDRESS=local pytest -m "cluster or own_ray" --junitxml=.test-reports/cluster.xml \
+  > >(sed -u 's/^/[cluster] /' | tee .test-reports/cluster.log) 2>&1 &
 side_pid=$!
 trap 'kill -INT "$side_pid" 2>/dev/null || true' EXIT  # interrupted: the side run tears down too
 main_rc=0
@@ -55,6 +58,15 @@ side_rc=0
 wait "$side_pid" || side_rc=$?
 trap - EXIT
 echo "[test] exit codes: main $main_rc, cluster $side_rc; $((SECONDS - start))s in all" >&2
+if [[ $side_rc -ne 0 && $side_rc -ne 5 ]]; then
+  echo "[test] the cluster run failed (whole output: .test-reports/cluster.log); its summary:" >&2
+  sleep 2  # the tee behind the side run may still be writing its last lines
+  if grep -q "short test summary info" .test-reports/cluster.log; then
+    sed -n '/short test summary info/,$p' .test-reports/cluster.log | tail -n 40 >&2
+  else
+    tail -n 40 .test-reports/cluster.log >&2
+  fi
+fi
 # pytest's 5 is "no tests collected": not a failure of the side run when every one of its tests was deselected.
 [[ $side_rc -eq 5 ]] && side_rc=0
 exit $(( main_rc != 0 ? main_rc : side_rc ))
