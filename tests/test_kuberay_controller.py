@@ -71,9 +71,20 @@ def create_job(cluster, ns: str, example: str, **spec_updates) -> tuple[MedDisti
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
     obj = json.loads(cluster.kubectl("get", "mdj", doc["metadata"]["name"], "-n", ns, "-o", "json").stdout)
     job = MedDistillJob.model_validate({**doc, "metadata": {**doc["metadata"], "uid": obj["metadata"]["uid"]}})
-    secret = kuberay.ray_auth_secret(job, obj["metadata"]["uid"], uuid.uuid4().hex)
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(secret))
     return job, obj["metadata"]["uid"]
+
+
+def assert_token_from_kuberay(cluster, ns: str, built: dict) -> None:
+    """Token auth as KubeRay does it: it made the RayCluster's token Secret (named after the cluster,
+    owned by it) and the head's Ray container reads RAY_AUTH_TOKEN from it; the operator made none."""
+    rc = built["raycluster"]
+    secret = json.loads(cluster.kubectl("get", "secret", rc, "-n", ns, "-o", "json").stdout)
+    assert [o["kind"] for o in secret["metadata"]["ownerReferences"]] == ["RayCluster"]
+    assert set(secret["data"]) == {kuberay.AUTH_SECRET_KEY}
+    head = next(p for p in built["pods"] if p["metadata"]["labels"]["ray.io/node-type"] == "head")
+    env = {e["name"]: e for e in head["spec"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": rc, "key": kuberay.AUTH_SECRET_KEY}
 
 
 def get(cluster, ns: str, kind: str, selector: str = "") -> list[dict]:
@@ -145,6 +156,7 @@ def test_every_stage_rayjob_is_accepted_and_built_by_kuberay(kuberay_cluster, re
                            ["spec"]["containers"][0]["args"])
         assert "--resources='{\"meddistill_stage_driver\": 1}'" in command, command
         assert "meddistill_stage_driver" not in " ".join(head["spec"]["containers"][0]["args"])
+        assert_token_from_kuberay(kuberay_cluster, restricted_ns, built)
     bad = refusals(kuberay_cluster, restricted_ns, names)
     assert bad == [], "\n".join(bad)
 
@@ -161,6 +173,7 @@ def test_serving_rayservice_with_autoscaling_is_accepted_and_its_head_admitted_u
     containers = {c["name"]: c for c in head["spec"]["containers"]}
     assert "autoscaler" in containers, sorted(containers)  # admitted by the "restricted" namespace
     assert containers["autoscaler"]["securityContext"]["allowPrivilegeEscalation"] is False
+    assert_token_from_kuberay(kuberay_cluster, restricted_ns, built)
     # KubeRay probes by rayVersion: HTTP where Ray has one health endpoint, else commands the image must have.
     probes = json.dumps([c.get("readinessProbe") for p in built["pods"] for c in p["spec"]["containers"]])
     for tool in ("wget", "curl"):

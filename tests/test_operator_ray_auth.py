@@ -1,14 +1,12 @@
 """KubeRay child clusters run with Ray token authentication, and only the job's own pods and the
 KubeRay operator reach their heads' Ray ports; Serve's port stays open to the namespace.
 
-Against the real API server, as the chart's ServiceAccount: the operator creates the job's token
-Secret (owned by the job, referenced by name, never inline) and the NetworkPolicy (owned by the
-job), and the API server admits them and the RayJob/RayService that use them."""
+Against the real API server, as the chart's ServiceAccount: the operator asks KubeRay for token auth
+(`authOptions`, KubeRay makes each cluster's token Secret: tests/test_kuberay_controller.py), holds no
+Secret permission itself, and creates the NetworkPolicy (owned by the job); the API server admits
+them and the RayJob/RayService that use them."""
 
 from __future__ import annotations
-
-import base64
-import json
 
 import pytest
 from kubernetes import client
@@ -17,6 +15,7 @@ from meddistill.operator import handlers
 from meddistill.operator.backends import kuberay_objects
 from meddistill.operator.planner import Serve
 from meddistill.spec.models import MedDistillJob
+from tests.support.kube_cluster import OPERATOR_USER
 from tests.support.operator_inprocess import as_operator, fresh_namespace  # noqa: F401 - fixture
 from tests.test_operator_kube import pvc_store, quickstart
 
@@ -40,18 +39,18 @@ def pods(cluster_spec: dict) -> dict[str, dict]:
             "worker": {**cluster_spec["workerGroupSpecs"][0]["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}}
 
 
-def test_child_clusters_use_the_jobs_token_secret_and_a_policy_closes_the_heads_ray_ports(kube):
+def test_child_clusters_ask_kuberay_for_token_auth_and_a_policy_closes_the_heads_ray_ports(kube):
     kube.apply(quickstart("auth", pvc_store(kube.ns)))
     handlers.reconcile(kube.ns, "auth")
     rayjob = kube.wait_rayjob("auth-teacher-a1", timeout=5)
     uid = kube.job("auth")["metadata"]["uid"]
 
-    secret = kube.core.read_namespaced_secret("auth-ray-auth", kube.ns)  # as admin: the operator cannot read it
-    token = secret.data[kuberay_objects.AUTH_SECRET_KEY]
-    assert len(token) > 40 and [o.uid for o in secret.metadata.owner_references] == [uid]
     cluster = rayjob["spec"]["rayClusterSpec"]
-    assert cluster["authOptions"] == {"mode": "token", "secretName": "auth-ray-auth"}
-    assert base64.b64decode(token).decode() not in json.dumps(rayjob)  # referenced, never inline
+    assert cluster["authOptions"] == {"mode": "token"}  # KubeRay makes the cluster's token Secret
+    assert kube.core.list_namespaced_secret(kube.ns).items == []  # as admin: the operator made none
+    for verb in ("create", "get", "list"):  # and cannot: no Secret verb in its ServiceAccount's roles
+        can = kube.cluster.kubectl("auth", "can-i", verb, "secrets", "-n", kube.ns, f"--as={OPERATOR_USER}", check=False)
+        assert can.stdout.strip() == "no", (verb, can.stdout, can.stderr)
 
     policy = client.NetworkingV1Api(kube.cluster.api_client()).read_namespaced_network_policy("auth-ray-head", kube.ns)
     policy = client.ApiClient().sanitize_for_serialization(policy)
@@ -78,7 +77,7 @@ def test_the_rayservice_runs_with_the_token_too_and_the_api_server_admits_it(kub
     job = MedDistillJob.model_validate({**doc, "metadata": {"name": "svc", "namespace": kube.ns}})
     body = kuberay_objects.rayservice(job, "some-uid", Serve("svc", pvc_store(kube.ns) + "/quantize"))
     cluster = body["spec"]["rayClusterConfig"]
-    assert cluster["authOptions"] == {"mode": "token", "secretName": "svc-ray-auth"}
+    assert cluster["authOptions"] == {"mode": "token"}
     policy = kuberay_objects.head_network_policy(job, "some-uid", ("ray-system",))
     assert selects(policy["spec"]["podSelector"], pods(cluster)["head"])
     del body["metadata"]["ownerReferences"], policy["metadata"]["ownerReferences"]  # no such job: dry-run the shapes

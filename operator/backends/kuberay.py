@@ -3,7 +3,7 @@
 Children carry an owner reference to their MedDistillJob, so the garbage collector removes them
 with it (no garbage collection here) and a re-created job with the same name never adopts the old
 job's children. A create that finds its name taken (409) is checked the same way (RayJobs, RayServices,
-the token Secret, the head NetworkPolicy): a child this job owns is a restart finding its own work;
+the head NetworkPolicy): a child this job owns is a restart finding its own work;
 anything else is a ChildConflict, never "Running".
 API errors become ReconcileBlocked with the cause and the fix, so they reach the job's conditions
 and events, not only the operator's log. Manifests are rendered in kuberay_objects.py.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from typing import Callable
 
 from kubernetes import client
@@ -33,7 +32,6 @@ from .kuberay_objects import (
     RAYJOBS,
     RAYSERVICES,
     head_network_policy,
-    ray_auth_secret,
     rayjob,
     rayservice,
     rayservice_model_patch,
@@ -132,21 +130,13 @@ class KubeRayBackend:
             raise not_owned(what, found[0], f"kubectl delete {plural}.{RAY_GROUP} -n {ns} {name}")
 
     def _guard(self, job: MedDistillJob, uid: str) -> None:
-        """The job's Ray token Secret and its heads' NetworkPolicy, before any Ray cluster that needs them.
-
-        The Secret is created, never read: the operator holds no get on Secrets (RBAC cannot narrow a
-        get to metadata or to these names), so a 409 there is taken as the job's own, created by an
-        earlier reconcile. The policy holds nothing secret: on a 409 its metadata is read for the owner
-        check, and a foreign one (not closing this job's heads) blocks the job."""
+        """The NetworkPolicy closing the job's Ray heads, before any Ray cluster that needs it (their
+        token Secrets are KubeRay's: kuberay_objects.AUTH_SECRET_KEY). The policy holds nothing secret:
+        on a 409 its metadata is read for the owner check, and a foreign one (not closing this job's
+        heads) blocks the job."""
         ns, name = job.metadata.namespace, job.metadata.name
         kuberay_ns = tuple(n for n in os.environ.get(KUBERAY_NAMESPACES_ENV, "").split(",") if n)
-        core, net = kube_api.core(), kube_api.networking()
-        secret = f"Secret {ns}/{name}-ray-auth"
-        try:
-            core.create_namespaced_secret(ns, ray_auth_secret(job, uid, secrets.token_urlsafe(32)))
-        except ApiException as e:
-            if e.status != 409:
-                raise blocked(e, "create", secret, "secrets") or e from None
+        net = kube_api.networking()
         policy, plural = f"{name}-ray-head", "networkpolicies"
         what = f"NetworkPolicy {ns}/{policy}"
         try:
@@ -167,9 +157,8 @@ class KubeRayBackend:
 
     def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
         api, ns = self._api(), job.metadata.namespace
-        # Not only before a create: a Secret or policy deleted while a cluster runs comes back (an owned
-        # one costs a create (409) and a metadata get). A re-created Secret holds a new token (the old
-        # one was never read back): pods already running keep theirs, later pods and clusters use it.
+        # Not only before a create: a policy deleted while a cluster runs comes back (an owned one costs
+        # a create (409) and a metadata get).
         if p.create or p.status.get("phase") in LIVE_PHASES:
             self._guard(job, uid)
         for item in p.create:

@@ -45,10 +45,12 @@ CONTAINER_SECURITY = {"runAsNonRoot": True, "runAsUser": POD_UID, "allowPrivileg
                       "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
 # NCCL and DeepSpeed exchange tensors through /dev/shm; a container's default is 64Mi.
 SHM_VOLUME, SHM_PATH = "dshm", "/dev/shm"
-# Child Ray clusters run with Ray token authentication (KubeRay >= 1.5.1 `authOptions`, Ray >= 2.52):
-# KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from this per-job Secret's key) on every Ray
-# container and authenticates its own dashboard calls with it. The operator creates the Secret
-# (owned by the job) and never puts the token in a RayJob/RayService.
+# Child Ray clusters run with Ray token authentication (KubeRay >= 1.5.1 `authOptions`, Ray >= 2.52).
+# KubeRay makes each Ray cluster's token itself (a Secret named after the RayCluster, owned by it, key
+# AUTH_SECRET_KEY), sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container and the submitter, and
+# authenticates its own dashboard calls with it. The operator never creates, reads or lists a Secret for
+# it: it needs no Secret verb at all (a cluster-wide `create` on Secrets lets its ServiceAccount mint a
+# token for any ServiceAccount in any namespace).
 AUTH_SECRET_KEY = "auth_token"
 # The head's Ray ports (GCS, dashboard/Jobs API, client) admit only the job's own pods and the KubeRay
 # operator (which polls the dashboard); Serve's 8000 stays open to the job's namespace.
@@ -185,18 +187,6 @@ def _submitter_pod(job: MedDistillJob, stage: str) -> dict:
             "spec": {"containers": [container], "restartPolicy": "Never", **_placement(job, stage)}}
 
 
-def auth_secret_name(job: MedDistillJob) -> str:
-    return f"{job.metadata.name}-ray-auth"
-
-
-def ray_auth_secret(job: MedDistillJob, owner_uid: str, token: str) -> dict:
-    """The job's Ray token, shared by all its Ray clusters; removed with the job (owner reference)."""
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": auth_secret_name(job), "namespace": job.metadata.namespace,
-                         "labels": _labels(job, "ray-auth"), "ownerReferences": _owner(job, owner_uid)},
-            "stringData": {AUTH_SECRET_KEY: token}}
-
-
 def head_network_policy(job: MedDistillJob, owner_uid: str, kuberay_namespaces: tuple[str, ...] = ()) -> dict:
     """Ingress to the job's Ray head pods: any port from the job's own pods (workers, submitter: GCS,
     object transfer), the dashboard from the KubeRay operator (in kuberay_namespaces; any namespace when
@@ -249,7 +239,7 @@ def ray_cluster_spec(job: MedDistillJob, stage: str, res: Resources, group: str,
                         requested_cpus=worker_requested_cpus)
     return {
         "rayVersion": ray_version(),
-        "authOptions": {"mode": "token", "secretName": auth_secret_name(job)},
+        "authOptions": {"mode": "token"},
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": _pod(job, head, stage)},
         "workerGroupSpecs": [{
             "groupName": group, "replicas": replicas, "minReplicas": min_replicas, "maxReplicas": max_replicas,

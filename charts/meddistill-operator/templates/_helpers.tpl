@@ -46,13 +46,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings", "kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
-{{- /* KubeRay children: each job's Ray token Secret (create only: the operator never reads a Secret
-     it did not list in rayClusters; RBAC cannot narrow get to metadata or to per-job names, so a get
-     here would let it read every Secret in every namespace) and the NetworkPolicy closing its Ray
-     heads' ports (get: on a 409 it checks the policy is the job's own). */}}
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["create"]
+{{- /* The NetworkPolicy closing each job's Ray heads (get: on a 409 it checks the policy is the job's
+     own). No Secret verb: KubeRay makes each Ray cluster's token Secret itself (authOptions). */}}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "get"]
