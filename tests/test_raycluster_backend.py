@@ -57,7 +57,15 @@ def test_submit_observe_conflict_and_garbage_collection_on_a_real_ray_head(head,
     assert observed.runs == () and observed.serving is None
     target = backend.endpoint(job)  # the Serve app's name and route on this cluster, not a KubeRay Service
     assert (target.name, target.endpoint) == ("mdj_team-a_qs", f"http://127.0.0.1:{head.serve_port}/team-a/qs/v1")
-    p = plan(job, replace(observed, target=target), datetime.now(timezone.utc))
+    # The README's ./runs resolves in each process's own directory: refused before any stage, saying the fix.
+    relative = MedDistillJob.model_validate({**job.model_dump(by_alias=True, exclude_none=True),
+                                             "spec": {**job.spec.model_dump(by_alias=True, exclude_none=True),
+                                                      "artifacts": {"uri": "./runs"}}})
+    refused = plan(relative, replace(observed, target=target), datetime.now(timezone.utc))
+    failed = next(c for c in refused.status["conditions"] if c["type"] == "Failed")
+    assert refused.create == [] and refused.status["phase"] == "Failed"
+    assert failed["reason"] == "ArtifactStoreNotShared" and "relative path" in failed["message"]
+    p = plan(job, replace(observed, target=target), datetime.now(timezone.utc))  # an absolute path: it runs
     assert p.create == [StartStage("teacher", 1, "qs-teacher-a1")]
     try:
         backend.apply(job, "uid-1", p)

@@ -350,8 +350,10 @@ class RayClusterBackend:
     def observe(self, job: MedDistillJob, uid: str) -> Observed:
         ns, name = job.metadata.namespace, job.metadata.name
         # serving.replaces: the app this job takes over is observed as its own (its owner says whose it is).
+        # local_paths="shared": an absolute artifacts path works where every node and the operator mount it;
+        # a relative one (`./runs`) resolves in each process's own working directory and is refused.
         return Observed(runs=tuple(self.ray.runs(ns, name, uid)), serving=self.ray.serving(ns, served_job(job)),
-                        moves_serving=True)
+                        moves_serving=True, local_paths="shared")
 
     def endpoint(self, job: MedDistillJob) -> ServingTarget:
         ns, target = job.metadata.namespace, served_job(job)
