@@ -13,13 +13,11 @@ Endpoints (transformers and llamacpp engines): GET /v1/models, POST /v1/chat/com
 """
 # No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
 import asyncio
-import hmac
 import importlib.util
 import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -28,7 +26,8 @@ from ray import serve
 
 from meddistill.serve import protocol as P
 from meddistill.serve.args import ServeArgs
-from meddistill.serve.config import DEPLOYMENT_NAME, TOKEN_ENV, TOKEN_FILE_ENV, pick_engine_here
+from meddistill.serve.auth import MISSING, authorized, expected_digest, read_token  # noqa: F401 - read_token re-exported
+from meddistill.serve.config import DEPLOYMENT_NAME, pick_engine_here
 
 # A child of Ray Serve's logger, so lines land in the replica log with the request id.
 log = logging.getLogger("ray.serve").getChild("meddistill")
@@ -52,15 +51,6 @@ def with_system_prompt(messages: list[dict], system: str) -> list[dict]:
     return [{"role": "system", "content": system}, *messages]
 
 
-def read_token() -> str | None:
-    """The bearer token from $MEDDISTILL_SERVE_TOKEN or the file named by $MEDDISTILL_SERVE_TOKEN_FILE."""
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV].strip()
-    if os.environ.get(TOKEN_FILE_ENV):
-        return Path(os.environ[TOKEN_FILE_ENV]).read_text().strip()
-    return None
-
-
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class MedDistillServer:
@@ -78,12 +68,9 @@ class MedDistillServer:
         self.prompt_style = args.prompt_style
         self.log_prompts = args.log_prompts
         self.chat_system = args.chat_system_prompt
-        self.token = read_token() if args.require_auth else None
-        if args.require_auth and not self.token:
-            raise RuntimeError(
-                f"serving.auth is set but neither ${TOKEN_ENV} nor ${TOKEN_FILE_ENV} holds a token; "
-                f"mount the Secret into the replica's environment"
-            )
+        self.token_digest = expected_digest() if args.require_auth else None
+        if args.require_auth and not self.token_digest:
+            raise RuntimeError(MISSING)
         # Resolved here, in the replica: its PVC mount, its cache, its GPU (Ray gives one when reserved).
         path = local_model_dir(args.model_source, gguf=args.engine == "llamacpp")
         if args.engine == "llamacpp":  # the gguf format (serve/llamacpp_engine.py)
@@ -112,11 +99,9 @@ class MedDistillServer:
 
     # ------------------------------------------------------------------ plumbing
     def _authorize(self, request: Request) -> None:
-        if self.token is None:
+        if self.token_digest is None:
             return
-        header = request.headers.get("authorization", "")
-        given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
+        if not authorized(request.headers.get("authorization", ""), self.token_digest):
             raise P.APIError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'",
                              type="authentication_error", code="invalid_api_key")
 

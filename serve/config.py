@@ -3,7 +3,7 @@
 The same `app_args()` dict (a dumped `args.ServeArgs`) feeds `meddistill.serve.app:build_app` locally
 (`meddistill serve`), in a KubeRay RayService and on a Ray cluster (`render_serve_config_v2`), so local
 and cluster serving cannot drift. What a pod needs (the token Secret's env entry, worker sizing) is
-the KubeRay backend's (operator/backends/kuberay_objects.py); the app only reads `TOKEN_ENV`.
+the KubeRay backend's (operator/backends/kuberay_objects.py); the app reads its token as auth.py says.
 Torch-free and Ray-free at import time: the operator imports this module.
 
 Autoscaling defaults (why both knobs are always explicit: Ray Serve LLM leaves
@@ -36,8 +36,7 @@ from meddistill.serve.args import ServeArgs
 IMPORT_PATH = "meddistill.serve.app:build_app"
 MAX_SURGE_PERCENT = 100  # replacing a model: every new replica starts before an old one stops (docs/replacing-models.md)
 APP_NAME = "meddistill"
-TOKEN_ENV = "MEDDISTILL_SERVE_TOKEN"  # the bearer token itself (the backend puts the Secret's key there)
-TOKEN_FILE_ENV = "MEDDISTILL_SERVE_TOKEN_FILE"  # or a file holding it (a mounted Secret)
+from meddistill.serve.auth import TOKEN_ENV, TOKEN_FILE_ENV, TOKEN_SHA256_ENV  # noqa: E402,F401 - re-exported
 DEPLOYMENT_NAME = "MedDistillServer"
 UPSCALE_DELAY_S = 10.0
 DOWNSCALE_DELAY_S = 60.0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from meddistill.serve.args import ActorOptions, ServeArgs
+from meddistill.serve.auth import TOKEN_SHA256_ENV, token_digest
 from meddistill.serve.config import APP_NAME, TOKEN_ENV, TOKEN_FILE_ENV, app_args, model_uri_for, serving_args
 
 
@@ -34,7 +35,9 @@ def start(args: "dict | ServeArgs", *, host: str = "127.0.0.1", port: int = 8000
             raise RuntimeError(f"serving.auth is set: put the bearer token in ${TOKEN_ENV} (or a file named by "
                                f"${TOKEN_FILE_ENV}) before serving")
         actor = args.deployment.ray_actor_options or ActorOptions()
-        actor = actor.model_copy(update={"runtime_env": {**(actor.runtime_env or {}), "env_vars": {TOKEN_ENV: token}}})
+        # Only its digest reaches the replicas' runtime_env, which Ray shows to whoever reaches its dashboard.
+        env = {TOKEN_SHA256_ENV: token_digest(token)}
+        actor = actor.model_copy(update={"runtime_env": {**(actor.runtime_env or {}), "env_vars": env}})
         args = args.model_copy(update={"deployment": args.deployment.model_copy(update={"ray_actor_options": actor})})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}/v1"

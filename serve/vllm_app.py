@@ -13,7 +13,6 @@ Prompts reach vLLM's log only with serving.logPrompts (`enable_log_requests`, se
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 
@@ -28,34 +27,35 @@ UNAUTHORIZED = json.dumps({"error": {
 class BearerAuth:
     """ASGI middleware: HTTP requests need `Authorization: Bearer <token>`, else 401 (OpenAI's body).
 
-    `token` None reads it from the replica's environment on first use (app.read_token); a replica
+    `token` None reads it from the replica's environment on first use (auth.expected_digest); a replica
     with auth on and no token answers 500 with the fix, never serves unauthenticated.
     """
 
     def __init__(self, app, token: str | None = None):
-        self.app, self._token = app, token
+        from meddistill.serve.auth import token_digest
 
-    def token(self) -> str:
-        if self._token is None:
-            from meddistill.serve.app import read_token
+        self.app, self._digest = app, (token_digest(token) if token else None)
 
-            self._token = read_token() or ""
-        return self._token
+    def digest(self) -> str:
+        if self._digest is None:
+            from meddistill.serve.auth import expected_digest
+
+            self._digest = expected_digest() or ""
+        return self._digest
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # lifespan events carry no headers
             return await self.app(scope, receive, send)
-        expected = self.token()
+        expected = self.digest()
         if not expected:
-            from meddistill.serve.config import TOKEN_ENV, TOKEN_FILE_ENV
+            from meddistill.serve.auth import MISSING
 
             return await _respond(send, 500, json.dumps({"error": {
-                "message": f"serving.auth is set but neither ${TOKEN_ENV} nor ${TOKEN_FILE_ENV} holds a token in "
-                           f"this replica; mount the Secret into the replica's environment", "type": "server_error",
-                "param": None, "code": "auth_not_configured"}}).encode())
+                "message": MISSING, "type": "server_error", "param": None, "code": "auth_not_configured"}}).encode())
+        from meddistill.serve.auth import authorized
+
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not authorized(header, expected):
             return await _respond(send, 401, UNAUTHORIZED)
         return await self.app(scope, receive, send)
 

@@ -188,14 +188,20 @@ def ray_head(tmp_path_factory):
 
 
 RAY_CLUSTER = "local-head"  # what jobs name in spec.ray.cluster
+# The namespace of this session's e2e jobs, the only one the head is listed for: a cluster of one tenant is
+# where the operator passes Secret values on (ray_clusters.py), which test_e2e_ray's stage-env test needs.
+E2E_NAMESPACE = f"e2e-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="session")
 def ray_operator(kube_cluster, ray_head, tmp_path_factory):
     # The platform team lists the head (plain http on loopback: allowInsecure) with its token Secret in the
     # operator's namespace; jobs in any namespace may pass on their labelled Secrets (secretsClusterWide).
-    cluster = {"name": RAY_CLUSTER, "address": ray_head.address, "tokenSecret": {"name": "ray-token"}, "allowInsecure": True}
-    install_operator_prereqs(kube_cluster, values=[f"rayClusters[0].{k}={v}" for k, v in cluster.items() if k != "tokenSecret"]
+    cluster = {"name": RAY_CLUSTER, "address": ray_head.address, "tokenSecret": {"name": "ray-token"}, "allowInsecure": True,
+               "namespaces": [E2E_NAMESPACE]}
+    install_operator_prereqs(kube_cluster, values=[f"rayClusters[0].{k}={v}" for k, v in cluster.items()
+                                                   if k not in ("tokenSecret", "namespaces")]
+                             + [f"rayClusters[0].namespaces={{{E2E_NAMESPACE}}}"]
                              + ["rayClusters[0].tokenSecret.name=ray-token", "ray.secretsClusterWide=true"])
     kube_cluster.kubectl("-n", OPERATOR_NAMESPACE, "create", "secret", "generic", "ray-token",
                          f"--from-literal=token={ray_head.token}", check=False)
@@ -210,7 +216,7 @@ def ray_operator(kube_cluster, ray_head, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def e2e_namespace(kube_cluster, ray_operator):
-    ns = f"e2e-{uuid.uuid4().hex[:6]}"
+    ns = E2E_NAMESPACE
     kube_cluster.kubectl("create", "namespace", ns)
     yield Kube(kube_cluster, ns)
     kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")

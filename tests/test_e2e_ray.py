@@ -156,6 +156,23 @@ def _readme_answers(run) -> tuple[str, dict]:
     return reply.choices[0].message.content, answer
 
 
+def test_another_tenant_of_the_ray_cluster_finds_no_serving_token_in_its_apis(quickstart_e2e):
+    """Whoever holds the cluster's token (every tenant of a shared Ray cluster) reads every job's and Serve
+    app's runtime_env; the endpoint's token is not there, only its SHA-256, which opens nothing."""
+    import hashlib
+
+    run = quickstart_e2e
+    apps = json.dumps(run.ray.get("/api/serve/applications/"))
+    jobs = json.dumps(run.ray.get("/api/jobs/"))
+    assert f"mdj_{run.kube.ns}_{run.name}" in apps and f"{run.kube.ns}_{run.name}_teacher_a1" in jobs  # the right APIs
+    assert run.token not in apps and run.token not in jobs
+    digest = hashlib.sha256(run.token.encode()).hexdigest()
+    assert digest in apps  # what the replicas check requests against
+    from openai import AuthenticationError, OpenAI
+    with pytest.raises(AuthenticationError):  # the digest itself is no token
+        OpenAI(base_url=run.endpoint, api_key=digest, max_retries=0, timeout=60).models.list()
+
+
 def test_served_student_answers_the_readme_examples_without_repeating_itself(quickstart_e2e):
     text, answer = _readme_answers(quickstart_e2e)
     assert len(text.split()) >= 5 and _max_4gram_count(text) <= 2, text  # the old student: "Lab End" x15

@@ -150,6 +150,22 @@ def test_a_listed_address_is_the_listed_cluster(allowed):
     assert ray_clusters.for_job(MedDistillJob.model_validate(quickstart("j", "/runs"))) == shared
 
 
+def test_a_cluster_listed_for_some_namespaces_refuses_jobs_from_others(allowed, tmp_path):
+    path = tmp_path / "clusters.yaml"
+    path.write_text(yaml.safe_dump({"clusters": [{"name": "oncology", "address": "https://ray.onc:8265",
+                                                  "namespaces": ["team-onc"]}], "default": "oncology"}))
+    listed = ray_clusters.load(path, "ops")
+    allowed(*listed.clusters, default=listed.default)
+    own = {"name": "j", "namespace": "team-onc"}
+    assert ray_clusters.for_job(MedDistillJob.model_validate({**quickstart("j", "/runs"), "metadata": own})).single_tenant
+    for ray in ({"cluster": "oncology"}, {"address": "https://ray.onc:8265"}, {}):  # named, by address, by default
+        other = MedDistillJob.model_validate({**quickstart("j", "/runs", ray=ray), "metadata": {"name": "j", "namespace": "team-b"}})
+        with pytest.raises(ReconcileBlocked, match=r"'oncology' takes jobs from namespaces team-onc only, not from "
+                                                   r"namespace 'team-b'.*rayClusters\[\]\.namespaces") as e:
+            ray_clusters.for_job(other)
+        assert e.value.reason == "RayClusterUnavailable"
+
+
 @pytest.mark.kube
 def test_the_token_is_read_from_the_operators_namespace_by_name_only(kube_cluster, as_operator):  # noqa: F811
     token_name = f"ray-token-{uuid.uuid4().hex[:6]}"
@@ -186,16 +202,22 @@ def test_only_secrets_labelled_for_meddistill_are_read(kube_cluster, kube):  # n
     job.spec.artifacts.secret_name = "creds"
     kube_cluster.kubectl("-n", kube.ns, "create", "secret", "generic", "creds", "--from-literal=AWS_SECRET_ACCESS_KEY=sh-value")
 
+    own = AllowedCluster(name="own", address="https://ray.team:8265", namespaces=[kube.ns])
+    shared = AllowedCluster(name="shared", address="https://ray.shared:8265")
+    # A cluster any namespace may use: Ray would show the values to its other tenants; refused, nothing read.
+    with pytest.raises(ReconcileBlocked, match=r"'shared' is shared \(any namespace\).*rayClusters\[\]\.namespaces") as e:
+        raycluster.job_secret_env(job, serving=False, cluster=shared)
+    assert e.value.reason == "SecretUnavailable"
     with pytest.raises(ReconcileBlocked, match=r"may not list Secrets in namespace .*ray.secretNamespaces"):
-        raycluster.job_secret_env(job, serving=False)  # a namespace the chart does not serve
+        raycluster.job_secret_env(job, serving=False, cluster=own)  # a namespace the chart does not serve
     kube_cluster.kubectl("apply", "-f", "-", input=job_secrets_rbac(kube_cluster, kube.ns))
 
     with pytest.raises(ReconcileBlocked) as refused:
-        raycluster.job_secret_env(job, serving=False)
+        raycluster.job_secret_env(job, serving=False, cluster=own)
     assert refused.value.reason == "SecretUnavailable" and "spec.artifacts.secretName" in str(refused.value)
     assert f"kubectl -n {kube.ns} label secret creds meddistill.io/inject=true" in str(refused.value)
     assert "sh-value" not in str(refused.value)
 
     kube_cluster.kubectl("-n", kube.ns, "label", "secret", "creds", "meddistill.io/inject=true")
-    assert raycluster.job_secret_env(job, serving=False) == {"AWS_SECRET_ACCESS_KEY": "sh-value"}
+    assert raycluster.job_secret_env(job, serving=False, cluster=own) == {"AWS_SECRET_ACCESS_KEY": "sh-value"}
 

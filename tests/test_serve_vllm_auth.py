@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from meddistill import artifacts
+from meddistill.serve.auth import TOKEN_SHA256_ENV, token_digest
 from meddistill.serve.config import TOKEN_ENV, TOKEN_FILE_ENV
 from meddistill.serve.vllm_app import BearerAuth, ResolveModelSource
 
@@ -40,6 +41,12 @@ def test_the_token_comes_from_the_replica_env_and_its_absence_never_opens_the_ap
     assert closed.status_code == 500 and TOKEN_ENV in closed.json()["error"]["message"]
     monkeypatch.setenv(TOKEN_ENV, "from-secret")
     assert stand_in_for_vllm().get("/v1/models", headers={"Authorization": "Bearer from-secret"}).status_code == 200
+    # Only the token's digest in the environment (what a Ray cluster's app gets): the token still opens it.
+    monkeypatch.delenv(TOKEN_ENV)
+    monkeypatch.setenv(TOKEN_SHA256_ENV, token_digest("from-secret"))
+    digest_only = stand_in_for_vllm()
+    assert digest_only.get("/v1/models", headers={"Authorization": "Bearer from-secret"}).status_code == 200
+    assert digest_only.get("/v1/models", headers={"Authorization": f"Bearer {token_digest('from-secret')}"}).status_code == 401
 
 
 def test_llm_replicas_load_the_model_from_the_resolved_local_dir(tmp_path, monkeypatch):

@@ -14,6 +14,12 @@ The file (YAML or JSON):
         address: https://ray-head.ray.svc:8265
         tokenSecret: {name: ray-token, key: token}   # in the operator's namespace (optional)
         allowInsecure: false
+        namespaces: [team-a]                         # whose jobs may use it (optional; empty: any)
+
+Ray has no tenants: every holder of a cluster's token can submit code there and read every job's and
+Serve app's runtime_env. So a job's Secret values (artifacts.secretName) go only to a cluster listed for
+exactly the job's namespace (`single_tenant`); on a shared one the job is refused with the fix (node
+credentials, or a cluster of its own), and the serving token only ever travels as its SHA-256.
 """
 
 from __future__ import annotations
@@ -44,6 +50,14 @@ class AllowedCluster(_Model):
     address: str = Field(..., pattern=r"^https?://.+")
     token_secret: TokenSecret | None = None
     allow_insecure: bool = False
+    namespaces: tuple[str, ...] = ()  # whose jobs may use it; empty: any namespace (a tuple: the model is hashed)
+
+    @property
+    def single_tenant(self) -> bool:
+        return len(set(self.namespaces)) == 1
+
+    def tenants(self) -> str:
+        return f"namespaces {', '.join(self.namespaces)}" if self.namespaces else "any namespace"
 
     @model_validator(mode="after")
     def _token_over_tls(self) -> "AllowedCluster":
@@ -96,6 +110,17 @@ def configure(allowed: AllowedClusters) -> None:
 
 def for_job(job: MedDistillJob, default: str = "") -> AllowedCluster | None:
     """The listed cluster this job runs on, None for KubeRay; ReconcileBlocked (nothing sent) otherwise."""
+    found = _listed_for(job, default)
+    ns = job.metadata.namespace
+    if found is not None and found.namespaces and ns not in found.namespaces:
+        raise ReconcileBlocked(
+            f"Ray cluster {found.name!r} takes jobs from {found.tenants()} only, not from namespace {ns!r}: name "
+            f"another cluster in spec.ray.cluster (or none, for KubeRay), or ask the platform team to add {ns} to "
+            f"the chart's rayClusters[].namespaces", RAY_CLUSTER_UNAVAILABLE)
+    return found
+
+
+def _listed_for(job: MedDistillJob, default: str) -> AllowedCluster | None:
     ray = job.spec.ray
     listed = ", ".join(c.name for c in ALLOWED.clusters) or "none"
     if ray.cluster:

@@ -334,9 +334,20 @@ def _read_secret(namespace: str, name: str, field: str) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in (found[0].data or {}).items()}
 
 
-def job_secret_env(job: MedDistillJob, serving: bool) -> dict[str, str]:
-    """What the job's Secrets give a stage (or the Serve app) on a Ray cluster; values never logged."""
+def job_secret_env(job: MedDistillJob, serving: bool, cluster: AllowedCluster) -> dict[str, str]:
+    """What the job's Secrets give a stage (or the Serve app) on a Ray cluster; values never logged.
+
+    Values (artifacts.secretName) go only to a cluster listed for the job's namespace alone: Ray returns
+    every job's and app's runtime_env to every holder of the cluster's token. The serving token goes as
+    its digest (raycluster_objects.secret_env), wherever the job runs."""
     refs = secret_refs(job, serving)
+    if job.spec.artifacts.secret_name and not cluster.single_tenant:
+        ns = job.metadata.namespace
+        raise SecretUnavailable(
+            f"spec.artifacts.secretName: Ray cluster {cluster.name!r} is shared ({cluster.tenants()}), and Ray shows "
+            f"each job's environment to every holder of its token, so the operator sends no Secret values there. "
+            f"Give the cluster's nodes their own storage credentials and drop spec.artifacts.secretName, or run on a "
+            f"cluster listed for namespace {ns} alone (the chart's rayClusters[].namespaces: [{ns}])")
     secrets = {name: _read_secret(job.metadata.namespace, name, field) for field, name in refs.items()}
     return secret_env(job, secrets, serving)
 
@@ -363,15 +374,15 @@ class RayClusterBackend:
         ray, ns, name = self.ray, job.metadata.namespace, job.metadata.name
         for item in p.create:
             if isinstance(item, StartStage):
-                if ray.submit(job, uid, item, job_secret_env(job, serving=False)):
+                if ray.submit(job, uid, item, job_secret_env(job, serving=False, cluster=ray.allowed)):
                     metrics.CHILDREN_CREATED.labels("rayjobs-api").inc()
                     log.info("submitted Ray job %s to %s", submission_id(ns, name, item.stage, item.attempt), ray.address)
             else:
-                ray.deploy(job, item, job_secret_env(job, serving=True))
+                ray.deploy(job, item, job_secret_env(job, serving=True, cluster=ray.allowed))
                 metrics.CHILDREN_CREATED.labels("serve-apps").inc()
                 log.info("deployed Serve app %s on %s", app_name(ns, name), ray.address)
         for item in p.update:
-            ray.deploy(job, item, job_secret_env(job, serving=True))
+            ray.deploy(job, item, job_secret_env(job, serving=True, cluster=ray.allowed))
             log.info("updated Serve app %s to model %s", app_name(ns, name), item.model_uri)
         for item in p.delete:
             if item.kind == "stage":

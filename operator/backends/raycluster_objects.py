@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 
 import yaml
 
-from meddistill.serve.config import TOKEN_ENV, render_serve_config_v2
+from meddistill.serve.auth import TOKEN_SHA256_ENV, token_digest
+from meddistill.serve.config import render_serve_config_v2
 from meddistill.spec.models import MedDistillJob
 
 from ..failures import RAY_CLUSTER_UNAVAILABLE, SECRET_UNAVAILABLE, ReconcileBlocked, redacted_failure
@@ -106,7 +107,9 @@ def secret_env(job: MedDistillJob, secrets: dict[str, dict[str, str]], serving: 
     """Environment a stage (serving=False) or the Serve app (True) gets from the job's Secrets.
 
     `secrets` maps a Secret's name to its decoded data. As on KubeRay: every key of
-    artifacts.secretName (envFrom), and for serving the bearer token under $MEDDISTILL_SERVE_TOKEN.
+    artifacts.secretName (envFrom). For serving, only the bearer token's SHA-256 (serve/auth.py): Ray
+    returns an app's runtime_env to every holder of the cluster's token, and the digest is all a replica
+    needs to check a request.
     """
     env = {}
     if job.spec.artifacts.secret_name:
@@ -118,7 +121,7 @@ def secret_env(job: MedDistillJob, secrets: dict[str, dict[str, str]], serving: 
             raise SecretUnavailable(
                 f"Secret {auth.secret_name!r} has no non-empty key {auth.key!r} (spec.serving.auth.key; it has: "
                 f"{', '.join(sorted(data)) or 'no keys'}): add the token under that key or point spec.serving.auth.key at one")
-        env[TOKEN_ENV] = data[auth.key].strip()
+        env[TOKEN_SHA256_ENV] = token_digest(data[auth.key])
     return env
 
 
