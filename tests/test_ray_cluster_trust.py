@@ -167,7 +167,8 @@ def test_a_cluster_listed_for_some_namespaces_refuses_jobs_from_others(allowed, 
 
 
 @pytest.mark.kube
-def test_the_token_is_read_from_the_operators_namespace_by_name_only(kube_cluster, as_operator):  # noqa: F811
+def test_the_token_is_read_from_the_operators_namespace_by_name_only_and_again_when_rotated(kube_cluster, as_operator,  # noqa: F811
+                                                                                            monkeypatch):
     token_name = f"ray-token-{uuid.uuid4().hex[:6]}"
     kube_cluster.kubectl("-n", OPERATOR_NAMESPACE, "create", "secret", "generic", token_name, "--from-literal=token=s3cr3t")
     kube_cluster.kubectl("-n", OPERATOR_NAMESPACE, "create", "secret", "generic", token_name + "-other", "--from-literal=token=x")
@@ -182,9 +183,19 @@ def test_the_token_is_read_from_the_operators_namespace_by_name_only(kube_cluste
         return raycluster.RayCluster(AllowedCluster(name="shared", address="https://r:8265",
                                                     token_secret=TokenSecret(name=secret, namespace=OPERATOR_NAMESPACE)))
 
-    assert cluster(token_name).headers() == {"Authorization": "Bearer s3cr3t"}
+    shared = cluster(token_name)
+    assert shared.headers() == {"Authorization": "Bearer s3cr3t"}
     with pytest.raises(ReconcileBlocked, match="HTTP 403"):  # the chart grants exactly the listed token Secrets
         cluster(token_name + "-other").headers()
+
+    # The platform team rotates the token: read again after TOKEN_REFRESH_S, no operator restart; the
+    # Jobs and Serve clients built with the old header are dropped (rebuilt on next use).
+    kube_cluster.kubectl("-n", OPERATOR_NAMESPACE, "patch", "secret", token_name, "--type=merge",
+                         "-p", '{"stringData": {"token": "r0tated"}}')
+    shared._client = shared._serve = object()
+    assert shared.headers() == {"Authorization": "Bearer s3cr3t"}  # within TOKEN_REFRESH_S: the cached one
+    monkeypatch.setattr(raycluster, "TOKEN_REFRESH_S", 0.0)
+    assert shared.headers() == {"Authorization": "Bearer r0tated"} and shared._client is None and shared._serve is None
 
 
 def job_secrets_rbac(kube_cluster, namespace: str) -> str:

@@ -97,21 +97,30 @@ class RayCluster:
 
     def __init__(self, allowed: AllowedCluster, token: str | None = None):
         self.allowed, self.address, self._token = allowed, dashboard_address(allowed.address), token
+        self._token_from_secret, self._token_read_at = token is None and allowed.token_secret is not None, 0.0
         self._client = self._serve = None
         self._serve_lock = threading.Lock()  # read-modify-write of the whole Serve config
         self._failure_logs: dict[str, str] = {}  # a failed job's logs never change
 
     def headers(self) -> dict[str, str]:
-        """The bearer token for this cluster only, read when first needed (its Secret may come later).
+        """The bearer token for this cluster only, read when first needed (its Secret may come later) and
+        again every TOKEN_REFRESH_S, so a rotated token takes effect without restarting the operator (the
+        clients, built with the old header, are rebuilt).
 
         An explicit Authorization header also keeps ray from adding a token of the operator's environment."""
-        if self._token is None and self.allowed.token_secret is not None:
-            self._token = _read_token(self.allowed)
+        if self._token_from_secret and (self._token is None or time.monotonic() - self._token_read_at > TOKEN_REFRESH_S):
+            token = _read_token(self.allowed)
+            if token != self._token:
+                if self._token is not None:
+                    log.info("Ray cluster %s: its token Secret changed; using the new token", self.allowed.name)
+                self._client = self._serve = None
+            self._token, self._token_read_at = token, time.monotonic()
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     # ---- Jobs API ----------------------------------------------------------------------------
 
     def client(self):
+        self.headers()  # a rotated token drops the client built with the old one
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
@@ -200,6 +209,7 @@ class RayCluster:
     # ---- Serve REST API ----------------------------------------------------------------------
 
     def serve_client(self):
+        self.headers()  # a rotated token drops the client built with the old one
         if self._serve is None:
             # The client `serve deploy` uses: same REST API, same auth headers as the Jobs client.
             from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -283,6 +293,7 @@ class RayCluster:
 
 
 _clusters: dict[AllowedCluster, RayCluster] = {}
+TOKEN_REFRESH_S = 60.0  # how often a listed cluster's token Secret is read again (rotation without a restart)
 _clusters_guard = threading.Lock()
 
 
