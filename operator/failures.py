@@ -55,6 +55,9 @@ class ReconcileBlocked(RuntimeError):
         assert self.reason in BLOCKED_REASONS, self.reason
 
 
+DEGRADED = "Degraded"
+
+
 def blocked_status(prev: dict, blocked: ReconcileBlocked, generation: int, now: str) -> tuple[dict, bool]:
     """The last written status plus the blocking condition; (status, whether the condition is new).
 
@@ -67,9 +70,14 @@ def blocked_status(prev: dict, blocked: ReconcileBlocked, generation: int, now: 
     same = old.get(blocked.reason)
     new = not (same and same.get("status") == "True" and same.get("message") == message)
     ltt = same["lastTransitionTime"] if same and same.get("status") == "True" else now
-    conditions = [c for t, c in old.items() if t not in BLOCKED_REASONS | {"Progressing"}]
+    was = old.get(DEGRADED)
+    degraded_since = was["lastTransitionTime"] if was and was.get("status") == "True" else now  # whatever the cause
+    conditions = [c for t, c in old.items() if t not in BLOCKED_REASONS | {"Progressing", DEGRADED}]
     conditions += [{"type": blocked.reason, "status": "True", "reason": blocked.reason, "message": message,
                     "lastTransitionTime": ltt, "observedGeneration": generation},
+                   # the same, under a type that is always there (the cause's own type goes when it is fixed)
+                   {"type": DEGRADED, "status": "True", "reason": blocked.reason, "message": message,
+                    "lastTransitionTime": degraded_since, "observedGeneration": generation},
                    {"type": "Progressing", "status": "False", "reason": blocked.reason, "message": message,
                     "lastTransitionTime": ltt, "observedGeneration": generation}]
     phase = prev.get("phase") or "Pending"

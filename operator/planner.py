@@ -514,6 +514,9 @@ def _conditions(prev: list[Condition], phase: str, failed: StageStatus | None, s
         else ("False", "NoFailure", ""),
         "Suspended": ("True", "Suspended", "spec.suspend is true") if suspended and phase != "Failed"
         else ("False", "NotSuspended", ""),
+        # The stable type dashboards alert on: True (failures.blocked_status) while a cause the owner must fix
+        # (its reason, e.g. SecretUnavailable, also its own condition type) keeps the operator from acting.
+        "Degraded": ("False", "Reconciled", ""),
         **(extra or {}),
     }
     old = {c.type: c for c in prev}

@@ -85,11 +85,15 @@ def test_a_pvc_claim_not_mounted_for_the_jobs_namespace_blocks_before_any_stage(
     assert f"claim artifacts of namespace {kube.ns}" in cond["message"], cond["message"]
     assert f"add {{namespace: {kube.ns}, claim: artifacts, operatorClaim:" in cond["message"]
     assert [r for r, _ in warnings(kube, "claim")] == ["ArtifactStoreUnavailable"]  # once, not every reconcile
+    degraded = conditions(kube, "claim")["Degraded"]  # the stable type a dashboard alerts on, with the cause
+    assert (degraded["status"], degraded["reason"], degraded["message"]) == ("True", "ArtifactStoreUnavailable", cond["message"])
 
     pvc_store(kube.ns)  # the platform team adds the artifactClaims entry: the job starts
     handlers.reconcile(kube.ns, "claim")
     kube.wait_rayjob("claim-teacher-a1", timeout=5)
     assert "ArtifactStoreUnavailable" not in conditions(kube, "claim")
+    degraded = conditions(kube, "claim")["Degraded"]  # still there, now False
+    assert (degraded["status"], degraded["reason"]) == ("False", "Reconciled")
 
 
 def test_a_foreign_rayjob_holding_the_childs_name_is_child_conflict_not_running(kube):
