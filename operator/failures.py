@@ -36,10 +36,11 @@ CHILD_CONFLICT = "ChildConflict"  # a child's name is taken by an object this jo
 CHILD_REFUSED = "ChildRefused"  # the API server refused a child (422)
 FORBIDDEN = "Forbidden"  # the operator's RBAC lacks a permission (403)
 KUBERAY_MISSING = "KubeRayMissing"  # the API server does not serve RayJobs/RayServices (404)
+QUEUE_MISSING = "LocalQueueMissing"  # spec.queueName names no Kueue LocalQueue (or Kueue is not installed)
 RAY_CLUSTER_UNAVAILABLE = "RayClusterUnavailable"  # unreachable, or it refused a submission
 SECRET_UNAVAILABLE = "SecretUnavailable"
 BLOCKED_REASONS = frozenset({ARTIFACT_STORE_UNAVAILABLE, CHILD_CONFLICT, CHILD_REFUSED, FORBIDDEN, KUBERAY_MISSING,
-                             RAY_CLUSTER_UNAVAILABLE, SECRET_UNAVAILABLE})
+                             QUEUE_MISSING, RAY_CLUSTER_UNAVAILABLE, SECRET_UNAVAILABLE})
 
 
 class ReconcileBlocked(RuntimeError):

@@ -133,6 +133,9 @@ def test_the_api_server_refusing_a_child_is_a_condition_and_event_naming_the_fie
         body["metadata"]["labels"][kuberay_objects.KUEUE_QUEUE_LABEL] = "team a!"  # no valid label value
         return body
     monkeypatch.setattr(kuberay, "rayjob", with_old_queue_name)
+    from tests.test_operator_kueue_queued import install_localqueue
+
+    install_localqueue(kube, "team-a")  # the queue exists: the API server's refusal is what holds the job
     kube.apply(quickstart("badq", pvc_store(kube.ns), queueName="team-a"))
     handlers.reconcile(kube.ns, "badq")
     cond = conditions(kube, "badq")["ChildRefused"]

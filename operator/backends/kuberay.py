@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from meddistill.spec.models import MedDistillJob
 
 from .. import kube_api, metrics
-from ..failures import CHILD_CONFLICT, CHILD_REFUSED, FORBIDDEN, KUBERAY_MISSING, ReconcileBlocked
+from ..failures import CHILD_CONFLICT, CHILD_REFUSED, FORBIDDEN, KUBERAY_MISSING, QUEUE_MISSING, ReconcileBlocked
 from ..planner import Observed, Plan, ServingTarget, StartStage
 from .kuberay_objects import (
     KUEUE_QUEUE_LABEL,
@@ -47,6 +47,8 @@ KIND_OF = {RAYJOBS: "RayJob", RAYSERVICES: "RayService"}
 KUBERAY_NAMESPACES_ENV = "MEDDISTILL_KUBERAY_NAMESPACES"
 # A get that returns only metadata: all the owner check needs.
 METADATA_ONLY = {"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}
+# Kueue's LocalQueue, newest API version first (v1beta1 is served by every Kueue release so far).
+KUEUE_GROUP, KUEUE_VERSIONS, LOCALQUEUES = "kueue.x-k8s.io", ("v1beta2", "v1beta1"), "localqueues"
 # Phases with a Ray cluster running or about to be: the guard runs on their every reconcile.
 LIVE_PHASES = ("Running", "Serving")
 
@@ -155,8 +157,34 @@ class KubeRayBackend:
         if not owned_by(found, uid):
             raise not_owned(what, found, f"kubectl delete {plural} -n {ns} {policy}")
 
+    def _check_queue(self, job: MedDistillJob) -> None:
+        """spec.queueName names a LocalQueue in the job's namespace. Kueue leaves a RayJob whose queue does not
+        exist suspended for ever (and nothing un-suspends it without Kueue), so a job would sit Queued with
+        no word why: it is held instead, nothing created, until the queue exists."""
+        ns, queue = job.metadata.namespace, job.spec.queue_name
+        api = self._api()
+        for version in KUEUE_VERSIONS:
+            try:
+                found = api.list_namespaced_custom_object(KUEUE_GROUP, version, ns, LOCALQUEUES,
+                                                          field_selector=f"metadata.name={queue}")["items"]
+            except ApiException as e:
+                if e.status == 404:  # this version (or Kueue itself) is not served
+                    continue
+                raise blocked(e, "list", f"LocalQueue {ns}/{queue}", LOCALQUEUES) or e from None
+            if found:
+                return
+            raise ReconcileBlocked(
+                f"spec.queueName {queue!r}: there is no Kueue LocalQueue {queue!r} in namespace {ns}, so Kueue would "
+                f"never admit the job's stages; create it (kind: LocalQueue, spec.clusterQueue: ...) or ask the "
+                f"platform team for the queue name to use, or remove spec.queueName", QUEUE_MISSING)
+        raise ReconcileBlocked(
+            f"spec.queueName {queue!r}: the API server does not serve Kueue's LocalQueues ({LOCALQUEUES}.{KUEUE_GROUP}), "
+            f"so nothing would ever admit the job's stages: install Kueue, or remove spec.queueName", QUEUE_MISSING)
+
     def apply(self, job: MedDistillJob, uid: str, p: Plan) -> None:
         api, ns = self._api(), job.metadata.namespace
+        if job.spec.queue_name and any(isinstance(item, StartStage) for item in p.create):
+            self._check_queue(job)  # before anything is created for a queue that cannot admit it
         # Not only before a create: a policy deleted while a cluster runs comes back (an owned one costs
         # a create (409) and a metadata get).
         if p.create or p.status.get("phase") in LIVE_PHASES:

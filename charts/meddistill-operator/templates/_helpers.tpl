@@ -42,6 +42,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- /* spec.queueName: the operator checks the job's Kueue LocalQueue exists before it creates a stage. */}}
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["localqueues"]
+  verbs: ["list"]
 {{- /* kopf peering: the replicas record themselves in the peering object and watch each other. */}}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings", "kopfpeerings"]
