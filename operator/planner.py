@@ -252,7 +252,8 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
         if prev_st and prev_st.state in ("Failed", "Pending") and prev_st.end_time and (
                 latest is None or latest.attempt < prev_st.attempt):
             latest = StageRun(stage, prev_st.attempt, prev_st.child, "Failed", end_time=prev_st.end_time)
-            recorded_why = prev_st.message.split(_NEXT_ATTEMPT)[0]
+            # lastFailure; a status written before that field existed has it only in its message
+            recorded_why = prev_st.last_failure or prev_st.message.split(_NEXT_ATTEMPT)[0]
 
         st = _stage_status(stage, latest, prev_st)
         if latest is not None and latest.state == "Succeeded" and latest.artifact is not None:
@@ -282,7 +283,8 @@ def plan(job: MedDistillJob, observed: Observed, now: datetime) -> Plan:
             grace = ARTIFACT_GRACE_SECONDS if latest.reason == "ArtifactMissing" else 0
             recorded_end = prev_st.end_time if prev_st and prev_st.child == latest.name else ""
             failed_at = failure_time(_parse_time(latest.end_time), _parse_time(recorded_end), now, grace)
-            st = st.model_copy(update={"end_time": rfc3339(failed_at)})  # later reconciles wait from the same time
+            # later reconciles wait from the same time, and know why without the run (gone with a TTL or suspension)
+            st = st.model_copy(update={"end_time": rfc3339(failed_at), "last_failure": why})
             start_at = retry_at(latest.attempt, failed_at)
             invalid = latest.reason == INVALID_RUN
             # An edit after the refusal (a new generation) may have fixed what KubeRay refused: retry at once.

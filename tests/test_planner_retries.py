@@ -61,9 +61,17 @@ def test_a_failure_without_end_time_waits_from_when_it_was_first_seen():
 
 def test_a_failed_child_deleted_during_its_backoff_is_not_started_again():
     job, _ = advance(make_job(), Observed())
-    job, _ = advance(job, Observed(runs=(failed("teacher", 1, end=0),)), now=at(1))
+    job, p = advance(job, Observed(runs=(failed("teacher", 1, end=0),)), now=at(1))
+    assert p.status["stages"][0]["lastFailure"] == "quickstart-teacher-a1 failed: AppFailed: exit code 1"
     job, p = advance(job, Observed(), now=at(2))  # ttlSecondsAfterFinished 0: the RayJob is gone
     assert p.create == [] and p.status["stages"][0]["state"] == "Pending"
+    # Why it failed comes from status.stages[].lastFailure, not from parsing its message: the retry says it.
+    st = job.status.stages[0]
+    job = job.model_copy(update={"status": job.status.model_copy(update={"stages": [
+        st.model_copy(update={"message": "anything a person or an older operator wrote"})]})})
+    _, p = advance(job, Observed(), now=at(11))
+    retrying = [e.message for e in p.events if e.reason == "StageRetrying"]
+    assert retrying and retrying[0].startswith("quickstart-teacher-a1 failed: AppFailed: exit code 1; starting attempt 2")
     _, p = advance(job, Observed(), now=at(11))
     assert p.create == [StartStage("teacher", 2, "quickstart-teacher-a2")]
 

@@ -702,6 +702,7 @@ class StageStatus(SpecModel):
     artifact_uri: str = Field("", description="Where the stage's artifact is.")
     artifact_digest: str = Field("", description="sha256 of the artifact's manifest.")
     message: str = Field("", description="Last message from the stage's job.")
+    last_failure: str = Field("", description="Why its last failed attempt failed (kept while it waits to retry).")
 
 
 class ResultRow(SpecModel):
