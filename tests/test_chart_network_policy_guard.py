@@ -60,9 +60,9 @@ def test_the_operators_token_cannot_open_other_pods_but_creates_its_own_head_pol
     own = kuberay_objects.head_network_policy(job, uid)
     assert create(own, *_as_operator()).returncode == 0
 
-    # Its name and owner, but selecting more than the job's heads; or with egress; or unowned: refused.
+    # Its name and owner, but selecting other pods; or with egress; or unowned: refused.
     wider = json.loads(json.dumps(own))
-    wider["spec"]["podSelector"]["matchLabels"] = {"meddistill.io/job": "ward"}  # workers too... and anything so labelled
+    wider["spec"]["podSelector"] = {"matchExpressions": [{"key": "app", "operator": "In", "values": ["patient-db"]}]}
     egress = json.loads(json.dumps(own))
     egress["spec"].update(policyTypes=["Ingress", "Egress"], egress=[{}])
     unowned = json.loads(json.dumps(own))

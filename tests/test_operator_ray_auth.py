@@ -56,7 +56,9 @@ def test_child_clusters_ask_kuberay_for_token_auth_and_a_policy_closes_the_heads
     policy = client.ApiClient().sanitize_for_serialization(policy)
     assert [o["uid"] for o in policy["metadata"]["ownerReferences"]] == [uid]
     spec, labels = policy["spec"], pods(cluster)
-    assert selects(spec["podSelector"], labels["head"]) and not selects(spec["podSelector"], labels["worker"])
+    # the job's head and its workers (Serve runs a proxy on each node), nothing else
+    assert selects(spec["podSelector"], labels["head"]) and selects(spec["podSelector"], labels["worker"])
+    assert spec["podSelector"] == {"matchLabels": {"meddistill.io/job": "auth"}}
     assert spec["policyTypes"] == ["Ingress"]
     own, kuberay, serve = spec["ingress"]
     # Any port from the job's own pods (its workers and submitter carry the job label) ...

@@ -132,7 +132,7 @@ class KubeRayBackend:
             raise not_owned(what, found[0], f"kubectl delete {plural}.{RAY_GROUP} -n {ns} {name}")
 
     def _guard(self, job: MedDistillJob, uid: str) -> None:
-        """The NetworkPolicy closing the job's Ray heads, before any Ray cluster that needs it (their
+        """The NetworkPolicy closing the job's Ray pods, before any Ray cluster that needs it (their
         token Secrets are KubeRay's: kuberay_objects.AUTH_SECRET_KEY). The policy holds nothing secret:
         on a 409 its metadata is read for the owner check, and a foreign one (not closing this job's
         heads) blocks the job."""

@@ -52,8 +52,8 @@ SHM_VOLUME, SHM_PATH = "dshm", "/dev/shm"
 # it: it needs no Secret verb at all (a cluster-wide `create` on Secrets lets its ServiceAccount mint a
 # token for any ServiceAccount in any namespace).
 AUTH_SECRET_KEY = "auth_token"
-# The head's Ray ports (GCS, dashboard/Jobs API, client) admit only the job's own pods and the KubeRay
-# operator (which polls the dashboard); Serve's 8000 stays open to the job's namespace.
+# The Ray ports of the job's pods (GCS, dashboard/Jobs API, client, raylets) admit only the job's own pods
+# and the KubeRay operator (which polls the dashboard); Serve's 8000 stays open to the job's namespace.
 RAY_PORTS, SERVE_PORT, DASHBOARD_PORT = (6379, 8265, 10001), 8000, 8265
 KUBERAY_OPERATOR_POD = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay chart's pod label
 INVALID_MESSAGE_CHARS = 600  # KubeRay's validation messages are one sentence about the spec
@@ -188,9 +188,10 @@ def _submitter_pod(job: MedDistillJob, stage: str) -> dict:
 
 
 def head_network_policy(job: MedDistillJob, owner_uid: str, kuberay_namespaces: tuple[str, ...] = ()) -> dict:
-    """Ingress to the job's Ray head pods: any port from the job's own pods (workers, submitter: GCS,
-    object transfer), the dashboard from the KubeRay operator (in kuberay_namespaces; any namespace when
-    empty: the token still guards it), Serve's port from the namespace. Nothing else reaches the head."""
+    """Ingress to the job's Ray pods, head and workers (named for the head, whose ports matter most): any
+    port from the job's own pods (workers, submitter: GCS, object transfer), the dashboard from the KubeRay
+    operator (in kuberay_namespaces; any namespace when empty: the token still guards it), Serve's port from
+    the namespace (Serve runs a proxy on every node, workers included). Nothing else reaches them."""
     own = {"podSelector": {"matchLabels": {LABEL_JOB: job.metadata.name}}}
     namespaces = ({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In",
                                          "values": list(kuberay_namespaces)}]} if kuberay_namespaces else {})
@@ -200,7 +201,7 @@ def head_network_policy(job: MedDistillJob, owner_uid: str, kuberay_namespaces: 
         "metadata": {"name": f"{job.metadata.name}-ray-head", "namespace": job.metadata.namespace,
                      "labels": _labels(job, "network-policy"), "ownerReferences": _owner(job, owner_uid)},
         "spec": {
-            "podSelector": {"matchLabels": {LABEL_JOB: job.metadata.name, "ray.io/node-type": "head"}},
+            "podSelector": {"matchLabels": {LABEL_JOB: job.metadata.name}},
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"from": [own]},
