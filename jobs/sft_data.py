@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from meddistill.artifacts import sha256_json
 from meddistill.data import MedicalRecord, decontaminate, load_dataset
 from meddistill.prompts import render_prompt, render_target
+from meddistill.prompts.render import ends_with_open_think
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -52,7 +53,12 @@ def tokenize_example(
 ) -> dict[str, list[int]]:
     """{input_ids, labels} for prompt + target (+ EOS); labels mask the prompt with -100."""
     prompt = render_prompt(record, tokenizer, style)
-    target = (target if target is not None else render_target(record, style)) + (tokenizer.eos_token or "")
+    target = target if target is not None else render_target(record, style)
+    if ends_with_open_think(prompt) and target.lstrip().startswith("<think>"):
+        # DeepSeek-R1(-Distill) templates end the prompt with "<think>\n" themselves: a target that opens it
+        # again would teach "<think>\n<think>", which the model then writes at inference.
+        target = target.lstrip()[len("<think>"):].lstrip("\n")
+    target += tokenizer.eos_token or ""
     # Chat templates emit their own BOS; the plain fallback prompt (no template) needs the
     # tokenizer's, exactly as the evaluation harness tokenizes it.
     add_special = not getattr(tokenizer, "chat_template", None)
