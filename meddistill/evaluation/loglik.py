@@ -103,8 +103,10 @@ def score_choices(model: Any, tokenizer: Any, records: Sequence[MedicalRecord], 
             # LM head runs on those positions only (logits_to_keep), not on every prompt token
             keep = sorted({first - 1 + k for _, _, targets in batch for _, first, cont in targets for k in range(len(cont))})
             column = {position: j for j, position in enumerate(keep)}
+            # The positions stay on the CPU: with a model split over GPUs (accelerate's device_map) the final
+            # hidden states they index are on the last GPU, not on the embedding's; a CPU index works on any.
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           logits_to_keep=torch.tensor(keep, device=device)).logits
+                           logits_to_keep=torch.tensor(keep)).logits
             for b, (i, _, targets) in enumerate(batch):
                 for label, first, cont in targets:
                     at = [column[first - 1 + k] for k in range(len(cont))]
