@@ -3,9 +3,9 @@
 A CPU-only CI cannot see a missing `.to(device)`: the model and the inputs are both on the CPU.
 So the model is put on the `meta` device (or the device decision is patched to return `meta`),
 and a guard on its forward (and on `generate`, whose own bookkeeping cannot run on meta tensors)
-checks that every tensor it receives is on the model's input device, then stops the run with a
-sentinel exception. A test passes only when the sentinel arrives: a CPU tensor reaching the
-model fails the guard's assertion instead.
+checks that every tensor it receives is on the model's input device (the positions to keep, on the CPU),
+then stops the run with a sentinel exception. A test passes only when the sentinel arrives: a CPU tensor
+reaching the model fails the guard's assertion instead.
 
 The device decision itself: the CPU branch runs for real; the GPU branches get the observed GPU
 count, free memory and bf16 support as arguments.
@@ -37,8 +37,10 @@ def guard_inputs(model) -> None:
     def check(args, kwargs):
         tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
         assert tensors, "the model got no tensor inputs"
+        # logits_to_keep indexes the final hidden states, which sit on the last GPU of a model split over
+        # several (not on the input's): positions on the CPU index a tensor on any device.
         wrong = sorted({f"{name}: {t.device}" for name, t in zip([*map(str, range(len(args))), *kwargs], (*args, *kwargs.values()))
-                        if torch.is_tensor(t) and t.device != expected})
+                        if torch.is_tensor(t) and t.device != (torch.device("cpu") if name == "logits_to_keep" else expected)})
         assert not wrong, f"inputs not on the model's input device {expected}: {wrong}"
         raise ReachedTheModel
 
