@@ -89,7 +89,8 @@ def test_every_stage_ran_as_a_ray_job_and_succeeded(quickstart_e2e):
         directory = run.artifact_root / s["name"]
         assert s["artifactUri"] == f"{run.artifact_root}/{s['name']}"  # <uri>/<namespace>/<name>-<uid[:8]>/<stage>
         assert s["artifactDigest"] == artifacts.verify(directory).digest  # the manifest the stage wrote
-        assert s["child"] == f"{ns}_{run.name}_{s['name']}_a1"  # unambiguous across namespaces
+        # unambiguous across namespaces; a retry says why the first attempt failed
+        assert s["child"] == f"{ns}_{run.name}_{s['name']}_a1", (s.get("lastFailure"), run.kube.events(run.name))
     jobs = our_ray_jobs(run.ray, ns, run.name)
     assert sorted(jobs) == sorted(f"{ns}_{run.name}_{s}_a1" for s in STAGES)  # one per stage, none duplicated
     assert {j["status"] for j in jobs.values()} == {"SUCCEEDED"}
