@@ -26,7 +26,7 @@ from ray import serve
 
 from meddistill.serve import protocol as P
 from meddistill.serve.args import ServeArgs
-from meddistill.serve.auth import MISSING, authorized, expected_digest, read_token  # noqa: F401 - read_token re-exported
+from meddistill.serve.auth import MISSING, authorized, expected_digest
 from meddistill.serve.config import DEPLOYMENT_NAME, pick_engine_here
 
 # A child of Ray Serve's logger, so lines land in the replica log with the request id.

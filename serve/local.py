@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from meddistill.serve.args import ActorOptions, ServeArgs
-from meddistill.serve.auth import TOKEN_SHA256_ENV, token_digest
+from meddistill.serve.auth import TOKEN_SHA256_ENV, read_token, token_digest
 from meddistill.serve.config import APP_NAME, TOKEN_ENV, TOKEN_FILE_ENV, app_args, model_uri_for, serving_args
 
 
@@ -19,7 +19,7 @@ def start(args: "dict | ServeArgs", *, host: str = "127.0.0.1", port: int = 8000
     import ray
     from ray import serve
 
-    from meddistill.serve.app import build_app, read_token
+    from meddistill.serve.app import build_app
 
     args = ServeArgs.parse(args)
     if not ray.is_initialized():

@@ -17,6 +17,7 @@ import json
 import logging
 
 from meddistill.serve.args import ServeArgs
+from meddistill.serve.auth import MISSING, authorized, expected_digest, token_digest
 
 log = logging.getLogger("ray.serve").getChild("meddistill")
 UNAUTHORIZED = json.dumps({"error": {
@@ -32,14 +33,10 @@ class BearerAuth:
     """
 
     def __init__(self, app, token: str | None = None):
-        from meddistill.serve.auth import token_digest
-
         self.app, self._digest = app, (token_digest(token) if token else None)
 
     def digest(self) -> str:
         if self._digest is None:
-            from meddistill.serve.auth import expected_digest
-
             self._digest = expected_digest() or ""
         return self._digest
 
@@ -48,12 +45,8 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         expected = self.digest()
         if not expected:
-            from meddistill.serve.auth import MISSING
-
             return await _respond(send, 500, json.dumps({"error": {
                 "message": MISSING, "type": "server_error", "param": None, "code": "auth_not_configured"}}).encode())
-        from meddistill.serve.auth import authorized
-
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         if not authorized(header, expected):
             return await _respond(send, 401, UNAUTHORIZED)

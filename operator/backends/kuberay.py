@@ -135,7 +135,7 @@ class KubeRayBackend:
         """The NetworkPolicy closing the job's Ray pods, before any Ray cluster that needs it (their
         token Secrets are KubeRay's: kuberay_objects.AUTH_SECRET_KEY). The policy holds nothing secret:
         on a 409 its metadata is read for the owner check, and a foreign one (not closing this job's
-        heads) blocks the job."""
+        pods) blocks the job."""
         ns, name = job.metadata.namespace, job.metadata.name
         kuberay_ns = tuple(n for n in os.environ.get(KUBERAY_NAMESPACES_ENV, "").split(",") if n)
         net = kube_api.networking()

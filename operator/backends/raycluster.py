@@ -60,6 +60,7 @@ from .raycluster_objects import (
 )
 
 log = logging.getLogger("meddistill.operator")
+TOKEN_REFRESH_S = 60.0  # how often a listed cluster's token Secret is read again (rotation without a restart)
 INJECT_LABEL = "meddistill.io/inject"  # a Secret's owner consents to the operator passing it to a Ray cluster
 SERVE_API = "/api/serve/applications/"
 STOP_WAIT_SECONDS = 15.0
@@ -293,7 +294,6 @@ class RayCluster:
 
 
 _clusters: dict[AllowedCluster, RayCluster] = {}
-TOKEN_REFRESH_S = 60.0  # how often a listed cluster's token Secret is read again (rotation without a restart)
 _clusters_guard = threading.Lock()
 
 
